@@ -1,0 +1,34 @@
+"""moesaic: Mixture-of-Experts Transformers in PyTorch.
+
+Public names (stable, design §5): :class:`MoELayer`, :class:`RoutingDecision`, :func:`collect_aux_losses`,
+:func:`moe_layer`, :func:`load`, and the subpackages ``interop.hf`` (``from_hf``/``to_hf``).
+"""
+
+from moesaic.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
+from moesaic.errors import (
+    CausalityError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    MoesaicError,
+    NonFiniteInputError,
+)
+from moesaic.layers.moe import MoEConfig, MoELayer
+from moesaic.types import RoutingDecision
+
+__version__ = "0.1.0"
+
+
+def load(checkpoint_dir, **kwargs):
+    """Load a model from a checkpoint directory (``config.yaml`` + ``model.safetensors``)."""
+    from moesaic.train.checkpoint import load_model
+
+    return load_model(checkpoint_dir, **kwargs)
+
+
+__all__ = [
+    "MoELayer", "MoEConfig", "RoutingDecision", "collect_aux_losses", "moe_layer", "moe_layers", "name_layers",
+    "on_optimizer_step", "load", "ConfigError", "MoesaicError", "NonFiniteInputError", "CausalityError",
+    "CheckpointError", "CheckpointCorruptError", "CheckpointMismatchError", "__version__",
+]

@@ -1,0 +1,21 @@
+"""``moesaic check CONFIG [--set k=v ...]``: validate a config without building anything."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("check", help="validate a YAML config (exit 0, or 2 with one error line)")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.moe.top_k=2 (repeatable)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.run_config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    print(f"ok: {args.config} (model {cfg.model.kind}, data {cfg.data.kind})")
+    return 0

@@ -1,0 +1,25 @@
+"""``moesaic list``: every registered component with a one-line description."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("list", help="list registered routers, dispatchers, experts, backends, models, datasets")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.experts.backends import BACKENDS
+    from moesaic.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS
+
+    for title, reg in (("routers", ROUTERS), ("dispatchers", DISPATCHERS), ("experts", EXPERTS),
+                       ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}:")
+        for name in reg.names():
+            print(f"  {name:<22} {reg.describe(name)}")
+    print("expert backends:")
+    for name, fn in sorted(BACKENDS.items()):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        print(f"  {name:<22} {doc[0] if doc else ''}")
+    return 0

@@ -1,0 +1,82 @@
+"""FFN experts with stacked weights: gated (SwiGLU, GeGLU; Shazeer 2020) and plain MLP (GELU, ReLU, SiLU).
+
+``w_up_EHD`` is ``[E, H, D]`` with ``H = 2F`` for gated experts (gate rows, then up rows: the layout of
+Hugging Face's fused ``gate_up_proj``) and ``H = F`` for plain ones; ``w_down_EDF`` is ``[E, D, F]``.
+Fine-grained segmentation (DeepSeekMoE) is a layer option: it builds m times more experts of width F/m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.activations import Activation
+from moesaic.config import rule
+from moesaic.experts.backends import BACKENDS, choose_backend
+from moesaic.experts.base import Experts, ExpertsConfig
+from moesaic.registry import EXPERTS
+
+
+@dataclasses.dataclass
+class GLUExpertsConfig(ExpertsConfig):
+    kind: str = "glu"
+    activation: Activation = "silu"
+    backend: str = "auto"
+    init_std: float | None = rule(None, gt=0.0)
+
+    def validate(self, path: str) -> None:
+        from moesaic.config import require
+
+        require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
+                f"must be auto or one of {', '.join(sorted(BACKENDS))}")
+
+
+@dataclasses.dataclass
+class MLPExpertsConfig(GLUExpertsConfig):
+    kind: str = "mlp"
+    activation: Activation = "gelu"
+
+
+class FFNExperts(Experts):
+    gated = True
+
+    def __init__(self, cfg: GLUExpertsConfig, d_model: int, d_ff: int, num_experts: int, **kw: Any):
+        super().__init__(cfg, d_model, d_ff, num_experts)
+        H = 2 * d_ff if self.gated else d_ff
+        self.w_up_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
+        self.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std_in = self.cfg.init_std or 1.0 / math.sqrt(self.d_model)
+        std_out = self.cfg.init_std or 1.0 / math.sqrt(self.d_ff)
+        nn.init.normal_(self.w_up_EHD, std=std_in)
+        nn.init.normal_(self.w_down_EDF, std=std_out)
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
+        name = choose_backend(backend or self.cfg.backend, x_ND, self.w_up_EHD, self.w_down_EDF)
+        return BACKENDS[name](x_ND, counts_E, self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.cfg.activation}, gated={self.gated}, backend={self.cfg.backend}")
+
+
+@EXPERTS.register("glu")
+class GLUExperts(FFNExperts):
+    """Gated FFN experts: act(x W_gate) * (x W_up) W_down; SwiGLU (silu) or GeGLU (gelu)."""
+
+    Config = GLUExpertsConfig
+    gated = True
+
+
+@EXPERTS.register("mlp")
+class MLPExperts(FFNExperts):
+    """Plain FFN experts: act(x W_up) W_down with GELU, ReLU or SiLU."""
+
+    Config = MLPExpertsConfig
+    gated = False

@@ -1,0 +1,5 @@
+"""Models built from blocks and configs, registered in :data:`moesaic.registry.MODELS`."""
+
+from moesaic.models.base import ModelConfig
+
+__all__ = ["ModelConfig"]

@@ -1,0 +1,15 @@
+"""The model config base: ``model: {kind: NAME, ...}`` selects a registered model class."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from moesaic.config import ComponentConfig
+from moesaic.registry import MODELS
+
+
+@dataclasses.dataclass
+class ModelConfig(ComponentConfig):
+    registry: ClassVar = MODELS
+    kind: str = "moe_regression"

@@ -1,0 +1,107 @@
+"""The router interface: score tokens, pick experts, return a :class:`~moesaic.types.RoutingDecision`.
+
+A router owns its balance losses (named, unweighted in the decision; coefficients in its config) and
+any balancing state (aux-loss-free bias, schedules). Padding is handled here once for every router:
+only valid rows reach :meth:`Router.route`, so padding never touches a statistic or a capacity slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.config import ComponentConfig, require, rule
+from moesaic.errors import CausalityError, NonFiniteInputError
+from moesaic.registry import ROUTERS
+from moesaic.types import RoutingDecision
+
+
+@dataclasses.dataclass
+class RouterConfig(ComponentConfig):
+    """Fields every router has. ``aux_loss_coef`` weighs the router's balance loss, ``z_loss_coef``
+    the ST-MoE router z-loss; a coefficient of 0 skips the loss (exactly zero gradient)."""
+
+    registry: ClassVar = ROUTERS
+    kind: str = "topk"
+    aux_loss_coef: float = rule(0.0, ge=0.0)
+    z_loss_coef: float = rule(0.0, ge=0.0)
+    init_std: float = rule(0.02, ge=0.0)
+
+    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
+        """Rules that involve the layer's expert count and k. Override and call super()."""
+        require(1 <= top_k <= num_experts, path.rsplit(".", 1)[0] + ".top_k", top_k,
+                f"must be in [1, num_experts] = [1, {num_experts}]")
+
+
+def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along the last dim with ties broken by the lower index (routing.md §0)."""
+    vals, idx = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
+
+
+def router_dtype(x: Tensor) -> torch.dtype:
+    """Routers run in fp32, or fp64 when the input is fp64 (exactness tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement :meth:`route` on valid tokens only."""
+
+    Config: ClassVar[type[RouterConfig]] = RouterConfig
+    #: False for routers that look at every token of the group (expert choice, Soft MoE).
+    causal_ok: ClassVar[bool] = True
+    #: False for routers without trainable scoring weights (hash, random partition, THOR).
+    has_weight: ClassVar[bool] = True
+
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, *, causal: bool = False):
+        super().__init__()
+        if causal and not self.causal_ok:
+            raise CausalityError(
+                f"router {cfg.kind!r} selects tokens using the whole group, including future positions; "
+                "it cannot be used in a causal (autoregressive) model")
+        self.cfg, self.d_model, self.num_experts, self.top_k, self.causal = cfg, d_model, num_experts, top_k, causal
+        self.layer_name = "moe"
+        if self.has_weight:
+            self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], like nn.Linear / HF gate
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.has_weight:
+            nn.init.normal_(self.weight, std=self.cfg.init_std)
+
+    # -------------------------------------------------------------------------------- public API
+    def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
+        if not torch.isfinite(x_TD).all():
+            raise NonFiniteInputError(
+                f"{self.layer_name}: router input holds NaN or inf "
+                f"({int((~torch.isfinite(x_TD)).any(-1).sum())} of {x_TD.shape[0]} tokens)")
+        T = x_TD.shape[0]
+        if mask_T is None or bool(mask_T.all()):
+            d = self.route(x_TD, **ctx)
+            return d if d.num_valid_tokens is not None else d.replace(num_valid_tokens=T)
+        rows_V = mask_T.reshape(-1).nonzero().squeeze(1)
+        sub = {k: (v[rows_V] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == T else v)
+               for k, v in ctx.items()}
+        return self.route(x_TD[rows_V], **sub).expand_tokens(rows_V, T)
+
+    def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
+        raise NotImplementedError  # abstract: every registered router implements it
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits ``[T, E]`` computed in fp32 (fp64 for fp64 input), outside autocast."""
+        dt = router_dtype(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return nn.functional.linear(x_TD.to(dt), self.weight.to(dt))
+
+    def loss_coefs(self) -> dict[str, float]:
+        """Coefficient per aux-loss name; names absent here are reported but not added to the loss."""
+        return {"balance": self.cfg.aux_loss_coef, "z": self.cfg.z_loss_coef}
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called once after every optimizer step with the new global step (balancing, schedules)."""
+
+    def extra_repr(self) -> str:
+        return f"kind={self.cfg.kind}, d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -1,0 +1,5 @@
+"""Datasets by name (``data: {kind: NAME, ...}``), registered in :data:`moesaic.registry.DATASETS`."""
+
+from moesaic.train.datasets.base import DataConfig
+
+__all__ = ["DataConfig"]
