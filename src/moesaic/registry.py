@@ -45,7 +45,7 @@ class Registry(Generic[T]):
             return
         self._loaded = True
         pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
+        for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):  # a plain module: just import it
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
 
@@ -82,3 +82,4 @@ DISPATCHERS: Registry[Any] = Registry("dispatcher", "moesaic.dispatch")
 EXPERTS: Registry[Any] = Registry("experts", "moesaic.experts")
 MODELS: Registry[Any] = Registry("model", "moesaic.models")
 DATASETS: Registry[Any] = Registry("dataset", "moesaic.train.datasets")
+SCHEDULES: Registry[Any] = Registry("schedule", "moesaic.schedules")

@@ -11,10 +11,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from moesaic.experts.backends import BACKENDS
-    from moesaic.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS
+    from moesaic.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS, SCHEDULES
 
     for title, reg in (("routers", ROUTERS), ("dispatchers", DISPATCHERS), ("experts", EXPERTS),
-                       ("models", MODELS), ("datasets", DATASETS)):
+                       ("models", MODELS), ("datasets", DATASETS), ("schedules", SCHEDULES)):
         print(f"{title}:")
         for name in reg.names():
             print(f"  {name:<22} {reg.describe(name)}")
