@@ -1,0 +1,111 @@
+"""Attention blocks, chosen by ``attention: {kind: NAME}``; ``mha`` covers MHA, GQA and MQA.
+
+Multi-head attention (Vaswani et al. 2017) with grouped-query attention (Ainslie et al. 2023,
+``num_key_value_heads < num_heads``), RoPE, optional per-head q/k RMSNorm (Qwen3, OLMoE) and optional
+projection biases (Qwen2). The math runs in :func:`torch.nn.functional.scaled_dot_product_attention`.
+Parameter names follow Hugging Face Llama: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
+``k_norm``. Another attention kind (e.g. Multi-head Latent Attention) is one new file in ``models/``
+registering into :data:`ATTENTIONS` with the same ``forward`` signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moesaic.config import ComponentConfig, require, rule
+from moesaic.models.cache import KVCache
+from moesaic.models.norms import RMSNorm
+from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.registry import Registry
+
+#: Attention kinds; modules of ``moesaic.models`` are imported on first lookup.
+ATTENTIONS: Registry[Any] = Registry("attention", "moesaic.models")
+
+
+@dataclasses.dataclass
+class AttentionConfig(ComponentConfig):
+    """Fields shared by attention kinds. ``head_dim`` defaults to ``d_model // num_heads``."""
+
+    registry: ClassVar = ATTENTIONS
+    kind: str = "mha"
+    num_heads: int = rule(4, ge=1)
+    head_dim: int | None = rule(None, ge=1)
+    rope_theta: float = rule(10000.0, gt=0.0)
+
+    def validate_model(self, path: str, d_model: int) -> None:
+        """Rules involving the model width; override and call super()."""
+        if self.head_dim is None:
+            require(d_model % self.num_heads == 0, f"{path}.num_heads", self.num_heads,
+                    f"must divide d_model ({d_model}) when head_dim is not set")
+
+
+@dataclasses.dataclass
+class MHAConfig(AttentionConfig):
+    kind: str = "mha"
+    num_key_value_heads: int | None = rule(None, ge=1)
+    qk_norm: bool = False
+    bias: bool = False
+    o_bias: bool = False
+
+    def validate(self, path: str) -> None:
+        kv = self.num_key_value_heads or self.num_heads
+        require(self.num_heads % kv == 0, f"{path}.num_key_value_heads", kv,
+                f"must divide num_heads ({self.num_heads})")
+        hd = self.head_dim
+        require(hd is None or hd % 2 == 0, f"{path}.head_dim", hd, "must be even (RoPE rotates pairs)")
+
+
+def repeat_kv(x_BHSd: Tensor, n_rep: int) -> Tensor:
+    """``[B, Hkv, S, d] -> [B, Hkv * n_rep, S, d]``, each kv head repeated for its query group."""
+    if n_rep == 1:
+        return x_BHSd
+    B, H, S, d = x_BHSd.shape
+    return x_BHSd[:, :, None].expand(B, H, n_rep, S, d).reshape(B, H * n_rep, S, d)
+
+
+@ATTENTIONS.register("mha")
+class MultiHeadAttention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE through scaled_dot_product_attention."""
+
+    Config = MHAConfig
+
+    def __init__(self, cfg: MHAConfig, d_model: int, layer_idx: int = 0, *, causal: bool = True,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        self.cfg, self.layer_idx, self.causal = cfg, layer_idx, causal
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_heads
+        self.head_dim = cfg.head_dim or d_model // cfg.num_heads
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(d_model, H * d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, Hkv * d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, Hkv * d, bias=cfg.bias)
+        self.o_proj = nn.Linear(H * d, d_model, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, norm_eps)
+            self.k_norm = RMSNorm(d, norm_eps)
+        self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta)
+
+    def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        B, S, _ = x_BSD.shape
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x_BSD).view(B, S, H, d)
+        k = self.k_proj(x_BSD).view(B, S, Hkv, d)
+        v = self.v_proj(x_BSD).view(B, S, Hkv, d)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHSd, k_BHSd, v_BHSd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.rotary_emb(position_ids_BS, q_BHSd.dtype)
+        q_BHSd, k_BHSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BHSd, cos, sin)
+        if cache is not None:
+            k_BHSd, v_BHSd = cache.update(self.layer_idx, k_BHSd, v_BHSd)
+        k_BHSd = repeat_kv(k_BHSd, H // Hkv)
+        v_BHSd = repeat_kv(v_BHSd, H // Hkv)
+        is_causal = self.causal and mask_B1QK is None and k_BHSd.shape[2] == S and S > 1
+        o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1QK, is_causal=is_causal)
+        return self.o_proj(o_BHSd.transpose(1, 2).reshape(B, S, H * d))

@@ -1,0 +1,56 @@
+"""Bidirectional encoder with a classification head (``model: {kind: encoder_classifier}``).
+
+The same blocks as the decoder without the causal mask (BERT-style, Devlin et al. 2019, with RoPE and
+RMSNorm); MoE routers must accept non-causal use. The pooled representation (mean over real tokens, or
+the first token) feeds a linear ``score`` head (Hugging Face's ``*ForSequenceClassification`` name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from moesaic.api import collect_aux_losses, name_layers
+from moesaic.config import rule
+from moesaic.models.decoder import LMOutput
+from moesaic.models.transformer import TransformerBody, TransformerConfig, init_weights
+from moesaic.registry import MODELS
+
+
+@dataclasses.dataclass
+class EncoderClassifierConfig(TransformerConfig):
+    kind: str = "encoder_classifier"
+    num_labels: int = rule(2, ge=1)
+    pooling: Literal["mean", "first"] = "mean"
+
+
+@MODELS.register("encoder_classifier")
+class EncoderClassifier(nn.Module):
+    """Bidirectional Transformer encoder (dense or MoE FFNs) + mean/first-token pooling + linear classifier."""
+
+    Config = EncoderClassifierConfig
+
+    def __init__(self, cfg: EncoderClassifierConfig, **kw: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TransformerBody(cfg, causal=False)
+        self.score = nn.Linear(cfg.d_model, cfg.num_labels, bias=True)
+        init_weights(self, cfg.init_std)
+        name_layers(self)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, return_dict: bool = True
+                ) -> LMOutput | Tensor:
+        h_BSD = self.model(input_ids, attention_mask)
+        if self.cfg.pooling == "first":
+            pooled_BD = h_BSD[:, 0]
+        elif attention_mask is None:
+            pooled_BD = h_BSD.mean(1)
+        else:
+            m_BS1 = attention_mask.to(h_BSD.dtype).unsqueeze(-1)
+            pooled_BD = (h_BSD * m_BS1).sum(1) / m_BS1.sum(1).clamp_min(1.0)
+        logits_BL = self.score(pooled_BD)
+        if not return_dict:
+            return logits_BL
+        return LMOutput(logits_BL, None, collect_aux_losses(self), h_BSD)

@@ -1,0 +1,36 @@
+"""Attention masks from a padding mask and causality, as boolean ``[B, 1, S_q, S_kv]`` (True = attend)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def attention_mask_4d(mask_BK: Tensor | None, B: int, S_q: int, S_kv: int, causal: bool,
+                      device: torch.device) -> Tensor | None:
+    """``mask_BK``: ``[B, S_kv]`` with 1/True for real keys (past and current), or None.
+
+    Returns None when plain ``is_causal`` (no past, no padding) or no mask at all is enough. Query rows with
+    no allowed key (padding queries in a left-padded batch) attend to every key instead, so the result stays
+    finite; their outputs are padding and never used.
+    """
+    past = S_kv - S_q
+    if mask_BK is None and (not causal or S_q == 1):
+        return None
+    if mask_BK is None and past == 0:
+        return None  # the caller uses is_causal=True
+    allowed = torch.ones(B, 1, S_q, S_kv, dtype=torch.bool, device=device)
+    if causal:
+        q = torch.arange(S_q, device=device).unsqueeze(1) + past
+        k = torch.arange(S_kv, device=device).unsqueeze(0)
+        allowed = allowed & (k <= q)
+    if mask_BK is not None:
+        allowed = allowed & mask_BK.bool().to(device)[:, None, None, :]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed
+
+
+def positions_from_mask(mask_BK: Tensor, S_q: int) -> Tensor:
+    """Position ids ``[B, S_q]`` of the last ``S_q`` columns, counting real tokens only (left padding)."""
+    pos = mask_BK.long().cumsum(-1) - 1
+    return pos.clamp_min(0)[:, -S_q:]
