@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -281,6 +282,14 @@ class _StrictLoader(yaml.SafeLoader):
                                   show_value=False)
             seen[key] = True
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a *string*; YAML 1.2 and every user read it as a float.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def loads_yaml(text: str, source: str = "<string>") -> Any:

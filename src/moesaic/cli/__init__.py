@@ -45,3 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `moesaic list | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0

@@ -1,5 +1,5 @@
 """Dispatchers group token copies by expert and scatter the results back, weighted."""
 
-from moesaic.dispatch.base import DispatchState, Dispatcher, DispatcherConfig
+from moesaic.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
 
 __all__ = ["Dispatcher", "DispatcherConfig", "DispatchState"]

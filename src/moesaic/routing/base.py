@@ -32,8 +32,12 @@ class RouterConfig(ComponentConfig):
 
     def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
         """Rules that involve the layer's expert count and k. Override and call super()."""
-        require(1 <= top_k <= num_experts, path.rsplit(".", 1)[0] + ".top_k", top_k,
-                f"must be in [1, num_experts] = [1, {num_experts}]")
+        k_path = path.rsplit(".", 1)[0] + ".top_k"
+        require(1 <= top_k <= num_experts, k_path, top_k, f"must be in [1, num_experts] = [1, {num_experts}]")
+        fixed = getattr(self.registry.get(self.kind), "required_top_k", None) if self.kind in self.registry else None
+        if fixed is not None:
+            require(top_k == fixed, k_path, top_k,
+                    f"router {self.kind!r} routes exactly top-{fixed}; set top_k: {fixed}")
 
 
 def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -55,13 +59,33 @@ class Router(nn.Module):
     causal_ok: ClassVar[bool] = True
     #: False for routers without trainable scoring weights (hash, random partition, THOR).
     has_weight: ClassVar[bool] = True
+    #: Appended to the CausalityError message (e.g. how to opt into a fallback).
+    causal_hint: ClassVar[str] = ""
+    #: Set by routers defined for one k only (Switch: 1, GShard: 2); the config check enforces it.
+    required_top_k: ClassVar[int | None] = None
+
+    @classmethod
+    def causal_allowed(cls, cfg: RouterConfig) -> bool:
+        """Whether this router may be built with ``causal=True``; override for an opt-in fallback."""
+        return cls.causal_ok
+
+    @classmethod
+    def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Extra routing inputs a test needs to call this router on ``num_tokens`` tokens.
+
+        The contract tests (``tests/routing/test_contract.py``) call every registered router with
+        ``**Router.example_ctx(T)``. Routers that need context (``token_ids`` for hash routing, ``task_id``
+        for task routing) override this; tensors whose first dim is ``num_tokens`` are per-token and are
+        sliced together with the tokens, anything else is passed as is. Default: no context.
+        """
+        return {}
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, *, causal: bool = False):
         super().__init__()
-        if causal and not self.causal_ok:
+        if causal and not self.causal_allowed(cfg):
             raise CausalityError(
                 f"router {cfg.kind!r} selects tokens using the whole group, including future positions; "
-                "it cannot be used in a causal (autoregressive) model")
+                f"it cannot be used in a causal (autoregressive) model{self.causal_hint}")
         self.cfg, self.d_model, self.num_experts, self.top_k, self.causal = cfg, d_model, num_experts, top_k, causal
         self.layer_name = "moe"
         if self.has_weight:

@@ -91,3 +91,32 @@ def router_entropy(probs_TE: Tensor) -> Tensor:
         return probs_TE.sum() * 0.0
     p = probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny)
     return -(probs_TE * p.log()).sum(-1).mean()
+
+
+def expert_balance(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
+    """DeepSeekMoE expert-level balance ``sum_i f_i P_i`` with ``f_i = N'/(K'T) * count_i`` (arXiv 2401.06066
+    §4.1). Identical to :func:`switch_balance` with the counts of all K' choices: 1 at uniform, E at collapse
+    when K' = 1."""
+    return switch_balance(probs_TE, counts_E)
+
+
+def noisy_topk_load_prob(clean_TE: Tensor, noisy_TE: Tensor, sigma_TE: Tensor, k: int) -> Tensor:
+    """Shazeer et al. (2017) smooth load ``P[t, e]`` (Appendix A, eq. 9): the probability that e stays in the
+    top k of row t when only e's noise is re-drawn.
+
+    ``thr_in`` is the (k+1)-th and ``thr_out`` the k-th largest noisy value of the row; for e in the
+    top k, ``P = Phi((clean - thr_in) / sigma)``, otherwise ``Phi((clean - thr_out) / sigma)``. Needs
+    ``E > k``.
+    """
+    T, E = noisy_TE.shape
+    if E <= k:
+        raise ValueError(f"smooth load needs num_experts > k (got E={E}, k={k})")
+    top_TK1 = torch.sort(noisy_TE, dim=-1, descending=True, stable=True)
+    vals_TK1, idx_TK1 = top_TK1.values[:, : k + 1], top_TK1.indices[:, :k]
+    thr_in_T1, thr_out_T1 = vals_TK1[:, k:k + 1], vals_TK1[:, k - 1:k]
+    in_top_TE = torch.zeros_like(noisy_TE, dtype=torch.bool).scatter_(1, idx_TK1, True)
+    normal = torch.distributions.Normal(torch.zeros((), dtype=clean_TE.dtype, device=clean_TE.device),
+                                        torch.ones((), dtype=clean_TE.dtype, device=clean_TE.device))
+    p_in = normal.cdf((clean_TE - thr_in_T1) / sigma_TE)
+    p_out = normal.cdf((clean_TE - thr_out_T1) / sigma_TE)
+    return torch.where(in_top_TE, p_in, p_out)

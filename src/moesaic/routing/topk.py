@@ -139,5 +139,6 @@ class TopKRouter(Router):
             return
         load_E = self.reduce_load(self.step_load.clone())
         if load_E.sum() > 0:
-            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E).to(self.expert_bias.dtype)
+            step_E = torch.sign(load_E.mean() - load_E).to(self.expert_bias.dtype)
+            self.expert_bias += self.cfg.bias_update_rate * step_E
         self.step_load.zero_()
