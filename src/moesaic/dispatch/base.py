@@ -43,6 +43,9 @@ class DispatchState:
 
 class Dispatcher(nn.Module):
     Config: ClassVar[type[DispatcherConfig]] = DispatcherConfig
+    #: True when :meth:`dispatch_indices` works: the rows stay local, so experts may fuse the gather and
+    #: the weighted combine into their own kernels (``experts/grouped_glu.py``).
+    index_dispatch: ClassVar[bool] = False
 
     def __init__(self, cfg: DispatcherConfig, num_experts: int, top_k: int):
         super().__init__()
@@ -50,6 +53,11 @@ class Dispatcher(nn.Module):
 
     def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
         raise NotImplementedError  # abstract: every registered dispatcher implements it
+
+    def dispatch_indices(self, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
+        """Like :meth:`dispatch` without moving rows: ``(token_idx_N, counts_E, state)``, where
+        ``x_TD[token_idx_N]`` would be the grouped rows and ``state.weight_N`` their combine weights."""
+        raise NotImplementedError(f"{type(self).__name__} moves rows itself (index_dispatch = False)")
 
     def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
         return scatter_combine(y_ND, state.token_idx_N, state.weight_N, state.num_tokens)

@@ -21,9 +21,13 @@ class SortDispatcher(Dispatcher):
     """Dropless: every assignment is computed; memory O(N*D), no [T, E] one-hot (the default)."""
 
     Config = SortDispatcherConfig
+    index_dispatch = True
 
     def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
+        tok_N, counts_E, state = SortDispatcher.dispatch_indices(self, decision)
+        return x_TD.index_select(0, tok_N), counts_E, state
+
+    def dispatch_indices(self, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
         order_N, tok_N, counts_E = sort_by_expert(decision)
-        x_ND = x_TD.index_select(0, tok_N)
         state = DispatchState(tok_N, decision.weight_N[order_N], decision.num_tokens, decision.dropped)
-        return x_ND, counts_E, state
+        return tok_N, counts_E, state

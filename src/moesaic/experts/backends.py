@@ -1,13 +1,30 @@
-"""Compute backends for stacked-weight FFN experts, chosen by name.
+"""Compute backends for stacked-weight FFN experts, chosen by name (systems.md §2.2).
 
-A backend computes ``y_ND = down_e(act(up_e(x_ND)))`` for every expert e on its rows. ``w_up_EHD`` is
-``[E, H, D]`` (``H = 2F`` for gated experts: gate rows first, then up rows, as Hugging Face's fused
-``gate_up_proj``), ``w_down_EDF`` is ``[E, D, F]``.
+A backend computes ``y_ND = down_e(act(up_e(x_ND)))`` for every expert e on its rows (rows grouped by
+expert, ``counts_E[e]`` rows for expert e). ``w_up_EHD`` is ``[E, H, D]`` (``H = 2F`` for gated experts:
+gate rows first, then up rows, as Hugging Face's fused ``gate_up_proj``), ``w_down_EDF`` is ``[E, D, F]``.
 
-* ``loop``: the readable reference, one matmul pair per expert.
-* ``grouped_mm``: ``torch._grouped_mm`` (or ``torch.nn.functional.grouped_mm``), probed at import.
+* ``loop``: the readable reference, one matmul pair per expert (plain autograd).
+* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm`` (one kernel per projection),
+  probed once per (device type, dtype); unaligned shapes (rows not a multiple of 16 bytes) fall back to
+  ``loop``; the incoming gradient is made contiguous (its backward fails on stride-0 gradients).
+* ``bmm``: pad every expert to the largest count and run ``torch.bmm`` (Tutel ``cf=0``): good when the
+  load is balanced, wasteful otherwise.
+* ``active``: the decode path: a loop over the experts that received rows only, so only the active
+  experts' weights are read; no ``[N, H, D]`` weight gather.
+* ``fused``: :class:`moesaic.experts.grouped_glu.GroupedGLU`, a custom autograd function that saves only
+  the up-projection output ``[N, H]`` (the activation is recomputed in backward), writes the per-expert
+  matmuls into preallocated buffers and, through the layer's fused path, also folds the dispatch gather
+  and the weighted combine scatter into the same function (no extra ``[N, D]`` tensors kept).
 
-``auto`` picks ``grouped_mm`` where the probe passed and the shapes are aligned, else ``loop``.
+``auto`` (the default, :func:`choose_backend`) resolves per call:
+
+1. ``active`` when ``N <= E / 2`` (decode: few rows against many experts, most experts idle);
+2. ``fused`` otherwise (fastest measured on CPU at every benchmark size, and the least memory); with its
+   matmuls done by ``grouped_mm`` on CUDA where the probe passes (no host sync), by a per-expert loop
+   elsewhere.
+
+Set ``experts.backend`` in the config to force one; ``benchmarks/bench_layer.py`` measures them all.
 """
 
 from __future__ import annotations
@@ -39,6 +56,14 @@ def glu_or_act(h_NH: Tensor, activation: str, gated: bool) -> Tensor:
     return act(h_NH)
 
 
+def compute_dtype(x: Tensor, *weights: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: the autocast dtype when autocast is on for x's device."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, weights[0].dtype) if weights else x.dtype
+
+
 @register_backend("loop")
 def loop_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                  activation: str, gated: bool) -> Tensor:
@@ -53,24 +78,84 @@ def loop_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: T
     return torch.cat(outs, 0)
 
 
-def _probe_grouped_mm() -> Callable | None:
-    fn = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if fn is None:
-        return None
+@register_backend("active")
+def active_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                   activation: str, gated: bool) -> Tensor:
+    """Decode path: loop over the experts that have rows only; idle experts' weights are never read."""
+    dt = compute_dtype(x_ND, w_up_EHD)
+    y_ND = x_ND.new_empty(x_ND.shape[0], w_down_EDF.shape[1], dtype=dt)
+    if x_ND.shape[0] == 0:
+        return y_ND + 0 * (w_up_EHD.sum() + w_down_EDF.sum()).to(dt)  # keep the weights in the graph
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            h = glu_or_act(x_ND[start:start + n] @ w_up_EHD[e].t(), activation, gated)
+            outs.append(h @ w_down_EDF[e].t())
+        start += n
+    return torch.cat(outs, 0)
+
+
+@register_backend("bmm")
+def bmm_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                activation: str, gated: bool) -> Tensor:
+    """Padded batched matmul: every expert padded to the largest count (Tutel cf=0); for balanced loads."""
+    E, N, D = w_up_EHD.shape[0], x_ND.shape[0], x_ND.shape[1]
+    with torch.no_grad():
+        C = int(counts_E.max()) if N else 0
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+        slot_N = expert_N * C + torch.arange(N, device=x_ND.device) - start_E[expert_N]
+    dt = compute_dtype(x_ND, w_up_EHD)
+    x_pad = x_ND.new_zeros(E * C, D, dtype=dt).index_copy(0, slot_N, x_ND.to(dt))
+    h = glu_or_act(torch.bmm(x_pad.view(E, C, D), w_up_EHD.to(dt).transpose(1, 2)), activation, gated)
+    y_ECD = torch.bmm(h, w_down_EDF.to(dt).transpose(1, 2))
+    return y_ECD.reshape(E * C, w_down_EDF.shape[1]).index_select(0, slot_N)
+
+
+# ---------------------------------------------------------------------------------------- grouped_mm
+_GMM_FN = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GMM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """Forward, backward and the weight-gradient (2-D x 2-D) form, against plain matmuls."""
+    if _GMM_FN is None:
+        return False
     try:
-        x = torch.randn(8, 8, requires_grad=True)
-        w = torch.randn(2, 8, 8, requires_grad=True)
-        y = fn(x, w, offs=torch.tensor([3, 8], dtype=torch.int32))
-        ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
-        if not torch.allclose(y, ref, atol=1e-4):
-            return None
-        y.sum().backward()
-    except Exception:  # noqa: BLE001 - any failure means "not usable on this build"
-        return None
-    return fn
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 8, generator=g).to(device, dtype).requires_grad_()
+        w = torch.randn(3, 8, 8, generator=g).to(device, dtype).requires_grad_()
+        offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device)
+        y = _GMM_FN(x, w, offs=offs)
+        ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        wg = _GMM_FN(x.detach().t(), y.detach(), offs=offs)
+        if not (torch.allclose(y, ref, atol=tol, rtol=tol) and float(wg[1].abs().max()) == 0.0):
+            return False
+        y.backward(torch.ones_like(y))
+        return x.grad is not None and bool(torch.isfinite(x.grad).all())
+    except Exception:  # noqa: BLE001 - any failure means "not usable on this build/device/dtype"
+        return False
 
 
-GROUPED_MM = _probe_grouped_mm()
+def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _GMM_OK:
+        _GMM_OK[key] = _probe(device, dtype)
+    return _GMM_OK[key]
+
+
+# Probed at import on CPU (CUDA is probed on first use, so importing never initialises CUDA).
+GROUPED_MM = _GMM_FN if grouped_mm_usable(torch.device("cpu"), torch.float32) else None
+for _dt in (torch.bfloat16, torch.float16):
+    grouped_mm_usable(torch.device("cpu"), _dt)
+
+
+def grouped_mm_aligned(x_ND: Tensor, *weights: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """grouped_mm needs 16-byte aligned row strides for every operand, also in the backward."""
+    size = torch.empty((), dtype=dtype or x_ND.dtype).element_size()
+    dims = {x_ND.shape[-1]} | {d for w in weights for d in w.shape[1:]}
+    return all((d * size) % 16 == 0 for d in dims)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -86,33 +171,37 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def grouped_mm_aligned(x_ND: Tensor, *weights: Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned strides."""
-    def ok(t: Tensor) -> bool:
-        return (t.shape[-1] * t.element_size()) % 16 == 0
-    return GROUPED_MM is not None and ok(x_ND) and all(ok(w) and (w.shape[-2] * w.element_size()) % 16 == 0
-                                                        for w in weights)
-
-
 @register_backend("grouped_mm")
 def grouped_mm_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                        activation: str, gated: bool) -> Tensor:
-    """``torch._grouped_mm`` over the expert groups (one kernel per projection)."""
-    if GROUPED_MM is None:
-        raise RuntimeError("grouped_mm backend: torch._grouped_mm is not usable on this PyTorch build")
+    """``torch._grouped_mm`` over the expert groups (one kernel per projection); loop if unusable."""
+    dt = compute_dtype(x_ND, w_up_EHD)
+    if not (x_ND.shape[0] and grouped_mm_usable(x_ND.device, dt)
+            and grouped_mm_aligned(x_ND, w_up_EHD, w_down_EDF, dtype=dt)):  # its backward fails on 0 rows
+        return loop_backend(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, gated)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
-    x = x_ND.to(dtype)
-    h_NH = GROUPED_MM(x, w_up_EHD.to(dtype).transpose(1, 2), offs=offs_E)
-    h_NF = glu_or_act(h_NH, activation, gated)
-    y_ND = GROUPED_MM(h_NF.contiguous(), w_down_EDF.to(dtype).transpose(1, 2), offs=offs_E)
+    x = _ContiguousGrad.apply(x_ND.to(dt))
+    h_NH = _GMM_FN(x, w_up_EHD.to(dt).transpose(1, 2), offs=offs_E)
+    h_NF = _ContiguousGrad.apply(glu_or_act(h_NH, activation, gated).contiguous())
+    y_ND = _GMM_FN(h_NF, w_down_EDF.to(dt).transpose(1, 2), offs=offs_E)
     return _ContiguousGrad.apply(y_ND)
 
 
-def choose_backend(name: str, x_ND: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor) -> str:
-    """Resolve ``auto``: grouped_mm when usable for these shapes and dtypes, else loop."""
+def decode_rule(num_rows: int, num_experts: int) -> bool:
+    """Few rows against many experts: most experts idle, so touch only the active ones."""
+    return 2 * num_rows <= num_experts
+
+
+def resolve_backend(name: str, num_rows: int, num_experts: int) -> str:
+    """Resolve ``auto`` (rule in the module docstring) from the row and expert counts."""
     if name != "auto":
         return name
-    if grouped_mm_aligned(x_ND, w_up_EHD, w_down_EDF) and x_ND.dtype in (torch.float32, torch.bfloat16):
-        return "grouped_mm"
-    return "loop"
+    return "active" if decode_rule(num_rows, num_experts) else "fused"
+
+
+def choose_backend(name: str, x_ND: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor) -> str:
+    """Resolve ``auto`` for these rows and weights; any other name is returned unchanged."""
+    return resolve_backend(name, x_ND.shape[0], w_up_EHD.shape[0])
+
+
+from moesaic.experts import grouped_glu as _grouped_glu  # noqa: E402,F401  (registers ``fused``)

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from moesaic.activations import Activation
 from moesaic.config import rule
-from moesaic.experts.backends import BACKENDS, choose_backend
+from moesaic.experts.backends import BACKENDS, choose_backend, resolve_backend
 from moesaic.experts.base import Experts, ExpertsConfig
+from moesaic.experts.grouped_glu import grouped_glu
 from moesaic.registry import EXPERTS
 
 
@@ -60,6 +61,17 @@ class FFNExperts(Experts):
     def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
         name = choose_backend(backend or self.cfg.backend, x_ND, self.w_up_EHD, self.w_down_EDF)
         return BACKENDS[name](x_ND, counts_E, self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
+
+    def fuses(self, num_rows: int) -> bool:
+        """True when the backend for ``num_rows`` rows is ``fused``: the layer then calls
+        :meth:`forward_fused` with the token indices instead of gathered rows."""
+        return resolve_backend(self.cfg.backend, num_rows, self.num_experts) == "fused"
+
+    def forward_fused(self, x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor, counts_E: Tensor,
+                      num_tokens: int) -> Tensor:
+        """Gather -> experts -> weighted scatter in one autograd function; rows grouped by expert."""
+        return grouped_glu(x_TD, self.w_up_EHD, self.w_down_EDF, counts_E, self.cfg.activation, self.gated,
+                           rows_N=token_idx_N, weight_N=weight_N, num_out=num_tokens)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

@@ -118,9 +118,15 @@ class MoELayer(nn.Module):
                for k, v in ctx.items()}
 
         decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
-        x_ND, counts_E, state = self.dispatcher.dispatch(x_TD, decision)
-        y_ND = self.experts(x_ND, counts_E)
-        y_TD = self.dispatcher.combine(y_ND, state)
+        if self.dispatcher.index_dispatch and getattr(self.experts, "fuses", lambda n: False)(
+                decision.num_assignments):
+            # Fused path (experts/grouped_glu.py): gather, experts and weighted combine in one function.
+            tok_N, counts_E, state = self.dispatcher.dispatch_indices(decision)
+            y_TD = self.experts.forward_fused(x_TD, tok_N, state.weight_N, counts_E, state.num_tokens)
+        else:
+            x_ND, counts_E, state = self.dispatcher.dispatch(x_TD, decision)
+            y_ND = self.experts(x_ND, counts_E)
+            y_TD = self.dispatcher.combine(y_ND, state)
 
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)
@@ -141,7 +147,9 @@ class MoELayer(nn.Module):
                                  "assignments": decision.num_assignments, "tokens": decision.valid_tokens}
         if decision.probs_TE is not None and decision.probs_TE.shape[0]:
             p = decision.probs_TE.detach()
-            p = p[p.sum(-1) > 0]  # padding rows are all zero
-            p = p / p.sum(-1, keepdim=True)
-            stats["entropy"] = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()  # tensor: no device sync
+            s_T = p.sum(-1, keepdim=True)
+            valid_T = (s_T.squeeze(-1) > 0).to(p.dtype)  # padding rows are all zero; no boolean indexing
+            p = p / torch.where(s_T > 0, s_T, torch.ones_like(s_T))
+            ent_T = -(p * p.clamp_min(1e-30).log()).sum(-1)
+            stats["entropy"] = (ent_T * valid_T).sum() / valid_T.sum()  # tensor: no device sync
         self.last_stats = stats

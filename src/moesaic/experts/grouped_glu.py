@@ -1,0 +1,174 @@
+"""Fused gather -> grouped FFN -> weighted scatter as one autograd function (systems.md §2.2-§2.3).
+
+ScatterMoE (Tan et al. 2024) fuses the dispatch gather and the combine scatter into its grouped GEMMs so
+no padded or permuted copy is kept for backward. This is the same idea with stock PyTorch ops:
+
+* forward: ``x_ND = x_SD[rows_N]`` (gathered into a temporary), ``h_NH = up_e(x_ND)`` per expert,
+  ``a_NF = act(gate) * up`` scaled by the routing weight ``w_N`` *before* the down projection
+  (``w (a W^T) = (w a) W^T``), ``y_ND = down_e(a_NF)`` and ``y_TD = index_add(rows_N, y_ND)``;
+* saved for backward: only ``h_NH`` (``[N, H]``) and the inputs; ``x_ND`` is gathered again and the
+  activation recomputed, so the ``[N, D]`` gathered input, the ``[N, F]`` activation and the ``[N, D]``
+  expert output that plain autograd keeps are not held between forward and backward;
+* every per-expert matmul writes into a preallocated buffer (no ``torch.cat``), either by a loop over the
+  non-empty experts (``mm="loop"``; one host sync for the counts) or by ``grouped_mm`` (``mm="grouped"``;
+  no sync, used on CUDA where the probe passes).
+
+Gradients: routing weights get ``dL/dw_n = <dL/da_n^w, a_n>``; the input gets the scatter-add of the
+per-row input gradients; the weights get ``dW_e = dY_e^T A_e`` over each expert's contiguous slice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from moesaic.experts import backends as B
+
+
+def _mm_rows(a_NI: Tensor, w_EOI: Tensor, plan, transpose: bool) -> Tensor:
+    """Per expert e: ``a[rows_e] @ w[e]^T`` (transpose=True, [N, O]) or ``a[rows_e] @ w[e]`` ([N, I])."""
+    counts, offs = plan
+    if offs is not None:
+        return B._GMM_FN(a_NI, w_EOI.transpose(1, 2) if transpose else w_EOI, offs=offs)
+    out_dim = w_EOI.shape[1] if transpose else w_EOI.shape[2]
+    out = a_NI.new_empty(a_NI.shape[0], out_dim)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_NI[start:start + n], w_EOI[e].t() if transpose else w_EOI[e], out=out[start:start + n])
+        start += n
+    return out
+
+
+def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan, num_experts: int) -> Tensor:
+    """Per expert e: ``g[rows_e]^T @ a[rows_e]`` -> ``[E, O, I]`` (zero for experts without rows)."""
+    counts, offs = plan
+    if offs is not None:
+        return B._GMM_FN(g_NO.t(), a_NI, offs=offs)
+    alloc = torch.zeros if 0 in counts else torch.empty
+    out = alloc(num_experts, g_NO.shape[1], a_NI.shape[1], dtype=g_NO.dtype, device=g_NO.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(g_NO[start:start + n].t(), a_NI[start:start + n], out=out[e])
+        start += n
+    return out
+
+
+def _act_fwd(h_NH: Tensor, activation: str, gated: bool) -> Tensor:
+    if gated and activation == "silu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+    return B.glu_or_act(h_NH, activation, gated)
+
+
+def _act_bwd(h_NH: Tensor, g_a: Tensor, activation: str, gated: bool) -> Tensor:
+    """``dL/dh`` from ``h`` and ``dL/da`` (SwiGLU by hand, other activations through autograd); may
+    overwrite ``g_a``."""
+    if gated and activation == "silu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        g_h = torch.empty_like(h_NH)
+        Fd = gate.shape[1]
+        torch.mul(g_a, silu, out=g_h[:, Fd:])
+        # d silu / d gate = s * (1 + gate * (1 - s))
+        s.mul_(gate.mul(s.neg().add_(1)).add_(1))
+        torch.mul(g_a.mul_(up), s, out=g_h[:, :Fd])
+        return g_h
+    with torch.enable_grad():
+        h = h_NH.detach().requires_grad_()
+        a = B.glu_or_act(h, activation, gated)
+        (g_h,) = torch.autograd.grad(a, h, g_a)
+    return g_h
+
+
+class GroupedGLU(torch.autograd.Function):
+    """``y = scatter_rows(w_N * down_e(act(up_e(x[rows_N]))))``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, weight_N: Tensor | None,  # type: ignore[override]
+                rows_N: Tensor | None, counts_E: Tensor, num_out: int | None, activation: str, gated: bool,
+                use_grouped: bool) -> Tensor:
+        plan = _plan(counts_E, use_grouped)
+        dev = x_SD.device.type
+        with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
+            x_ND = x_SD.index_select(0, rows_N) if rows_N is not None else x_SD
+            h_NH = _mm_rows(x_ND, w_up_EHD, plan, transpose=True)
+            del x_ND
+            a_NF = _act_fwd(h_NH, activation, gated)
+            if weight_N is not None:
+                a_NF.mul_(weight_N.to(a_NF.dtype).unsqueeze(1))
+            y_ND = _mm_rows(a_NF, w_down_EDF, plan, transpose=True)
+            del a_NF
+            if num_out is not None:
+                y = y_ND.new_zeros(num_out, y_ND.shape[1]).index_add_(0, rows_N, y_ND)
+            else:
+                y = y_ND
+        ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH)
+        ctx.plan, ctx.act, ctx.gated, ctx.scatter = plan, activation, gated, num_out is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        x_SD, w_up, w_down, weight_N, rows_N, h_NH = ctx.saved_tensors
+        plan, E, need = ctx.plan, w_up.shape[0], ctx.needs_input_grad
+        dev = h_NH.device.type
+        g_x = g_wup = g_wdown = g_weight = None
+        with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
+            g_out = g_out.to(h_NH.dtype)
+            g_ND = g_out.index_select(0, rows_N) if ctx.scatter else g_out.contiguous()
+            a_NF = _act_fwd(h_NH, ctx.act, ctx.gated)  # recomputed, unweighted
+            g_a = _mm_rows(g_ND, w_down, plan, transpose=False)
+            if weight_N is not None:
+                if need[3]:
+                    g_weight = torch.linalg.vecdot(g_a, a_NF).to(weight_N.dtype)
+                w_col = weight_N.to(h_NH.dtype).unsqueeze(1)
+                a_NF.mul_(w_col)
+                g_a.mul_(w_col)
+            if need[2]:
+                g_wdown = _mm_weight_grad(g_ND, a_NF, plan, E)
+            del a_NF, g_ND
+            g_h = _act_bwd(h_NH, g_a, ctx.act, ctx.gated)
+            del g_a
+            if need[1]:
+                x_ND = x_SD.index_select(0, rows_N) if rows_N is not None else x_SD
+                g_wup = _mm_weight_grad(g_h, x_ND, plan, E)
+                del x_ND
+            if need[0]:
+                g_xN = _mm_rows(g_h, w_up, plan, transpose=False)
+                g_x = torch.zeros_like(x_SD).index_add_(0, rows_N, g_xN) if rows_N is not None else g_xN
+        return g_x, g_wup, g_wdown, g_weight, None, None, None, None, None, None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _plan(counts_E: Tensor, use_grouped: bool):
+    if use_grouped:
+        return None, torch.cumsum(counts_E, 0).to(torch.int32)
+    return counts_E.tolist(), None
+
+
+def grouped_glu(x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, counts_E: Tensor, activation: str,
+                gated: bool, rows_N: Tensor | None = None, weight_N: Tensor | None = None,
+                num_out: int | None = None) -> Tensor:
+    """Run :class:`GroupedGLU` in the compute dtype (autocast's, if on); grouped_mm where usable."""
+    dt = B.compute_dtype(x_SD, w_up_EHD)
+    use_grouped = (x_SD.device.type != "cpu" and B.grouped_mm_usable(x_SD.device, dt)
+                   and B.grouped_mm_aligned(x_SD, w_up_EHD, w_down_EDF, dtype=dt))
+    return GroupedGLU.apply(x_SD.to(dt), w_up_EHD.to(dt), w_down_EDF.to(dt), weight_N, rows_N, counts_E, num_out,
+                            activation, gated, use_grouped)
+
+
+@B.register_backend("fused")
+def fused_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                  activation: str, gated: bool) -> Tensor:
+    """Custom-autograd grouped FFN: saves only [N, H], preallocated per-expert matmuls (ScatterMoE-style)."""
+    return grouped_glu(x_ND, w_up_EHD, w_down_EDF, counts_E, activation, gated)
