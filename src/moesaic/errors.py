@@ -24,6 +24,10 @@ class CausalityError(MoesaicError, ValueError):
     """A router that looks at the whole group (expert choice, Soft MoE) was used causally."""
 
 
+class RoutingInputError(MoesaicError, ValueError):
+    """A router lacks routing context it needs (``token_ids``, ``task_id``, ...) or got a bad value."""
+
+
 class CheckpointError(MoesaicError):
     """Base class of checkpoint errors."""
 

@@ -39,6 +39,8 @@ class RoutingDecision:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     dropped: int = 0
     num_valid_tokens: int | None = None  # tokens that were routed (padding excluded); None = all
+    #: Payload for a paired dispatcher that is not plain COO (Soft MoE: slot logits, mask, sequence ids).
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------ building
     @staticmethod

@@ -77,6 +77,9 @@ class MoEConfig(Section):
                 f"must divide d_ff ({self.d_ff})")
         self.router.validate_moe(f"{path}.router", self.routed_experts, self.routed_top_k)
         self.dispatcher.validate_moe(f"{path}.dispatcher", self.routed_experts, self.routed_top_k)
+        need = self.router.registry.get(self.router.kind).requires_dispatcher
+        require(need is None or self.dispatcher.kind == need, f"{path}.dispatcher.kind", self.dispatcher.kind,
+                f"router {self.router.kind!r} needs dispatcher {need!r}")
 
     def build(self, d_model: int, *, causal: bool = False) -> MoELayer:
         return MoELayer(self, d_model, causal=causal)

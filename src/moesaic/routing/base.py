@@ -63,6 +63,8 @@ class Router(nn.Module):
     causal_hint: ClassVar[str] = ""
     #: Set by routers defined for one k only (Switch: 1, GShard: 2); the config check enforces it.
     required_top_k: ClassVar[int | None] = None
+    #: Dispatcher kind this router's decisions need (Soft MoE's slot mixing); None = any COO dispatcher.
+    requires_dispatcher: ClassVar[str | None] = None
 
     @classmethod
     def causal_allowed(cls, cfg: RouterConfig) -> bool:

@@ -1,0 +1,77 @@
+"""The Soft MoE dispatcher (Puigcerver et al. 2024; routing.md §17), paired with the ``soft_moe`` router.
+
+Per sequence b with tokens ``X_b`` ``[m, d]`` and logits ``L_b`` ``[m, n*p]``:
+``D = softmax(L, over tokens)``, slots ``X_slots = D^T X_b`` ``[n*p, d]`` (expert i gets slots
+``[i*p, (i+1)*p)`` of every sequence), ``C = softmax(L, over slots)``, ``Y_b = C @ Y_slots``.
+Sequences of different lengths are padded to the longest; padding gets ``-inf`` dispatch logits and a
+zero combine row, so it neither feeds a slot nor receives an output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from moesaic.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
+from moesaic.errors import RoutingInputError
+from moesaic.registry import DISPATCHERS
+from moesaic.types import RoutingDecision
+
+
+@dataclasses.dataclass
+class SoftDispatcherConfig(DispatcherConfig):
+    kind: str = "soft"
+
+
+def soft_weights(logits_BMS: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:
+    """Dispatch ``D`` (softmax over tokens m; columns sum to 1) and combine ``C`` (softmax over slots;
+    rows sum to 1) for padded sequences. Masked tokens get 0 in both; an all-padding sequence gives 0."""
+    neg = torch.finfo(logits_BMS.dtype).min
+    masked = logits_BMS.masked_fill(~mask_BM[:, :, None], neg)
+    D = masked.softmax(dim=1) * mask_BM[:, :, None].to(logits_BMS.dtype)
+    C = logits_BMS.softmax(dim=2) * mask_BM[:, :, None].to(logits_BMS.dtype)
+    return D, C
+
+
+@DISPATCHERS.register("soft")
+class SoftDispatcher(Dispatcher):
+    """Soft MoE slots: softmax-weighted token mixes per sequence in, slot-weighted mixes out (no drops)."""
+
+    Config = SoftDispatcherConfig
+
+    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
+        if "logits_TS" not in decision.extra:
+            raise RoutingInputError("the soft dispatcher needs the soft_moe router's decisions")
+        ex = decision.extra
+        L_TS, mask_T, seq_T = ex["logits_TS"], ex["mask_T"], ex["seq_T"]
+        p = int(ex["slots_per_expert"])
+        T, D_ = x_TD.shape
+        n, S = decision.num_experts, L_TS.shape[1]
+        with torch.no_grad():
+            _, b_T = torch.unique(seq_T, return_inverse=True)
+            B = int(b_T.max()) + 1 if T else 1
+            order = torch.argsort(b_T, stable=True)
+            per_b = torch.bincount(b_T, minlength=B)
+            start = torch.cumsum(per_b, 0) - per_b
+            pos_T = torch.empty_like(b_T)
+            pos_T[order] = torch.arange(T, device=b_T.device) - start[b_T[order]]
+            M = int(per_b.max()) if T else 1
+        L_BMS = L_TS.new_zeros(B, M, S).index_put((b_T, pos_T), L_TS)
+        mask_BM = torch.zeros(B, M, dtype=torch.bool, device=x_TD.device).index_put((b_T, pos_T), mask_T)
+        x_BMD = x_TD.new_zeros(B, M, D_).index_put((b_T, pos_T), x_TD)
+        disp_BMS, comb_BMS = soft_weights(L_BMS, mask_BM)
+        xs_BSD = torch.einsum("bms,bmd->bsd", disp_BMS.to(x_TD.dtype), x_BMD)
+        x_ND = xs_BSD.view(B, n, p, D_).transpose(0, 1).reshape(n * B * p, D_)  # grouped by expert
+        counts_E = torch.full((n,), B * p, dtype=torch.long, device=x_TD.device)
+        empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
+        state = DispatchState(empty, x_TD.new_zeros(0), T, 0,
+                              extra={"comb_BMS": comb_BMS, "b_T": b_T, "pos_T": pos_T, "shape": (B, n, p)})
+        return x_ND, counts_E, state
+
+    def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
+        B, n, p = state.extra["shape"]
+        ys_BSD = y_ND.view(n, B, p, -1).transpose(0, 1).reshape(B, n * p, -1)
+        y_BMD = torch.einsum("bms,bsd->bmd", state.extra["comb_BMS"].to(y_ND.dtype), ys_BSD)
+        return y_BMD[state.extra["b_T"], state.extra["pos_T"]]
