@@ -65,6 +65,8 @@ class Router(nn.Module):
     required_top_k: ClassVar[int | None] = None
     #: Dispatcher kind this router's decisions need (Soft MoE's slot mixing); None = any COO dispatcher.
     requires_dispatcher: ClassVar[str | None] = None
+    #: True for routers whose eval-mode routing is random by design (THOR); reproducible under a seed.
+    stochastic_eval: ClassVar[bool] = False
 
     @classmethod
     def causal_allowed(cls, cfg: RouterConfig) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.config import require, rule
+from moesaic.config import rule
 from moesaic.errors import RoutingInputError
 from moesaic.registry import ROUTERS
 from moesaic.routing.base import Router, RouterConfig
@@ -36,10 +36,6 @@ class HashRouterConfig(RouterConfig):
     vocab_size: int = rule(32000, ge=1)
     seed: int = 0
     aux_loss_coef: float = 0.0
-
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
-        require(top_k == 1, path.rsplit(".", 1)[0] + ".top_k", top_k, "hash routing sends each token to 1 expert")
 
 
 def balanced_table(counts_V: Tensor, num_experts: int) -> Tensor:
@@ -65,6 +61,7 @@ class HashRouter(Router):
     Config = HashRouterConfig
     cfg: HashRouterConfig
     has_weight = False
+    required_top_k = 1
 
     def __init__(self, cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
@@ -76,8 +73,8 @@ class HashRouter(Router):
         self.register_buffer("table_V", table_V, persistent=True)
 
     @classmethod
-    def example_ctx(cls, T: int, device: torch.device | None = None) -> dict[str, Any]:
-        return {"token_ids": torch.randint(0, 1000, (T,), device=device)}
+    def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        return {"token_ids": torch.randint(0, 1000, (num_tokens,), device=device)}
 
     @torch.no_grad()
     def fit_balanced(self, corpus_ids: Tensor) -> Tensor:

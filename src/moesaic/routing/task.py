@@ -90,7 +90,7 @@ class TaskGatesRouter(Router):
         nn.init.normal_(self.weight_XED, std=cfg.init_std)
 
     @classmethod
-    def example_ctx(cls, T: int, device: torch.device | None = None) -> dict[str, Any]:
+    def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
         return {"task_id": 0}
 
     def window(self, task: int) -> tuple[int, int]:
@@ -141,10 +141,6 @@ class DomainRouterConfig(RouterConfig):
     kind: str = "domain"
     aux_loss_coef: float = 0.0
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
-        require(top_k == 1, path.rsplit(".", 1)[0] + ".top_k", top_k, "domain routing uses one expert per token")
-
 
 @ROUTERS.register("domain")
 class DomainRouter(Router):
@@ -153,9 +149,10 @@ class DomainRouter(Router):
     Config = DomainRouterConfig
     cfg: DomainRouterConfig
     has_weight = False
+    required_top_k = 1
 
     @classmethod
-    def example_ctx(cls, T: int, device: torch.device | None = None) -> dict[str, Any]:
+    def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
         return {"domain_id": 0}
 
     def route(self, x_TD: Tensor, domain_id: Any = None, seq_ids_T: Tensor | None = None,

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.config import require
 from moesaic.registry import ROUTERS
 from moesaic.routing.base import Router, RouterConfig, router_dtype
 from moesaic.types import RoutingDecision
@@ -36,10 +35,6 @@ class THORRouterConfig(RouterConfig):
     inference_average: bool = False
     aux_loss_coef: float = 0.0
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
-        require(top_k == 1, path.rsplit(".", 1)[0] + ".top_k", top_k, "THOR runs one random expert per token")
-
 
 @ROUTERS.register("thor")
 class THORRouter(Router):
@@ -48,6 +43,8 @@ class THORRouter(Router):
     Config = THORRouterConfig
     cfg: THORRouterConfig
     has_weight = False
+    required_top_k = 1
+    stochastic_eval = True  # inference draws a random expert per token or sentence, like the code
 
     def _draw(self, T: int, level: str, seq_ids_T: Tensor | None, device: torch.device) -> Tensor:
         E = self.num_experts

@@ -1,0 +1,70 @@
+"""Hash layers (routing.md §6, C.6): fixed id -> expert tables, balanced variant, no routing gradient."""
+
+import pytest
+import torch
+
+import moesaic
+from moesaic.errors import ConfigError, RoutingInputError
+from moesaic.routing.hash import balanced_table
+
+
+def _layer(**router):
+    return moesaic.moe_layer(16, 32, 4, 1, router={"kind": "hash", "vocab_size": 100, **router}).double()
+
+
+def test_property1_same_id_same_expert_independent_of_context(ref):
+    layer = _layer()
+    ids = torch.randint(0, 100, (3, 7))
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    d = layer.router(x.reshape(-1, 16), token_ids=ids.reshape(-1))
+    e_T = d.to_topk()[0][:, 0]
+    assert torch.equal(e_T, layer.router.table_V[ids.reshape(-1)])
+    x2 = torch.randn(3, 7, 16, dtype=torch.float64)  # other hidden states, same ids: same experts
+    assert torch.equal(layer.router(x2.reshape(-1, 16), token_ids=ids.reshape(-1)).to_topk()[0][:, 0], e_T)
+    y = layer(x, token_ids=ids).reshape(-1, 16)
+    w_TE = torch.nn.functional.one_hot(e_T, 4).double()
+    torch.testing.assert_close(y, ref.brute_force(layer, x.reshape(-1, 16), w_TE), atol=1e-12, rtol=0)
+
+
+def test_random_table_is_seeded_and_saved():
+    a, b, c = _layer(seed=1), _layer(seed=1), _layer(seed=2)
+    assert torch.equal(a.router.table_V, b.router.table_V) and not torch.equal(a.router.table_V, c.router.table_V)
+    assert set(a.router.table_V.tolist()) == {0, 1, 2, 3}
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.router.table_V, a.router.table_V)
+
+
+def test_property2_balanced_loads_within_largest_frequency():
+    torch.manual_seed(3)
+    corpus = torch.distributions.Categorical(probs=torch.arange(1, 101).float() ** -1.1).sample((5000,))
+    layer = _layer(variant="balanced")
+    loads = layer.router.fit_balanced(corpus)
+    largest = torch.bincount(corpus, minlength=100).max()
+    assert loads.sum() == 5000 and loads.max() - loads.min() <= largest
+    random_loads = torch.bincount(_layer().router.expert_of(corpus), minlength=4)
+    assert (loads.max() - loads.min()) <= (random_loads.max() - random_loads.min())
+    assert torch.equal(balanced_table(torch.ones(6), 3), torch.tensor([0, 1, 2, 0, 1, 2]))  # unfitted = id % E
+
+
+def test_property3_no_routing_gradient():
+    layer = _layer()
+    assert list(layer.router.parameters()) == []
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    d = layer.router(x, token_ids=torch.arange(10))
+    assert not d.weight_N.requires_grad  # weight 1, no gate: nothing to backpropagate through routing
+
+
+def test_oov_modulo_padding_and_errors():
+    layer = _layer()
+    t = layer.router.table_V
+    assert torch.equal(layer.router.expert_of(torch.tensor([5, 105, 205, -95])), t[[5, 5, 5, 5]])
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    ids = torch.randint(0, 100, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    y = layer(x, mask=mask, token_ids=ids)
+    assert (y[~mask] == 0).all()
+    torch.testing.assert_close(y[0, :3], layer(x[:1, :3], token_ids=ids[:1, :3])[0], atol=1e-12, rtol=0)
+    with pytest.raises(RoutingInputError, match="token_ids"):
+        layer(x)
+    with pytest.raises(ConfigError, match="top_k"):
+        moesaic.moe_layer(16, 32, 4, 2, router={"kind": "hash"})
