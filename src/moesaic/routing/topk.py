@@ -59,6 +59,10 @@ class TopKRouterConfig(RouterConfig):
         per_group = num_experts // self.n_groups
         require(top_k <= self.topk_groups * per_group, f"{path}.topk_groups", self.topk_groups,
                 f"topk_groups * experts per group ({per_group}) must be >= top_k ({top_k})")
+        require(not (top_k == 1 and num_experts > 1 and self.normalization != "none"),
+                f"{path}.normalization", self.normalization,
+                "with top_k 1 renormalised weights are always 1, so the router gets no gradient from the output "
+                "(Megatron #894); use normalization: none (Switch-style p_max weight)")
         require(num_experts % self.device_groups == 0, f"{path}.device_groups", self.device_groups,
                 f"must divide num_experts ({num_experts})")
 
