@@ -6,9 +6,6 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.config import parse, validate_tree
-from moesaic.errors import ConfigError
-from moesaic.layers.moe import MoEConfig
 from moesaic.routing.base import stable_topk
 from moesaic.routing.topk import TopKRouter, TopKRouterConfig
 
@@ -148,7 +145,14 @@ def test_sequence_loss_uses_unbiased_topk_and_per_sequence_stats():
 
 
 @pytest.mark.parametrize("norm", ["renorm", "softmax_topk"])
-def test_top1_with_renormalised_weights_is_rejected(norm):
-    with pytest.raises(ConfigError, match="normalization"):
-        validate_tree(parse(MoEConfig, {"num_experts": 4, "top_k": 1, "router": {"normalization": norm}}, "moe"),
-                      "moe")
+def test_top1_with_renormalised_weights_warns_and_gets_no_output_gradient(norm):
+    with pytest.warns(UserWarning, match="Megatron #894"):
+        r = router(1, normalization=norm)
+    r(x()).weight_N.sum().backward()
+    assert float(r.weight.grad.abs().sum()) == 0.0  # the trap the warning is about
+
+
+def test_top1_variant_A_gets_a_nonzero_gradient():
+    r = router(1, normalization="none")
+    r(x()).weight_N.square().sum().backward()
+    assert float(r.weight.grad.norm()) > 0

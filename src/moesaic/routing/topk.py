@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -59,10 +60,6 @@ class TopKRouterConfig(RouterConfig):
         per_group = num_experts // self.n_groups
         require(top_k <= self.topk_groups * per_group, f"{path}.topk_groups", self.topk_groups,
                 f"topk_groups * experts per group ({per_group}) must be >= top_k ({top_k})")
-        require(not (top_k == 1 and num_experts > 1 and self.normalization != "none"),
-                f"{path}.normalization", self.normalization,
-                "with top_k 1 renormalised weights are always 1, so the router gets no gradient from the output "
-                "(Megatron #894); use normalization: none (Switch-style p_max weight)")
         require(num_experts % self.device_groups == 0, f"{path}.device_groups", self.device_groups,
                 f"must divide num_experts ({num_experts})")
 
@@ -76,6 +73,10 @@ class TopKRouter(Router):
 
     def __init__(self, cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
+        if top_k == 1 and num_experts > 1 and cfg.normalization != "none":
+            warnings.warn(f"topk router with top_k=1 and normalization={cfg.normalization!r}: the weight is always 1, "
+                          "so the router learns only from aux losses (Megatron #894); normalization: none gives "
+                          "the Switch p_max weight", stacklevel=2)
         if cfg.expert_bias:
             # A buffer, not a parameter: never seen by the optimizer or weight decay.
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
