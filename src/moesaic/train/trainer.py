@@ -1,0 +1,281 @@
+"""The training loop: AdamW, warm-up + cosine, exact gradient accumulation, clipping, bf16 autocast,
+evaluation, routing statistics, metrics, atomic checkpoints, bit-exact resume and SIGTERM handling.
+
+``Trainer(cfg, out_dir, resume=...)`` then ``run()`` (returns 0, or 143 after a SIGTERM-triggered save).
+The step objective is defined in :mod:`moesaic.train.loss`. Resuming restores model, optimizer, step
+(the schedule is a function of it), data position and RNG, so the continued run is bitwise identical to
+an uninterrupted one (fp32/fp64, CPU, same thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moesaic
+from moesaic.config import dump_yaml, loads_yaml, parse, to_dict
+from moesaic.errors import CheckpointMismatchError, ConfigError
+from moesaic.train import checkpoint as ckpt
+from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
+from moesaic.train.metrics import MetricsWriter, RoutingStats
+from moesaic.train.schedule import lr_factor
+
+EXIT_PREEMPTED = 143
+#: Config fields that may change on resume (logging, cadence, length); anything else is a mismatch.
+RESUME_ALLOWED = {f"train.{k}" for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_last",
+                                          "progress", "tensorboard", "threads", "eval_at_end", "save_at_end",
+                                          "handle_sigterm", "eval_batch_size")}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError("--out", str(out), f"output folder is not writable ({e.strerror or e})") from None
+
+
+class Trainer:
+    def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Any = None):
+        from moesaic.run_config import RunConfig
+
+        self.out = Path(out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        check_writable(self.out)
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.data = cfg.data.build()
+        if not hasattr(self.data, "loader"):
+            raise ConfigError("data.kind", cfg.data.kind, "the trainer needs a language-model dataset (shakespeare)")
+        vocab = self.data.vocab_size
+        if getattr(cfg.model, "vocab_size", 0) is None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        elif getattr(cfg.model, "vocab_size", vocab) < vocab:
+            raise ConfigError("model.vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's ({vocab})")
+        self.cfg: RunConfig = cfg
+        self.tc = tc
+        self.dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+        torch.manual_seed(tc.seed)
+        self.model = cfg.model.build().to(self.dtype)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        other = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                      {"params": other, "weight_decay": 0.0}],
+                                     lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+        self.loader = self.data.loader(tc.seed)
+        self.eval_data = self.data.eval_batches(tc.eval_batch_size or tc.batch_size // tc.grad_accum)
+        self.step = 0
+        self.stats = RoutingStats(self.model)
+        self.gather_model_state = ckpt.gather_model_state  # hook: expert parallelism gathers global experts
+        self.scatter_model_state = None
+        self._stop = False
+        self.metrics = MetricsWriter(self.out, tc.tensorboard)
+        existing = ckpt.list_steps(self.out)
+        if resume:
+            found = ckpt.latest_valid(self.out, warn=lambda m: self.log(f"warning: {m}"))
+            if found is not None:
+                self.restore(found)
+            else:
+                self.log(f"no valid checkpoint in {self.out}; starting from step 0")
+        elif existing:
+            raise ConfigError("--out", str(self.out), "already holds checkpoints; pass --resume to continue "
+                              "or choose another output folder")
+        (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
+
+    # ------------------------------------------------------------------------------ checkpointing
+    def save(self) -> Path:
+        t0 = time.perf_counter()
+        tok = getattr(self.data, "tokenizer", None)
+        path = ckpt.save_checkpoint(
+            self.out, self.step, config_yaml=dump_yaml(self.cfg),
+            model_state=self.gather_model_state(self.model), optimizer_state=self.opt.state_dict(),
+            trainer_state={"step": self.step, "data": self.loader.state_dict(),
+                           "schedule": {"kind": self.tc.lr_schedule, "step": self.step}},
+            rng_state={"torch_cpu": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            tokenizer_json=tok.to_json() if tok is not None else None)
+        ckpt.prune(self.out, self.tc.keep_last, path)
+        self.log(f"saved {path} in {time.perf_counter() - t0:.2f}s")
+        return path
+
+    def restore(self, path: Path) -> None:
+        from moesaic.run_config import RunConfig
+
+        files = ckpt.load_files(path, training=True)
+        saved = parse(RunConfig, loads_yaml(files["config_yaml"], "config.yaml"), "")
+        a, b = _flatten(to_dict(saved)), _flatten(to_dict(self.cfg))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_ALLOWED)
+        if diff:
+            raise CheckpointMismatchError(f"{path}: the config differs from the checkpoint's in {', '.join(diff)}")
+        ckpt.load_model_state(self.model, files["model_state"], str(path), self.scatter_model_state)
+        try:
+            self.opt.load_state_dict(files["optimizer_state"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatchError(f"{path}: optimizer state does not fit: {e}") from None
+        st = files["trainer_state"]
+        self.step = int(st["step"])
+        self.loader.load_state_dict(st["data"])
+        torch.set_rng_state(files["rng_state"]["torch_cpu"])
+        if torch.cuda.is_available() and files["rng_state"].get("cuda"):
+            torch.cuda.set_rng_state_all(files["rng_state"]["cuda"])
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------------------------- stepping
+    def _autocast(self):
+        if self.tc.autocast == "bf16":
+            dev = next(self.model.parameters()).device.type
+            return torch.autocast(device_type=dev, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def accumulate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Forward and backward of ``batch`` split into ``grad_accum`` micro-batches; gradients are those of
+        the step objective of train/loss.py. Returns the step's LM loss, aux loss and valid tokens."""
+        ga = self.tc.grad_accum
+        keys = [k for k in ("input_ids", "labels", "attention_mask") if batch.get(k) is not None]
+        micro = [{k: batch[k].chunk(ga)[i] for k in keys} for i in range(ga)]
+        N = count_valid(batch["labels"])
+        T = count_tokens(batch)
+        ce_total, aux_total = 0.0, 0.0
+        for mb in micro if N > 0 else []:
+            with self._autocast():
+                out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
+            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+            aux = moesaic.collect_aux_losses(self.model)
+            t = count_tokens(mb)
+            loss = ce_sum / N + (t / T) * aux
+            loss.backward()
+            ce_total += float(ce_sum.detach()) / N
+            aux_total += float(aux.detach()) * t / T
+            self.stats.update()
+        return {"loss": ce_total, "aux_loss": aux_total, "tokens": N}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step: lr from the schedule, :meth:`accumulate`, clip, AdamW, step hooks. An
+        all-padding batch gives loss 0 and no update (reliability spec §3.4)."""
+        for g in self.opt.param_groups:
+            g["lr"] = self.tc.lr * lr_factor(self.step, self.tc)
+        out: dict[str, float] = self.accumulate(batch)
+        if out["tokens"] > 0:
+            if self.tc.grad_clip > 0:
+                out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        moesaic.on_optimizer_step(self.model, self.step)
+        out["lr"] = self.opt.param_groups[0]["lr"]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        total, n = 0.0, 0
+        try:
+            for b in self.eval_data:
+                with self._autocast():
+                    logits = self.model(b["input_ids"], attention_mask=b.get("attention_mask")).logits
+                s, k = lm_loss_sum(logits, b["labels"])
+                total, n = total + float(s), n + k
+        finally:
+            self.model.train()
+        loss = total / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # -------------------------------------------------------------------------------------- loop
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop = True
+
+    def run(self) -> int:
+        tc = self.tc
+        old = signal.signal(signal.SIGTERM, self._on_sigterm) if tc.handle_sigterm else None
+        self.model.train()
+        self.summary: dict[str, Any] = {"start_step": self.step}
+        win_tokens, win_time, all_tokens, all_time = 0, 0.0, 0, 0.0
+        last: dict[str, Any] = {}
+        progress = _Progress(tc.max_steps, self.step, enabled=tc.progress)
+        code = 0
+        try:
+            while self.step < tc.max_steps:
+                batch = self.loader.next_batch(tc.batch_size)
+                t0 = time.perf_counter()
+                r = self.train_step(batch)
+                dt = time.perf_counter() - t0
+                win_tokens, win_time = win_tokens + r["tokens"], win_time + dt
+                all_tokens, all_time = all_tokens + r["tokens"], all_time + dt
+                rec: dict[str, Any] = {"step": self.step, "loss": r["loss"], "aux_loss": r["aux_loss"],
+                                       "lr": r["lr"]}
+                if "grad_norm" in r:
+                    rec["grad_norm"] = r["grad_norm"]
+                end = self.step == tc.max_steps
+                logged = self.step % tc.log_every == 0 or self.step == 1 or end
+                if logged:
+                    rec["tokens_per_s"] = win_tokens / win_time if win_time > 0 else 0.0
+                    rec["routing"] = self.stats.summary()
+                    win_tokens, win_time = 0, 0.0
+                self.stats.reset()
+                if self.step % tc.eval_every == 0 or (end and tc.eval_at_end):
+                    rec.update(self.evaluate())
+                    logged = True
+                    self.log(f"step {self.step}: val_loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.1f})")
+                if logged:
+                    self.metrics.write(rec)
+                last = rec
+                progress.update(self.step, r["loss"], all_tokens / all_time if all_time else 0.0)
+                if self.step % tc.save_every == 0 or (end and tc.save_at_end) or self._stop:
+                    self.save()
+                if self._stop:
+                    self.log(f"SIGTERM: saved at step {self.step}, exiting with {EXIT_PREEMPTED}")
+                    code = EXIT_PREEMPTED
+                    break
+        finally:
+            progress.close()
+            self.metrics.close()
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        self.summary.update(last, steps=self.step, tokens_per_s=all_tokens / all_time if all_time else 0.0,
+                            train_time_s=all_time, exit=code)
+        return code
+
+
+class _Progress:
+    """A rich progress bar (step, loss, tokens/s, ETA) on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+            self.bar.start()
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
