@@ -22,7 +22,8 @@ def _save(out, step, model, cfg_yaml):
     opt.step()
     return ckpt.save_checkpoint(out, step, config_yaml=cfg_yaml, model_state=ckpt.gather_model_state(model),
                                 optimizer_state=opt.state_dict(), trainer_state={"step": step, "data": {}},
-                                rng_state={"torch_cpu": torch.get_rng_state()}, tokenizer_json=CharTokenizer("abcdefghijk").to_json())
+                                rng_state={"torch_cpu": torch.get_rng_state()},
+                                tokenizer_json=CharTokenizer("abcdefghijk").to_json())
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ with unequal valid tokens per micro-batch (padding and ignored labels). Definiti
 
 import copy
 
-import pytest
 import torch
 
 import moesaic

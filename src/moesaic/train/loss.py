@@ -9,8 +9,9 @@ see; ``T = sum t_m``). The step loss is
 where ``CE_sum_m`` is the summed token cross-entropy of micro-batch ``m`` and ``aux_m`` the weighted MoE
 aux losses of its forward (:func:`moesaic.collect_aux_losses`). So the LM loss is the mean over every
 valid target of the step, however the step is split (the fix for the "mean of micro-batch means" bug),
-and each micro-batch's aux counts in proportion to the tokens that were routed in it. Aux losses that are token means (router
-z-loss, per-token losses) are therefore identical for ``M x b`` and ``1 x M*b``; a balance loss built
+and each micro-batch's aux counts in proportion to the tokens that were routed in it. Aux losses that
+are token means (router z-loss, per-token losses) are therefore identical for ``M x b`` and ``1 x M*b``;
+a balance loss built
 from batch statistics (Switch ``E * sum_i f_i P_i``) is by definition a statistic of the micro-batch it
 was computed on (as in Megatron-LM and transformers), and the step averages it token-weighted.
 """
