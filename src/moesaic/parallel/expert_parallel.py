@@ -1,0 +1,204 @@
+"""Expert parallelism applied from outside the model: shard experts, swap the dispatcher, make aux
+losses and balancing global, and reduce gradients over the right groups.
+
+Usage (every rank, after ``torch.distributed`` is initialised and the model is built identically)::
+
+    groups = build_groups(ep_size)
+    apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
+    ...
+    loss = task_loss_sum / global_count(n_local, groups.dp) + collect_aux_losses(model)
+    loss.backward(); sync_gradients(model, groups); opt.step(); on_optimizer_step(model, step)
+
+**Loss definition (global batch, equal to one process).** The global batch is split over every rank of
+``batch_group``. Each rank's objective is its *share* of the one-process objective, so the shares sum
+to it and gradients are SUM-reduced (never averaged):
+
+* task loss: ``sum over local tokens / number of tokens in the global batch`` (:func:`global_count`);
+* ``balance`` (Switch/GShard ``E * sum_e f_e P_e``, topk router, ``balance_loss: switch``) and
+  ``device_balance``: ``f_e`` from the counts summed over the global batch, ``P_e`` = the sum of this
+  rank's probabilities divided by the global token count (so the shares add up to the global loss);
+* ``balance`` with ``balance_loss: sequence`` (per-sequence loss, mean over sequences): the local mean
+  times ``S_local / S_global`` (sequences never straddle ranks);
+* every other loss (z-loss, entropy, ...), assumed a mean over tokens: local value times
+  ``T_local / T_global``.
+* aux-loss-free bias: the router's ``reduce_load`` sums the step's loads over ``batch_group`` before
+  the sign update, so every rank moves its bias identically, as one process would.
+
+**Gradients.** Expert parameters are summed over the expert-data-parallel group only (their gradient
+already holds the contributions of the whole EP group through the all-to-all backward); every other
+parameter is summed over the data-parallel group. We use one explicit flat all-reduce per group after
+``backward`` instead of DDP: it is deterministic (bitwise reruns), it never interleaves with the
+all-to-alls of the backward pass on the same gloo group, experts with zero tokens need no
+``find_unused_parameters``, and the group of every parameter is explicit (and tested). At the tiny
+scale this toolkit tests, overlapping the reduction with backward would buy nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.api import moe_layers
+from moesaic.dispatch.all_to_all import AllToAllDispatcher
+from moesaic.errors import ConfigError
+from moesaic.layers.moe import MoELayer
+from moesaic.parallel.collectives import all_reduce_sum
+from moesaic.parallel.groups import ParallelGroups, group_rank, group_size
+
+
+@dataclasses.dataclass
+class ExpertShard:
+    """Which global experts this rank holds for one layer: ``[offset, offset + num_local)`` of ``num_global``."""
+
+    offset: int
+    num_local: int
+    num_global: int
+
+
+def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same") -> nn.Module:
+    """Shard every MoE layer's experts over ``group`` and install the all-to-all dispatcher (in place).
+
+    ``group`` is the expert-parallel process group (``None`` or size 1: nothing is sharded, but the
+    global-batch aux losses still apply over ``batch_group``). ``batch_group`` is the group the global
+    batch is split over (default: ``group``). Raises :class:`ConfigError` naming the layer when a
+    layer's expert count is not divisible by the group size. The layer code is untouched.
+    """
+    if batch_group == "same":
+        batch_group = group
+    W, r = group_size(group), group_rank(group)
+    layers = moe_layers(model)
+    for layer in layers:  # check everything before changing anything
+        if layer.num_experts % W:
+            raise ConfigError(f"{layer.layer_name}.num_experts", layer.num_experts,
+                              f"must be divisible by the expert-parallel size ({W})")
+        if getattr(layer.experts, "ep_shard", None) is not None:
+            raise ConfigError(layer.layer_name, None, "expert parallelism is already applied", show_value=False)
+    for layer in layers:
+        _shard_experts(layer, W, r)
+        local = layer.dispatcher.local if isinstance(layer.dispatcher, AllToAllDispatcher) else layer.dispatcher
+        cfg = AllToAllDispatcher.Config(local=local.cfg)
+        layer.dispatcher = AllToAllDispatcher(cfg, layer.num_experts, layer.top_k, local=local, group=group)
+        _make_router_global(layer, batch_group)
+    model._moesaic_ep = (group, batch_group)  # type: ignore[attr-defined]
+    return model
+
+
+def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
+    experts, E = layer.experts, layer.num_experts
+    L = E // W
+    names = experts.stacked_names()
+    others = [n for n, _ in experts.named_parameters() if n not in names]
+    if others:
+        raise ConfigError(f"{layer.layer_name}.experts", experts.cfg.kind,
+                          f"expert parallelism needs stacked per-expert weights; {others} are not stacked")
+    for n in names:
+        p = getattr(experts, n)
+        setattr(experts, n, nn.Parameter(p.detach()[r * L:(r + 1) * L].clone(), requires_grad=p.requires_grad))
+    experts.num_experts = L
+    experts.ep_shard = ExpertShard(r * L, L, E)
+
+
+# ------------------------------------------------------------------------------------ global aux losses
+def _valid_rows(probs_TE: Tensor) -> Tensor:
+    return probs_TE.detach().sum(-1) > 0  # the router base class leaves padding rows at 0
+
+
+def _global_aux_hook(batch_group):
+    def hook(router: nn.Module, args: tuple, kwargs: dict, decision):
+        if not decision.aux_losses or group_size(batch_group) == 1:
+            return decision
+        cfg, E = router.cfg, router.num_experts
+        counts_E = decision.tokens_per_expert()
+        seq = kwargs.get("seq_ids_T")
+        mask = args[1] if len(args) > 1 else kwargs.get("mask_T")
+        if seq is not None and mask is not None:
+            seq = seq[mask.reshape(-1)]
+        S_loc = int(torch.unique(seq).numel()) if seq is not None and seq.numel() else min(decision.valid_tokens, 1)
+        stats = torch.cat([counts_E.to(torch.float64),
+                           torch.tensor([decision.valid_tokens, S_loc], dtype=torch.float64, device=counts_E.device)])
+        stats = all_reduce_sum(stats, batch_group)
+        glob_E, T_glob, S_glob = stats[:E], float(stats[E]), float(stats[E + 1])
+        T_loc = decision.valid_tokens
+        out = {}
+        for name, value in decision.aux_losses.items():
+            kind = getattr(cfg, "balance_loss", None) if name == "balance" else None
+            if name in ("balance", "device_balance") and (kind == "switch" or name == "device_balance") \
+                    and decision.probs_TE is not None and T_glob > 0:
+                p_TE = decision.probs_TE
+                if getattr(cfg, "score_func", "softmax") == "sigmoid":
+                    p_TE = p_TE[_valid_rows(p_TE)]
+                    p_TE = p_TE / p_TE.sum(-1, keepdim=True)
+                P_E = p_TE.sum(0) / T_glob  # this rank's share of the global mean
+                f_E = (glob_E / glob_E.sum().clamp_min(1)).to(P_E.dtype)
+                if name == "balance":
+                    out[name] = E * (f_E * P_E).sum()
+                else:
+                    G = cfg.device_groups
+                    out[name] = (E * f_E.view(G, -1).mean(1) * P_E.view(G, -1).sum(1)).sum()
+            elif name == "balance" and kind == "sequence":
+                out[name] = value * (S_loc / S_glob if S_glob else 0.0)
+            else:
+                out[name] = value * (T_loc / T_glob if T_glob else 0.0)
+        return decision.replace(aux_losses=out)
+
+    return hook
+
+
+def _make_router_global(layer: MoELayer, batch_group) -> None:
+    router = layer.router
+    router.register_forward_hook(_global_aux_hook(batch_group), with_kwargs=True)
+    if hasattr(router, "reduce_load"):
+        router.reduce_load = lambda t: all_reduce_sum(t, batch_group)
+
+
+
+# ------------------------------------------------------------------------------------------- gradients
+def is_expert_param(model: nn.Module) -> dict[str, bool]:
+    """Parameter name -> whether it is an expert-parallel (sharded) expert weight."""
+    expert_ids = set()
+    for layer in moe_layers(model):
+        if getattr(layer.experts, "ep_shard", None) is not None:
+            expert_ids.update(id(p) for p in layer.experts.parameters())
+    return {n: id(p) in expert_ids for n, p in model.named_parameters()}
+
+
+def _reduce_flat(params: list[nn.Parameter], group) -> None:
+    if not params or group_size(group) == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        all_reduce_sum(flat, group)
+        start = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[start:start + n].view_as(p.grad))
+            start += n
+
+
+def sync_gradients(model: nn.Module, groups: ParallelGroups) -> dict[str, list[str]]:
+    """SUM-reduce gradients: expert parameters over ``groups.edp``, the rest over ``groups.dp``.
+
+    Returns the parameter names reduced per group (``{"edp": [...], "dp": [...]}``) for inspection.
+    """
+    kinds = is_expert_param(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    expert = [(n, p) for n, p in named if kinds[n]]
+    dense = [(n, p) for n, p in named if not kinds[n]]
+    _reduce_flat([p for _, p in expert], groups.edp)
+    _reduce_flat([p for _, p in dense], groups.dp)
+    return {"edp": [n for n, _ in expert], "dp": [n for n, _ in dense]}
+
+
+def global_count(n_local: int | float, group) -> float:
+    """Sum of a per-rank count over ``group`` (e.g. the tokens of the global batch)."""
+    t = torch.tensor([float(n_local)], dtype=torch.float64)
+    return float(all_reduce_sum(t, group)[0])
