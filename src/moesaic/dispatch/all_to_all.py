@@ -57,6 +57,7 @@ class AllToAllDispatcher(Dispatcher):
 
     Config = AllToAllDispatcherConfig
     cfg: AllToAllDispatcherConfig
+    index_dispatch = False  # rows must move between ranks: never the layer's fused local path
 
     def __init__(self, cfg: AllToAllDispatcherConfig, num_experts: int, top_k: int, *,
                  local: Dispatcher | None = None, group=None):
