@@ -80,6 +80,9 @@ class MoEConfig(Section):
         need = self.router.registry.get(self.router.kind).requires_dispatcher
         require(need is None or self.dispatcher.kind == need, f"{path}.dispatcher.kind", self.dispatcher.kind,
                 f"router {self.router.kind!r} needs dispatcher {need!r}")
+        experts_rules = getattr(self.experts, "validate_moe", None)  # experts whose rules involve the layer
+        if experts_rules is not None:
+            experts_rules(f"{path}.experts", self)
 
     def build(self, d_model: int, *, causal: bool = False) -> MoELayer:
         return MoELayer(self, d_model, causal=causal)
