@@ -160,7 +160,8 @@ def test_hetero_balance_golden_and_tau_one_is_switch_over_e():
     # f = (0.5, 0.5, 0), P = (0.3, 0.45, 0.25): 0.5*0.3 + 0.5*0.45 + 0.5*0*0.25
     assert hetero_balance(probs, counts, 2, eta).item() == pytest.approx(0.375)
     ones = torch.ones(3, dtype=torch.float64)
-    assert hetero_balance(probs, counts, 2, ones).item() == pytest.approx(losses.switch_balance(probs, counts).item() / 3)
+    switch = losses.switch_balance(probs, counts).item()
+    assert hetero_balance(probs, counts, 2, ones).item() == pytest.approx(switch / 3)
     for k in (1, 2):
         lyr = layer(k=k, router={"tau": 1.0, "gating_residual": False})
         x = torch.randn(32, D, dtype=torch.float64)

@@ -76,7 +76,8 @@ def hetero_balance(probs_TE: Tensor, counts_E: Tensor, num_tokens: int, eta_E: T
     return (eta_E.to(probs_TE.dtype) * f_E.detach() * probs_TE.mean(0)).sum()
 
 
-def hetero_capacity(num_tokens: int, top_k: int, num_ffn: int, num_zc: int, tau: float, gamma: float) -> tuple[int, int]:
+def hetero_capacity(num_tokens: int, top_k: int, num_ffn: int, num_zc: int, tau: float,
+                    gamma: float) -> tuple[int, int]:
     """``(C_ffn, C_zc)``: ``gamma k T tau / (tau N_FFN + N_ZC)`` and ``gamma k T / (tau N_FFN + N_ZC)``, ceil."""
     denom = tau * num_ffn + num_zc
     return (math.ceil(gamma * top_k * num_tokens * tau / denom), math.ceil(gamma * top_k * num_tokens / denom))
