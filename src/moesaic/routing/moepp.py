@@ -64,8 +64,9 @@ class MoEPPRouterConfig(RouterConfig):
 
     def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
         super().validate_moe(path, num_experts, top_k)
-        require(self.zero_computation_experts < num_experts, f"{path}.zero_computation_experts",
-                self.zero_computation_experts, f"must be < num_experts ({num_experts}): one FFN expert at least")
+        # <= (not <): with moepp experts, their validate_moe demands at least one FFN expert
+        require(self.zero_computation_experts <= num_experts, f"{path}.zero_computation_experts",
+                self.zero_computation_experts, f"must be <= num_experts ({num_experts})")
 
 
 def hetero_balance(probs_TE: Tensor, counts_E: Tensor, num_tokens: int, eta_E: Tensor) -> Tensor:
@@ -158,8 +159,9 @@ class MoEPPRouter(Router):
         logits_TE = self.logits(x_TD)
         if cfg.gating_residual:
             src = self._residual_source(T, {"gate_residual": gate_residual})
-            if src is not None:
-                logits_TE = logits_TE + nn.functional.linear(src.to(logits_TE.dtype), self.gate_map.to(logits_TE.dtype))
+            if src is None:  # first layer: no residual term; zeros keep gate_map in the graph (exact 0 grad)
+                src = logits_TE.new_zeros(T, self.num_experts)
+            logits_TE = logits_TE + nn.functional.linear(src.to(logits_TE.dtype), self.gate_map.to(logits_TE.dtype))
         self.last_logits = logits_TE
         probs_TE, ids_TK, w_TK = self._gate(logits_TE)
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)

@@ -59,6 +59,7 @@ class RandomPartitionRouter(Router):
     Config = RandomPartitionRouterConfig
     cfg: RandomPartitionRouterConfig
     has_weight = False
+    required_top_k = 1
 
     def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
         T, E = x_TD.shape[0], self.num_experts
