@@ -37,6 +37,7 @@ class RegressionModel(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_out)
         name_layers(self)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
+        """``ctx``: routing context passed to the MoE layer (``token_ids``, ``task_id``, ``domain_id``)."""
         h = self.inp(x)
-        return self.out(h + self.moe(h, mask=mask))
+        return self.out(h + self.moe(h, mask=mask, **ctx))
