@@ -28,7 +28,6 @@ from moesaic.registry import ROUTERS
 from moesaic.routing.base import RouterConfig
 from moesaic.run_config import load_run_config
 
-
 GROUP = 16  # tokens per sequence: inputs are reshaped to [n / 16, 16, d_in] (Soft MoE mixes within one)
 
 
