@@ -11,13 +11,14 @@ registering into :data:`ATTENTIONS` with the same ``forward`` signature.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moesaic.config import ComponentConfig, require, rule
 from moesaic.models.cache import KVCache
+from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
 from moesaic.registry import Registry
@@ -48,8 +49,13 @@ class MHAConfig(AttentionConfig):
     kind: str = "mha"
     num_key_value_heads: int | None = rule(None, ge=1)
     qk_norm: bool = False
+    #: ``head``: RMSNorm over each head's ``head_dim`` (Qwen3); ``projection``: over the whole q / k
+    #: projection before the head split (OLMoE).
+    qk_norm_scope: Literal["head", "projection"] = "head"
     bias: bool = False
     o_bias: bool = False
+    #: Each query sees at most this many most recent keys, itself included (Mistral, Mixtral).
+    sliding_window: int | None = rule(None, ge=1)
 
     def validate(self, path: str) -> None:
         kv = self.num_key_value_heads or self.num_heads
@@ -86,18 +92,21 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, Hkv * d, bias=cfg.bias)
         self.o_proj = nn.Linear(H * d, d_model, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, norm_eps)
-            self.k_norm = RMSNorm(d, norm_eps)
+            whole = cfg.qk_norm_scope == "projection"
+            self.q_norm = RMSNorm(H * d if whole else d, norm_eps)
+            self.k_norm = RMSNorm(Hkv * d if whole else d, norm_eps)
         self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x_BSD).view(B, S, H, d)
-        k = self.k_proj(x_BSD).view(B, S, Hkv, d)
+        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, S, H, d), k.view(B, S, Hkv, d)
         v = self.v_proj(x_BSD).view(B, S, Hkv, d)
-        if self.cfg.qk_norm:
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHSd, k_BHSd, v_BHSd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = self.rotary_emb(position_ids_BS, q_BHSd.dtype)
@@ -106,6 +115,9 @@ class MultiHeadAttention(nn.Module):
             k_BHSd, v_BHSd = cache.update(self.layer_idx, k_BHSd, v_BHSd)
         k_BHSd = repeat_kv(k_BHSd, H // Hkv)
         v_BHSd = repeat_kv(v_BHSd, H // Hkv)
+        if self.cfg.sliding_window is not None:
+            mask_B1QK = sliding_window_mask(mask_B1QK, S, k_BHSd.shape[2], self.cfg.sliding_window, self.causal,
+                                            x_BSD.device)
         is_causal = self.causal and mask_B1QK is None and k_BHSd.shape[2] == S and S > 1
         o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1QK, is_causal=is_causal)
         return self.o_proj(o_BHSd.transpose(1, 2).reshape(B, S, H * d))

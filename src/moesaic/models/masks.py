@@ -34,3 +34,20 @@ def positions_from_mask(mask_BK: Tensor, S_q: int) -> Tensor:
     """Position ids ``[B, S_q]`` of the last ``S_q`` columns, counting real tokens only (left padding)."""
     pos = mask_BK.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -S_q:]
+
+
+def sliding_window_mask(mask_B1QK: Tensor | None, S_q: int, S_kv: int, window: int, causal: bool,
+                        device: torch.device) -> Tensor:
+    """AND a sliding window into a ``[B, 1, S_q, S_kv]`` mask (or the plain causal one when None): query at
+    cache index ``q`` sees keys ``k`` with ``q - window < k`` (Mistral; transformers' ``sliding_window``).
+    Query rows left with no key (padding) attend to every key, as in :func:`attention_mask_4d`."""
+    q = torch.arange(S_q, device=device).unsqueeze(1) + (S_kv - S_q)
+    k = torch.arange(S_kv, device=device).unsqueeze(0)
+    allowed = k > q - window
+    if causal:
+        allowed = allowed & (k <= q)
+    allowed = allowed[None, None]
+    if mask_B1QK is not None:
+        allowed = allowed & mask_B1QK.bool()
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed

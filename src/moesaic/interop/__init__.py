@@ -1,0 +1,1 @@
+"""Interoperability with other formats: Hugging Face transformers checkpoints (:mod:`moesaic.interop.hf`)."""

@@ -1,0 +1,231 @@
+"""Hugging Face interop: ``from_hf`` imports a transformers causal LM, ``to_hf`` exports a moesaic one.
+
+``from_hf(path_or_model)`` reads ``config.json`` (through ``transformers.AutoConfig``, so defaults and
+legacy keys mean what transformers says), refuses a ``model_type`` outside the supported map or a config
+field moesaic cannot express (by name), builds a ``decoder_lm`` and fills it through the architecture's
+declared :class:`~moesaic.interop.mapping.Layout`: every model tensor written exactly once, every file
+tensor used or explicitly ignored, every shape checked. The expert weight layout is one of two declared
+layouts (``per_expert``: what ``save_pretrained`` and the Hub use; ``fused``: transformers 5's in-memory
+``gate_up_proj``); pass ``expert_layout=`` to require one, otherwise the checkpoint's key set must equal
+exactly one of them (never a partial match).
+
+``to_hf(model, out_dir, arch=None)`` picks the supported architecture of lowest rank whose features
+cover the model (or the one named), writes ``config.json``, (sharded) safetensors tagged with the weight
+orientation, and the tokenizer files; the result loads with ``AutoModelForCausalLM.from_pretrained``
+without remote code. A model no supported architecture can hold raises :class:`ConversionError` that
+names, per architecture, the feature it lacks. See ``docs/hf.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.config import ConfigError, parse, validate_tree
+from moesaic.errors import ConversionError
+from moesaic.interop.common import EXPERT_LAYOUTS, Arch
+from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
+from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_GEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def architectures() -> dict[str, Arch]:
+    """Every supported architecture by name (from the ``interop/arch_*.py`` files)."""
+    import moesaic.interop as pkg
+
+    out: dict[str, Arch] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("arch_"):
+            for a in importlib.import_module(f"moesaic.interop.{info.name}").ARCHS:
+                out[a.name] = a
+    return dict(sorted(out.items(), key=lambda kv: (kv[1].rank, kv[0])))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - the hf extra is part of `all`
+        raise ConversionError("Hugging Face interop needs transformers: pip install 'moesaic[hf]'") from e
+    return transformers
+
+
+class DictReader:
+    """The :class:`WeightReader` interface over an in-memory state dict (an already loaded HF model)."""
+
+    def __init__(self, state: dict[str, Tensor], name: str):
+        self.state, self.folder = state, name
+
+    def keys(self) -> list[str]:
+        return sorted(self.state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def get(self, key: str) -> Tensor:
+        return self.state[key].detach()
+
+    def file_metadata(self, key: str) -> dict[str, str]:
+        return {}
+
+
+def _arch_for(model_type: Any) -> Arch:
+    by_type = {a.model_type: a for a in architectures().values()}
+    if model_type not in by_type:
+        raise ConversionError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(by_type))}")
+    return by_type[model_type]
+
+
+def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None) -> Layout:
+    if expert_layout is not None:
+        if expert_layout not in EXPERT_LAYOUTS:
+            raise ConversionError(f"expert_layout = {expert_layout!r}: must be one of {', '.join(EXPERT_LAYOUTS)}")
+        return arch.layout(hf_cfg, expert_layout)
+    have = set(reader.keys())
+    scored = []
+    for xl in EXPERT_LAYOUTS:
+        lay = arch.layout(hf_cfg, xl)
+        need = {k for r in lay.rules for k in r.hf}
+        if need == {k for k in have if not lay.ignored(k)}:
+            return lay
+        scored.append((len(need & have), lay))
+    return max(scored, key=lambda s: s[0])[1]  # no exact match: import_weights lists every difference
+
+
+def from_hf(path_or_model: str | os.PathLike | nn.Module, *, expert_layout: str | None = None,
+            dtype: torch.dtype | None = None) -> nn.Module:
+    """A moesaic ``decoder_lm`` with the weights and outputs of a Hugging Face causal LM (a folder with
+    ``config.json`` and safetensors, or a loaded ``PreTrainedModel``). Returns it in eval mode and
+    float32 unless ``dtype`` is given; ``model.hf_info`` records the source, architecture and layout."""
+    tf = _transformers()
+    if isinstance(path_or_model, nn.Module):
+        hf_cfg = getattr(path_or_model, "config", None)
+        if hf_cfg is None:
+            raise ConversionError(f"{type(path_or_model).__name__} has no .config: not a transformers model")
+        arch = _arch_for(getattr(hf_cfg, "model_type", None))
+        reader: Any = DictReader(path_or_model.state_dict(), type(path_or_model).__name__)
+        source = None
+    else:
+        folder = Path(path_or_model)
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise ConversionError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{cfg_file}: not valid JSON ({e})") from e
+        arch = _arch_for(raw.get("model_type"))
+        try:
+            hf_cfg = tf.AutoConfig.from_pretrained(str(folder))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConversionError(f"{cfg_file}: transformers rejects this config ({e})") from e
+        reader = WeightReader(folder)
+        source = str(folder)
+    from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+
+    data = arch.to_moesaic(hf_cfg)
+    try:
+        cfg = validate_tree(parse(DecoderLMConfig, data, "model"), "model")
+    except ConfigError as e:
+        raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
+    model = DecoderLM(cfg)
+    layout = _pick_layout(arch, hf_cfg, reader, expert_layout)
+    import_weights(model, reader, layout)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.hf_info = {"arch": arch.name, "layout": layout.name, "source": source,
+                     **{k: getattr(hf_cfg, k, None) for k in _GEN_FIELDS}}
+    return model.eval()
+
+
+def choose_arch(cfg: Any, arch: str | None = None) -> Arch:
+    """The architecture ``to_hf`` uses for the moesaic model config ``cfg``."""
+    archs = architectures()
+    if arch is not None:
+        if arch not in archs:
+            raise ConversionError(f"unknown architecture {arch!r}; supported: {', '.join(archs)}")
+        problems = archs[arch].unsupported(cfg)
+        if problems:
+            raise ConversionError(f"cannot export as {arch}: " + "; ".join(problems))
+        return archs[arch]
+    why = {}
+    for name, a in archs.items():
+        problems = a.unsupported(cfg)
+        if not problems:
+            return a
+        why[name] = problems[0]
+    raise ConversionError("no supported Hugging Face architecture can hold this model: " + "; ".join(why.values()))
+
+
+def hf_config(model: nn.Module, arch: str | None = None) -> tuple[Arch, Any]:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or getattr(cfg, "kind", None) != "decoder_lm":
+        raise ConversionError(f"to_hf exports decoder_lm models, got {type(model).__name__}")
+    a = choose_arch(cfg, arch)
+    tf = _transformers()
+    fields = a.to_hf(cfg)
+    info = getattr(model, "hf_info", {}) or {}
+    fields.update({k: info.get(k) for k in _GEN_FIELDS})
+    cls = tf.CONFIG_MAPPING[a.model_type]
+    hf_cfg = cls(**fields)
+    hf_cfg.architectures = [a.hf_class]
+    hf_cfg.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return a, hf_cfg
+
+
+def _check_against_transformers(model: nn.Module, a: Arch, hf_cfg: Any) -> None:
+    """The fused export must equal the state dict of the transformers model built from ``hf_cfg``."""
+    tf = _transformers()
+    with torch.device("meta"):
+        ref = tf.AutoModelForCausalLM.from_config(hf_cfg)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if hf_cfg.tie_word_embeddings:
+        want.pop("lm_head.weight", None)
+    got = {k: tuple(v.shape) for k, v in export_weights(model, a.layout(hf_cfg, "fused")).items()}
+    bad = [f"{k} {list(got[k])} != {list(want[k])}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+    if set(got) != set(want) or bad:
+        raise ConversionError(f"{a.name} export does not match {a.hf_class}: missing {short_list(set(want) - set(got))}"
+                              f"; unexpected {short_list(set(got) - set(want))}; shapes {short_list(bad)}")
+
+
+def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer (and generation config) files found in ``src`` to ``dst``."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file() and f.resolve() != (Path(dst) / name).resolve():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def to_hf(model: nn.Module, out_dir: str | os.PathLike, arch: str | None = None, *,
+          expert_layout: str = "per_expert", tokenizer_dir: str | os.PathLike | None = None,
+          max_shard_bytes: int = 5 * 2**30) -> Any:
+    """Export ``model`` to ``out_dir`` as a Hugging Face checkpoint; returns the transformers config."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConversionError(f"expert_layout = {expert_layout!r}: must be one of {', '.join(EXPERT_LAYOUTS)}")
+    a, hf_cfg = hf_config(model, arch)
+    _check_against_transformers(model, a, hf_cfg)
+    tensors = export_weights(model, a.layout(hf_cfg, expert_layout))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg.save_pretrained(str(out))
+    write_sharded(tensors, out, max_shard_bytes=max_shard_bytes,
+                  metadata={LAYOUT_TAG: LAYOUT_VALUE, "moesaic.expert_layout": expert_layout})
+    info = getattr(model, "hf_info", {}) or {}
+    copy_tokenizer(tokenizer_dir if tokenizer_dir is not None else info.get("source"), out)
+    return hf_cfg
