@@ -78,7 +78,7 @@ def unsupported(cfg: Any) -> list[str]:
     else:
         out += moe_features(cfg.moe, arch=NAME, score="sigmoid", norms=("renorm", "none"), groups=True,
                             scaling=True, bias=True, shared=("plain",))
-        if not cfg.moe.router.expert_bias:
+        if not getattr(cfg.moe.router, "expert_bias", False):
             out.append(f"{NAME} lacks a router without e_score_correction_bias")
         if cfg.moe.shared_experts.num == 0 or (cfg.moe.shared_experts.d_ff or cfg.moe.d_ff) != cfg.moe.d_ff:
             out.append(f"{NAME} lacks shared experts of a width other than moe_intermediate_size")

@@ -14,7 +14,8 @@ Hugging Face                                           moesaic ``decoder_lm``
 ``qkv_bias`` (Qwen2-MoE) / ``attention_bias`` (Qwen3)  ``attention.bias`` (+ ``o_bias`` for Qwen3)
 ``self_attn.{q,k}_norm`` (Qwen3, per head)             ``attention.qk_norm: true, qk_norm_scope: head``
 =====================================================  ================================================
-Export writes ``decoder_sparse_step: 1`` and lists every dense layer in ``mlp_only_layers``.
+Export writes ``decoder_sparse_step: moe_every`` when ``moe_offset == moe_every - 1`` and no
+``first_k_dense`` (else 1) and lists the remaining dense layers in ``mlp_only_layers``.
 """
 
 from __future__ import annotations
@@ -103,9 +104,13 @@ def _unsupported(cfg: Any, name: str, qwen3: bool) -> list[str]:
 def _to_hf(cfg: Any, qwen3: bool) -> dict:
     m, a = cfg.moe, cfg.attention
     moe_set = set(moe_layers(cfg))
+    step = cfg.moe_every if cfg.first_k_dense == 0 and cfg.moe_offset == cfg.moe_every - 1 else 1
+    if any((i + 1) % step for i in moe_set):
+        step = 1
     out = {**base_hf(cfg), "moe_intermediate_size": m.d_ff, "num_experts": m.num_experts,
            "num_experts_per_tok": m.top_k, "norm_topk_prob": m.router.normalization != "none",
-           "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(cfg.num_layers) if i not in moe_set],
+           "decoder_sparse_step": step,
+           "mlp_only_layers": [i for i in range(cfg.num_layers) if (i + 1) % step == 0 and i not in moe_set],
            "router_aux_loss_coef": m.router.aux_loss_coef}
     if qwen3:
         out.update(attention_bias=a.bias, use_sliding_window=a.sliding_window is not None,
