@@ -1,0 +1,85 @@
+"""``moesaic convert hf-import HF_DIR OUT_CKPT`` and ``moesaic convert hf-export CKPT HF_DIR [--arch NAME]``.
+
+``hf-import`` writes a moesaic checkpoint (``OUT_CKPT/step-00000000`` with ``config.yaml``,
+``model.safetensors`` and ``manifest.json``, ``OUT_CKPT/LATEST``; :mod:`moesaic.train.checkpoint`), with
+the Hugging Face ``tokenizer.json`` as the checkpoint tokenizer and the other tokenizer / generation
+files as ``hf.NAME``. ``hf-export`` loads a checkpoint (hashes checked) and writes a folder that
+``AutoModelForCausalLM.from_pretrained`` loads without remote code, tokenizer files included.
+See ``docs/hf.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HF_PREFIX = "hf."
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face transformers")
+    conv = p.add_subparsers(dest="direction", metavar="DIRECTION", parser_class=type(p))
+    conv.required = True
+    imp = conv.add_parser("hf-import", help="Hugging Face folder -> moesaic checkpoint")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out_ckpt")
+    imp.add_argument("--expert-layout", choices=["per_expert", "fused"], default=None,
+                     help="require this expert weight layout (default: the one the keys match exactly)")
+    exp = conv.add_parser("hf-export", help="moesaic checkpoint -> Hugging Face folder")
+    exp.add_argument("checkpoint")
+    exp.add_argument("hf_dir")
+    exp.add_argument("--arch", default=None, help="target architecture (default: the closest supported one)")
+    exp.add_argument("--expert-layout", choices=["per_expert", "fused"], default="per_expert")
+    exp.add_argument("--max-shard-size", type=int, default=5 * 2**30, metavar="BYTES")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    return hf_import(args) if args.direction == "hf-import" else hf_export(args)
+
+
+def hf_import(args: argparse.Namespace) -> int:
+    from moesaic.config import dump_yaml, to_dict
+    from moesaic.interop.hf import TOKENIZER_FILES, from_hf
+    from moesaic.train.checkpoint import gather_model_state, save_checkpoint
+
+    model = from_hf(args.hf_dir, expert_layout=args.expert_layout)
+    src = Path(args.hf_dir)
+    extra = {HF_PREFIX + n: (src / n).read_bytes() for n in TOKENIZER_FILES
+             if n != "tokenizer.json" and (src / n).is_file()}
+    extra[HF_PREFIX + "info.json"] = json.dumps({k: v for k, v in model.hf_info.items() if k != "source"},
+                                                sort_keys=True).encode()
+    tok = src / "tokenizer.json"
+    out = save_checkpoint(args.out_ckpt, 0, config_yaml=dump_yaml({"model": to_dict(model.cfg)}),
+                          model_state=gather_model_state(model),
+                          tokenizer_json=tok.read_text(encoding="utf-8") if tok.is_file() else None,
+                          extra_files=extra)
+    print(f"imported {model.hf_info['layout']} from {src} -> {out}")
+    return 0
+
+
+def hf_export(args: argparse.Namespace) -> int:
+    from moesaic.interop.hf import to_hf
+    from moesaic.train.checkpoint import load_files, load_model, resolve
+
+    ckpt = resolve(args.checkpoint)
+    model = load_model(ckpt)
+    names = load_files(ckpt)["manifest"]["files"]
+    info = ckpt / (HF_PREFIX + "info.json")
+    if HF_PREFIX + "info.json" in names:
+        model.hf_info = json.loads(info.read_text())
+    hf_cfg = to_hf(model, args.hf_dir, args.arch, expert_layout=args.expert_layout,
+                   max_shard_bytes=args.max_shard_size)
+    out = Path(args.hf_dir)
+    for name in names:
+        if name.startswith(HF_PREFIX) and name != HF_PREFIX + "info.json":
+            (out / name[len(HF_PREFIX):]).write_bytes((ckpt / name).read_bytes())
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and getattr(tok, "kind", "") == "bpe":  # a tokenizers JSON: usable by transformers
+        (out / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
+        if not (out / "tokenizer_config.json").is_file():
+            (out / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>"}, indent=2) + "\n")
+    print(f"exported {ckpt} as {hf_cfg.architectures[0]} -> {out}")
+    return 0
