@@ -42,6 +42,8 @@ class TrainConfig(Section):
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = rule(None, ge=1, doc="torch intra-op threads (default: torch's choice)")
+    consistency_alpha: float | None = rule(None, ge=0.0, doc="THOR (routing.md §4): two stochastic passes per "
+                                           "micro-batch, CE1 + CE2 + alpha * consistency; None = one pass")
 
     def validate(self, path: str) -> None:
         require(self.batch_size % self.grad_accum == 0, f"{path}.grad_accum", self.grad_accum,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moesaic.api import collect_aux_losses
 from moesaic.routing.thor import thor_consistency_loss
+from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 
 #: ``loss_fn(model, batch) -> (ce, logits, mask)``: one forward pass; ``mask`` may be None.
 PassFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor | None]]
@@ -43,3 +44,21 @@ def thor_step(model: nn.Module, batch: Any, loss_fn: PassFn, alpha: float = 1.0)
     cr = thor_consistency_loss(logits1, logits2, mask1)
     aux = aux1 + aux2
     return ThorStepOutput(loss=ce1 + ce2 + alpha * cr.to(ce1.dtype) + aux, ce1=ce1, ce2=ce2, cr=cr, aux=aux)
+
+
+def thor_lm_step(model: nn.Module, batch: dict[str, Tensor], alpha: float,
+                 autocast: Callable[[], Any] | None = None) -> ThorStepOutput:
+    """:func:`thor_step` for a language model batch (``input_ids``, ``labels``, optional
+    ``attention_mask``): summed token cross-entropies and the consistency over positions with a label.
+    Used by the trainer when ``train.consistency_alpha`` is set."""
+    import contextlib
+
+    ctx = autocast or contextlib.nullcontext
+
+    def lm_pass(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        with ctx():
+            logits = m(b["input_ids"], attention_mask=b.get("attention_mask")).logits
+        ce_sum, _ = lm_loss_sum(logits, b["labels"])
+        return ce_sum, logits, b["labels"] != IGNORE_INDEX
+
+    return thor_step(model, batch, lm_pass, alpha)

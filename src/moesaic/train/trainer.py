@@ -27,6 +27,7 @@ from moesaic.train import checkpoint as ckpt
 from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
 from moesaic.train.metrics import MetricsWriter, RoutingStats
 from moesaic.train.schedule import lr_factor
+from moesaic.train.thor import thor_lm_step
 
 EXIT_PREEMPTED = 143
 #: Config fields that may change on resume (logging, cadence, length); anything else is a mismatch.
@@ -157,13 +158,18 @@ class Trainer:
         N = count_valid(batch["labels"])
         T = count_tokens(batch)
         ce_total, aux_total = 0.0, 0.0
+        alpha = self.tc.consistency_alpha
         for mb in micro if N > 0 else []:
-            with self._autocast():
-                out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
-            aux = moesaic.collect_aux_losses(self.model)
+            if alpha is not None:  # THOR: two stochastic passes + consistency (moesaic.train.thor)
+                th = thor_lm_step(self.model, mb, alpha, self._autocast)
+                obj_sum, ce_sum, aux = th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
+            else:
+                with self._autocast():
+                    out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
+                ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+                obj_sum, aux = ce_sum, moesaic.collect_aux_losses(self.model)
             t = count_tokens(mb)
-            loss = ce_sum / N + (t / T) * aux
+            loss = obj_sum / N + (t / T) * aux
             loss.backward()
             ce_total += float(ce_sum.detach()) / N
             aux_total += float(aux.detach()) * t / T
