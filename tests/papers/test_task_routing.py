@@ -96,3 +96,19 @@ def test_domain_enforced_routing(ref):
     torch.testing.assert_close(y_m[mask], y[mask], atol=1e-12, rtol=0)
     with pytest.raises(RoutingInputError, match="domain_id"):
         layer(x, domain_id=torch.tensor([0, 1, 3, 0]))
+
+
+def test_cv2_balance_reading():
+    """Both balance readings: Switch (1 at uniform) and the code's CV^2 importance + load (0 when balanced)."""
+    layer = _layer(E=4, k=1, balance_loss="cv2", noise_std=0.0).train()
+    torch.nn.init.zeros_(layer.router.weight_XED)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    layer(x, task_id=0)  # uniform gate, ties -> expert 0 for every token: maximal imbalance
+    imp = torch.tensor([8 * 0.25, 0, 0, 0], dtype=torch.float64)
+    load = torch.tensor([8.0, 0, 0, 0], dtype=torch.float64)
+    want = imp.var(unbiased=False) / imp.mean() ** 2 + load.var(unbiased=False) / load.mean() ** 2
+    torch.testing.assert_close(layer.aux_losses["balance"] / 0.01, want)
+    sw = _layer(E=4, k=1, noise_std=0.0).train()
+    torch.nn.init.zeros_(sw.router.weight_XED)
+    sw(x, task_id=0)
+    torch.testing.assert_close(sw.aux_losses["balance"] / 0.01, torch.tensor(1.0, dtype=torch.float64))

@@ -110,3 +110,16 @@ def test_padding_excluded():
     assert (y2[:, 4:] == 0).all()
     for k in aux1:
         torch.testing.assert_close(layer.aux_losses[k], aux1[k], atol=1e-12, rtol=0)
+
+
+def test_balance_normalisation_both_readings():
+    """[DECISION] f over selections (uniform = 1 for any k_t) vs over tokens (uniform = mean k_t)."""
+    x = torch.randn(40, 16, dtype=torch.float64)
+    vals = {}
+    for norm in ("selections", "tokens"):
+        layer = _layer(0.6, E=4, aux_loss_coef=1.0, dynamic_loss_coef=0.0, balance_normalization=norm)
+        torch.nn.init.zeros_(layer.router.weight)  # uniform p: every token takes 3 of 4 experts (0.75 > 0.6)
+        layer(x)
+        vals[norm] = layer.aux_losses["balance"].item()
+    assert vals["selections"] == pytest.approx(1.0)
+    assert vals["tokens"] == pytest.approx(3.0)

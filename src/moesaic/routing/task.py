@@ -8,8 +8,9 @@
   (variant A). Optional hard partition (``experts_per_task``, ``regu_experts_fromtask``): task t may only
   use the window ``[start_t, start_t + n)`` with ``start_t = int(t * (E - n) / (num_tasks - 1))``.
   :func:`moesaic.routing.task_prune.prune_to_task` builds a layer holding only one task's experts
-  (Edge-MoE task-level sparsity). [DECISION] The balance loss is the Switch loss (1 at uniform) rather
-  than V-MoE's CV² importance+load; the concatenated-input gate (option b) is not provided.
+  (Edge-MoE task-level sparsity). [DECISION] The default balance loss is the Switch loss (1 at uniform);
+  ``balance_loss: cv2`` gives the code's CV² of importance (gate values summed per expert) plus CV² of the
+  load (0 at uniform). The concatenated-input gate (option b) is not provided.
 * ``domain`` - domain-enforced routing (Hallee et al. 2024, "Contrastive Learning and Mixture of Experts
   Enables Precise Vector Embeddings"): every token of a sequence from domain d goes to expert d with
   weight 1, from the ``domain_id`` context. No router parameter, so throughput equals the dense model.
@@ -18,7 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,7 @@ class TaskGatesRouterConfig(RouterConfig):
     temperature: float = rule(1.0, gt=0.0)
     experts_per_task: int | None = rule(None, ge=1)
     aux_loss_coef: float = rule(0.01, ge=0.0)
+    balance_loss: Literal["switch", "cv2"] = "switch"
 
     def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
         super().validate_moe(path, num_experts, top_k)
@@ -127,7 +129,12 @@ class TaskGatesRouter(Router):
         w_TK, ids_TK = stable_topk(probs_TE, self.top_k)
         aux: dict[str, Tensor] = {}
         if self.cfg.aux_loss_coef > 0:
-            aux["balance"] = losses.switch_balance(probs_TE, torch.bincount(ids_TK.reshape(-1), minlength=E))
+            counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+            if self.cfg.balance_loss == "switch":
+                aux["balance"] = losses.switch_balance(probs_TE, counts_E)
+            else:  # V-MoE / M3ViT: CV^2 of the importance (summed gates) plus CV^2 of the load (counts)
+                imp_E = probs_TE.new_zeros(E).index_add(0, ids_TK.reshape(-1), w_TK.reshape(-1))
+                aux["balance"] = losses.cv_squared(imp_E) + losses.cv_squared(counts_E.to(probs_TE.dtype))
         if self.cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE.masked_fill(logits_TE.isinf(), -1e4))
         return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE,

@@ -12,7 +12,7 @@ the threshold.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,13 +28,17 @@ from moesaic.types import RoutingDecision
 class TopPRouterConfig(RouterConfig):
     """``threshold`` p (paper 0.4); ``max_k`` caps the experts per token [DECISION extension, None = no
     cap]; ``aux_loss_coef`` (alpha, remembered 1e-2) weighs the balance loss and ``dynamic_loss_coef``
-    (beta, remembered 1e-4) the entropy loss; neither value is confirmed (routing.md Appendix C.4)."""
+    (beta, remembered 1e-4) the entropy loss; neither value is confirmed (routing.md Appendix C.4).
+    ``balance_normalization``: ``selections`` [DECISION] divides the expert counts by the number of
+    selections (1 at uniform routing, whatever k_t); ``tokens`` divides by the number of tokens (the
+    other reading: the loss then equals the mean k_t at uniform routing and also penalises many experts)."""
 
     kind: str = "top_p"
     threshold: float = rule(0.4, gt=0.0, lt=1.0)
     max_k: int | None = rule(None, ge=1)
     aux_loss_coef: float = rule(1e-2, ge=0.0)
     dynamic_loss_coef: float = rule(1e-4, ge=0.0)
+    balance_normalization: Literal["selections", "tokens"] = "selections"
 
     def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
         super().validate_moe(path, num_experts, top_k)
@@ -74,7 +78,10 @@ class TopPRouter(Router):
         aux: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0:
             sel = ids_TK[ids_TK >= 0]
-            aux["balance"] = losses.switch_balance(probs_TE, torch.bincount(sel, minlength=E))
+            bal = losses.switch_balance(probs_TE, torch.bincount(sel, minlength=E))
+            if cfg.balance_normalization == "tokens":
+                bal = bal * (sel.numel() / max(x_TD.shape[0], 1))
+            aux["balance"] = bal
         if cfg.dynamic_loss_coef > 0:
             aux["dynamic"] = losses.router_entropy(probs_TE)
         if cfg.z_loss_coef > 0:
