@@ -46,6 +46,8 @@ def spawn_experts_(layer: MoELayer, source: DenseFFN | None = None, *,
     if not 0.0 < keep_ratio <= 1.0:
         raise ConversionError(f"spawn_experts_: keep_ratio = {keep_ratio}: must be in (0, 1]")
     if source is not None:
+        if source.bias:
+            raise ConversionError(f"{layer.layer_name}: the source FFN has biases; the experts have none")
         if (source.d_model, source.d_ff, source.gated) != (experts.d_model, experts.d_ff, experts.gated):
             raise ConversionError(f"{layer.layer_name}: source FFN (d_model={source.d_model}, d_ff={source.d_ff}, "
                                   f"gated={source.gated}) does not match the experts ({experts.d_model}, "

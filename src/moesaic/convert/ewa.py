@@ -47,6 +47,8 @@ def merge_layer(layer: MoELayer, name: str = "moe") -> MergedFFN:
     down_DF = experts.w_down_EDF.mean(0)
     sh_cfg, shared = layer.cfg.shared_experts, layer.shared_experts
     if shared is not None:
+        if shared.bias:
+            raise ConversionError(f"{name}: a shared expert with biases cannot be folded into the bias-free FFN")
         if sh_cfg.gate != "none":
             raise ConversionError(f"{name}: a sigmoid-gated shared expert cannot be folded into one FFN")
         if shared.gated != gated or shared.activation != experts.cfg.activation:

@@ -9,13 +9,13 @@ from moesaic.activations import ACTIVATIONS
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", gated: bool = True):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", gated: bool = True, bias: bool = False):
         super().__init__()
-        self.d_model, self.d_ff, self.activation, self.gated = d_model, d_ff, activation, gated
+        self.d_model, self.d_ff, self.activation, self.gated, self.bias = d_model, d_ff, activation, gated, bias
         if gated:
-            self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)  # bias: ViT/timm-style MLPs (GNT-MOVE FFN_perm)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]

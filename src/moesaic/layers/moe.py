@@ -31,6 +31,7 @@ class SharedExpertsConfig(Section):
     ``num`` shared experts of width ``d_ff`` (default: the routed expert width) are built as one FFN of
     width ``num * d_ff`` (equal to their sum). ``gate: sigmoid`` scales the output by
     ``sigmoid(x w_g)`` (Qwen2-MoE); ``combine: average`` returns ``(routed + shared) / 2`` (GNT-MOVE).
+    ``bias: true`` gives the shared FFN biases (GNT-MOVE's permanent expert is a ReLU MLP with biases).
     """
 
     num: int = rule(0, ge=0)
@@ -39,6 +40,7 @@ class SharedExpertsConfig(Section):
     gated: bool = True
     gate: Literal["none", "sigmoid"] = "none"
     combine: Literal["sum", "average"] = "sum"
+    bias: bool = False
 
 
 @dataclasses.dataclass
@@ -100,7 +102,7 @@ class MoELayer(nn.Module):
         self.dispatcher = cfg.dispatcher.build(E, k)
         self.experts = cfg.experts.build(d_model, F, E)
         sh = cfg.shared_experts
-        self.shared_experts = (DenseFFN(d_model, sh.num * (sh.d_ff or F), sh.activation, sh.gated)
+        self.shared_experts = (DenseFFN(d_model, sh.num * (sh.d_ff or F), sh.activation, sh.gated, sh.bias)
                                if sh.num > 0 else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if sh.num > 0 and sh.gate == "sigmoid" else None
         self.aux_losses: dict[str, Tensor] = {}
