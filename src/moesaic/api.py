@@ -28,10 +28,19 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def name_layers(model: nn.Module) -> None:
-    """Give every MoE layer its module path as name (used in error messages and statistics)."""
+    """Give every MoE layer its module path as name (used in error messages and statistics) and link
+    components that chain across layers (``link_previous``)."""
     for name, m in model.named_modules():
         if isinstance(m, MoELayer):
             m.layer_name = name or "moe"
+    # Components that chain across layers (MoE++ gating residuals) get their predecessor of the same
+    # class in module order (= layer order for the models here); the first one gets None.
+    previous: dict[type, nn.Module] = {}
+    for m in model.modules():
+        link = getattr(m, "link_previous", None)
+        if callable(link):
+            link(previous.get(type(m)))
+            previous[type(m)] = m
 
 
 def collect_aux_losses(model: nn.Module, by_name: bool = False) -> Tensor | dict[str, Tensor]:

@@ -243,3 +243,27 @@ def test_trains_and_sends_some_tokens_to_zero_computation_experts():
         opt.step()
     assert loss.item() < first
     assert int(lyr.last_stats["tokens_per_expert"][4:].sum()) > 0
+
+
+def test_decoder_lm_links_gating_residuals_at_build():
+    from moesaic.config import parse, validate_tree
+    from moesaic.registry import MODELS
+
+    cfg = validate_tree(parse(MODELS.get("decoder_lm").Config, {
+        "vocab_size": 32, "d_model": D, "num_layers": 3, "d_ff": F, "max_seq_len": 16,
+        "attention": {"kind": "mha", "num_heads": 2},
+        "moe": {"d_ff": F, "num_experts": E, "top_k": 2, "router": {"kind": "moepp"}, "experts": {"kind": "moepp"}},
+        "moe_every": 1}, "model"), "model")
+    model = cfg.build().double()
+    routers = [m.router for m in moesaic.moe_layers(model)]
+    assert len(routers) == 3 and routers[0]._prev == [] and routers[2]._prev == [routers[1]]
+    ids = torch.randint(0, 32, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+    model(ids, attention_mask=mask)
+    z1, z2 = routers[1].last_logits, routers[2].last_logits
+    assert z1.shape == (10, E)  # valid tokens only
+    own = z2 - z1 @ routers[2].gate_map.t()
+    with torch.no_grad():
+        routers[2].gate_map.zero_()
+    model(ids, attention_mask=mask)
+    assert torch.allclose(routers[2].last_logits, own, atol=1e-10)

@@ -10,7 +10,8 @@ expert.
 * Gating residual: ``z^l = Router^l(x^l) + W_g^l z^{l-1}`` with ``W_g`` ``[E, E]`` (``gate_map``) and
   ``z^{l-1}`` the previous MoE++ layer's logits *after* its own residual. The first layer has none. The
   previous logits come from the ``gate_residual`` routing context when the caller threads it, or from the
-  router linked by :func:`link_gating_residuals` (module order), so any model gets it without changes.
+  router linked by :func:`link_gating_residuals` / :func:`moesaic.name_layers` (module order; every model
+  of this package calls ``name_layers`` when built), so any model gets it without changes.
 * ``gating``:
   - ``paper`` (default) [DECISION]: ``y = sum_selected g_i E_i(x)`` with ``p = softmax(z)``, top-k and
     ``normalization: none`` (variant A, ``g = p``) or ``renorm`` (variant B);
@@ -123,6 +124,10 @@ class MoEPPRouter(Router):
             return nn.functional.linear(h, self.weight.to(dt))
 
     # ------------------------------------------------------------------------------- residual
+    def link_previous(self, prev: MoEPPRouter | None) -> None:
+        """Take ``prev``'s post-residual logits as ``z^{l-1}`` (None: first layer, no residual)."""
+        self._prev = [prev] if prev is not None else []
+
     def _residual_source(self, num_rows: int, ctx: dict[str, Any]) -> Tensor | None:
         src = ctx.get("gate_residual")
         if src is None and self._prev:
@@ -181,10 +186,11 @@ class MoEPPRouter(Router):
 
 def link_gating_residuals(model: nn.Module) -> int:
     """Link every MoE++ router to the previous one in module order (the decoder's layer order), so each
-    layer adds ``W_g z^{l-1}`` to its logits. Returns the number of links made."""
-    routers = [m for m in model.modules() if isinstance(m, MoEPPRouter) and m.cfg.gating_residual]
-    for prev, cur in zip(routers, routers[1:]):
-        cur._prev = [prev]
-    if routers:
-        routers[0]._prev = []
+    layer adds ``W_g z^{l-1}`` to its logits. Returns the number of links made. The models of this
+    package do this at build time (:func:`moesaic.name_layers` calls :meth:`MoEPPRouter.link_previous`)."""
+    routers = [m for m in model.modules() if isinstance(m, MoEPPRouter)]
+    prev = None
+    for r in routers:
+        r.link_previous(prev)
+        prev = r
     return max(len(routers) - 1, 0)
