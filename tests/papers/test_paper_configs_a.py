@@ -19,3 +19,11 @@ def test_recipe_checks_and_trains_two_steps(name, capsys):
     assert paper_toys.main([path, "--set", "train.max_steps=2", "--no-baseline"]) == 0
     out = capsys.readouterr().out
     assert ("mse" in out) or ("acc" in out)
+
+
+@pytest.mark.parametrize("name", ["thor_lm", "hash_lm", "top_p_lm", "smoe_dropout_lm", "topk_lm_baseline"])
+def test_lm_recipes_validate(name):
+    cfg = load_run_config(str(ROOT / "configs" / "papers" / f"{name}.yaml"))
+    assert cfg.model.kind == "decoder_lm" and cfg.data.kind == "shakespeare"
+    if name == "thor_lm":
+        assert cfg.train.consistency_alpha == 5.0 and cfg.model.moe.router.kind == "thor"
