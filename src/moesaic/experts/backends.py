@@ -70,10 +70,12 @@ def loop_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: T
     """Reference: a Python loop over experts. Experts without rows still join the graph (zero grads)."""
     outs = []
     start = 0
+    # unbind once: indexing w[e] per expert would allocate a full [E, ...] zero gradient per expert (E^2)
+    ups, downs = w_up_EHD.unbind(0), w_down_EDF.unbind(0)
     for e, n in enumerate(counts_E.tolist()):
         x_nD = x_ND[start:start + n]
-        h_nF = glu_or_act(x_nD @ w_up_EHD[e].t(), activation, gated)
-        outs.append(h_nF @ w_down_EDF[e].t())
+        h_nF = glu_or_act(x_nD @ ups[e].t(), activation, gated)
+        outs.append(h_nF @ downs[e].t())
         start += n
     return torch.cat(outs, 0)
 
@@ -87,10 +89,11 @@ def active_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF:
     if x_ND.shape[0] == 0:
         return y_ND + 0 * (w_up_EHD.sum() + w_down_EDF.sum()).to(dt)  # keep the weights in the graph
     outs, start = [], 0
+    ups, downs = w_up_EHD.unbind(0), w_down_EDF.unbind(0)
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            h = glu_or_act(x_ND[start:start + n] @ w_up_EHD[e].t(), activation, gated)
-            outs.append(h @ w_down_EDF[e].t())
+            h = glu_or_act(x_ND[start:start + n] @ ups[e].t(), activation, gated)
+            outs.append(h @ downs[e].t())
         start += n
     return torch.cat(outs, 0)
 

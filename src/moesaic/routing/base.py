@@ -41,7 +41,17 @@ class RouterConfig(ComponentConfig):
 
 
 def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim with ties broken by the lower index (routing.md §0)."""
+    """Top-k along the last dim with ties broken by the lower index (routing.md §0).
+
+    ``torch.topk`` (about 2.5x faster than a full stable sort on CPU) orders equal values arbitrarily, so
+    on CPU it is used when the best ``k + 1`` values hold no tie (then selection and order are unique);
+    otherwise, and on other devices (where the check would cost a host sync), a stable sort decides.
+    """
+    E = scores_TE.shape[-1]
+    if scores_TE.device.type == "cpu" and 0 < k < E and scores_TE.numel():
+        vals, idx = torch.topk(scores_TE, k + 1, dim=-1)
+        if not bool((vals[..., 1:] == vals[..., :-1]).any() or vals.isnan().any()):
+            return vals[..., :k], idx[..., :k]
     vals, idx = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     return vals[..., :k], idx[..., :k]
 

@@ -1,0 +1,214 @@
+"""``moesaic bench layer``: forward and forward+backward time and memory of one MoE layer, every moesaic
+expert backend against two floors and the transformers peers (systems.md §2, §13).
+
+Before anything is timed, every implementation runs once in fp32 on the same input, and the outputs of
+implementations of one family (same routing semantics, identical copied weights) must agree within
+``--atol`` (default 1e-4 at D=512) with that family's reference (moesaic ``loop``); otherwise
+:class:`BenchMismatchError` names the implementation. ``bf16`` runs under ``torch.autocast`` (fp32 weights
+and input, bf16 matmuls, fp32 router). Output: a markdown table and a JSON list of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moesaic.bench.impls import Impl, floor_impls, moesaic_impls, peer_impls
+from moesaic.bench.measure import peak_growth, saved_bytes, time_interleaved
+from moesaic.errors import MoesaicError
+
+TARGET = "layer"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BenchMismatchError(MoesaicError):
+    """An implementation's output differs from its family's reference on identical weights."""
+
+
+def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool = True,
+                extra: Callable[[list[Impl]], list[Impl]] | None = None) -> tuple[list[Impl], list[str]]:
+    """All implementations for one size; ``extra(impls)`` may add more (e.g. one under development)."""
+    impls = moesaic_impls(D, Fd, E, k)
+    notes = []
+    refs = {"mixtral": impls[0].run}
+    for fam in ("olmoe", "qwen2"):
+        fam_impls = moesaic_impls(D, Fd, E, k, backends=["loop", "auto"], family=fam)
+        refs[fam] = fam_impls[0].run
+        impls += fam_impls
+    if peers:
+        p, why = peer_impls(D, Fd, E, k, refs)
+        impls += p
+        notes += [why] if why else []
+    impls += floor_impls(D, Fd, E, k, T) + (extra(impls) if extra else [])
+    if names:
+        impls = [i for i in impls if any(n in i.name for n in names) or i.family == "floor"]
+    return impls, notes
+
+
+def check_outputs(impls: Sequence[Impl], x_TD: torch.Tensor, atol: float) -> dict[str, float]:
+    """Max abs difference of every routed implementation against its family's moesaic ``loop``."""
+    refs: dict[str, torch.Tensor] = {}
+    diffs = {}
+    with torch.no_grad():
+        outs = {i.name: i.run(x_TD) for i in impls if i.family != "floor"}
+    for i in impls:
+        if i.family != "floor" and i.name.startswith("moesaic loop"):
+            refs[i.family] = outs[i.name]
+    for i in impls:
+        if i.family == "floor" or i.family not in refs:
+            continue
+        ref, y = refs[i.family], outs[i.name]
+        d = float((y.float() - ref.float()).abs().max()) if y.shape == ref.shape else math.inf
+        diffs[i.name] = d
+        if not d <= atol * max(1.0, float(ref.abs().max())):
+            raise BenchMismatchError(f"bench layer: {i.name!r} output differs from moesaic loop "
+                                     f"({i.family} family) by {d:.3g} > atol {atol:g} on identical weights")
+    return diffs
+
+
+def _clear(i: Impl) -> None:
+    for p in i.params:
+        p.grad = None
+
+
+def _autocast(dtype: torch.dtype, device: torch.device):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True, memory=True, atol=1e-4,
+                 extra=None, device=torch.device("cpu")) -> tuple[list[dict], list[str]]:
+    impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
+    for i in impls:
+        if isinstance(i.run, torch.nn.Module):
+            i.run.to(device)
+        for p in i.params:
+            p.data = p.data.to(device)
+    g = torch.Generator().manual_seed(T * 1000 + E)
+    x_TD = torch.randn(T, D, generator=g).to(device)
+    diffs = check_outputs(impls, x_TD, atol)
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+
+        def fwd(i=None):
+            with torch.no_grad(), _autocast(dtype, device):
+                return i.run(x_TD)
+
+        def fwd_bwd(i=None, clear=True):
+            if clear:
+                _clear(i)
+            x = x_TD.detach().requires_grad_()
+            with _autocast(dtype, device):
+                y = i.run(x)
+            y.backward(torch.ones_like(y))
+
+        t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device)
+        t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
+        mem = {}
+        if memory:
+            for i in impls:
+                grads = sum(p.numel() * p.element_size() for p in i.params if p.requires_grad)
+                _clear(i)
+                peak = peak_growth(lambda i=i: fwd_bwd(i, clear=False), device) - grads
+                _clear(i)
+                x = x_TD.detach().requires_grad_()
+                with _autocast(dtype, device):
+                    sb, _ = saved_bytes(lambda i=i, x=x: i.run(x))
+                mem[i.name] = (peak, sb)
+        for i in impls:
+            row = {"T": T, "E": E, "k": k, "D": D, "F": Fd, "dtype": dname, "impl": i.name, "family": i.family,
+                   "fwd_ms": 1e3 * t_f[i.name], "fwd_bwd_ms": 1e3 * t_fb[i.name],
+                   "max_abs_diff_fp32": diffs.get(i.name)}
+            if i.name in mem:
+                row["peak_MB"], row["saved_MB"] = mem[i.name][0] / 2**20, mem[i.name][1] / 2**20
+            rows.append(row)
+        lim = next(r for r in rows if r["impl"] == "limit" and r["dtype"] == dname)
+        flo = next(r for r in rows if r["impl"] == "balanced floor" and r["dtype"] == dname)
+        for r in rows:
+            if r["dtype"] == dname:
+                r["fwd_bwd_vs_limit"] = r["fwd_bwd_ms"] / lim["fwd_bwd_ms"]
+                r["fwd_bwd_vs_floor"] = r["fwd_bwd_ms"] / flo["fwd_bwd_ms"]
+                r["fwd_vs_limit"] = r["fwd_ms"] / lim["fwd_ms"]
+                if "peak_MB" in r and lim.get("peak_MB"):
+                    r["peak_vs_limit"] = r["peak_MB"] / lim["peak_MB"]
+    return rows, notes
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    cols = [("T", "T"), ("E", "E"), ("k", "k"), ("dtype", "dtype"), ("impl", "implementation"),
+            ("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_vs_limit", "fwd+bwd / limit"),
+            ("fwd_bwd_vs_floor", "fwd+bwd / bal. floor"), ("peak_MB", "peak MB"),
+            ("peak_vs_limit", "peak / limit"), ("saved_MB", "saved MB")]
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else f"{v:.3g}" if isinstance(v, float) and key.endswith(("limit", "floor"))
+                         else f"{v:.1f}" if isinstance(v, float) else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _eks(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        e, _, k = part.partition(":")
+        out.append((int(e), int(k or 2)))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--T", type=_ints, default=[16, 512, 2048, 8192], help="token counts, e.g. 16,2048")
+    p.add_argument("--E", type=_eks, default=[(8, 2), (32, 2), (64, 8)], help="experts:k pairs, e.g. 8:2,64:8")
+    p.add_argument("--dtype", default="fp32,bf16", help="fp32, bf16 (autocast), fp16 (autocast)")
+    p.add_argument("--D", type=int, default=512)
+    p.add_argument("--F", type=int, default=1024, help="expert hidden width (SwiGLU)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--impl", default="", help="comma-separated name substrings to keep (floors always kept)")
+    p.add_argument("--no-peers", action="store_true", help="skip the transformers blocks")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
+    p.add_argument("--json", default="", help="write the rows as JSON here")
+    p.add_argument("--markdown", default="", help="write the markdown table here")
+    p.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | None = None) -> int:
+    dtypes = [d for d in args.dtype.split(",") if d]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise MoesaicError(f"bench layer: --dtype {d!r} must be one of {', '.join(DTYPES)}")
+    names = [n for n in args.impl.split(",") if n]
+    rows, notes = [], []
+    for E, k in args.E:
+        for T in args.T:
+            r, n = bench_config(T, E, k, args.D, args.F, dtypes, args.repeats, args.warmup, names,
+                                not args.no_peers, not args.no_memory, args.atol, extra, torch.device(args.device))
+            rows += r
+            notes += [m for m in n if m not in notes]
+            print(markdown(r), file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    for m in notes:
+        print(f"note: {m}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    return 0
