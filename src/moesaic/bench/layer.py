@@ -84,7 +84,8 @@ def _autocast(dtype: torch.dtype, device: torch.device):
 
 
 def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True, memory=True, atol=1e-4,
-                 extra=None, device=torch.device("cpu")) -> tuple[list[dict], list[str]]:
+                 extra=None, device=None) -> tuple[list[dict], list[str]]:
+    device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
     for i in impls:
         if isinstance(i.run, torch.nn.Module):
@@ -98,11 +99,11 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
     for dname in dtypes:
         dtype = DTYPES[dname]
 
-        def fwd(i=None):
+        def fwd(i=None, dtype=dtype):
             with torch.no_grad(), _autocast(dtype, device):
                 return i.run(x_TD)
 
-        def fwd_bwd(i=None, clear=True):
+        def fwd_bwd(i=None, clear=True, dtype=dtype):
             if clear:
                 _clear(i)
             x = x_TD.detach().requires_grad_()
