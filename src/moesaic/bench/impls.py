@@ -32,6 +32,7 @@ class Impl:
     run: Callable[[Tensor], Tensor]
     params: list[nn.Parameter]
     note: str = ""
+    timed: bool = True  # False: built only as the reference of its family's output check
 
 
 def moesaic_layer(D: int, Fd: int, E: int, k: int, backend: str, family: str = "mixtral") -> nn.Module:
@@ -44,14 +45,18 @@ def moesaic_layer(D: int, Fd: int, E: int, k: int, backend: str, family: str = "
 
 
 def moesaic_impls(D, Fd, E, k, backends=None, family="mixtral", seed=0) -> list[Impl]:
+    """The family's ``loop`` layer first (the reference; ``timed`` only if listed), then ``backends``."""
     torch.manual_seed(seed)
     ref = moesaic_layer(D, Fd, E, k, "loop", family)
-    out = []
-    for b in ["auto", *sorted(BACKENDS)] if backends is None else backends:
+    backends = ["auto", *sorted(BACKENDS)] if backends is None else backends
+    suffix = "" if family == "mixtral" else f" ({family})"
+    out = [Impl(f"moesaic loop{suffix}", family, ref, list(ref.parameters()), timed="loop" in backends)]
+    for b in backends:
+        if b == "loop":
+            continue
         layer = moesaic_layer(D, Fd, E, k, b, family)
         layer.load_state_dict(ref.state_dict())
-        name = f"moesaic {b}" if family == "mixtral" else f"moesaic {b} ({family})"
-        out.append(Impl(name, family, layer, list(layer.parameters())))
+        out.append(Impl(f"moesaic {b}{suffix}", family, layer, list(layer.parameters())))
     return out
 
 
@@ -95,9 +100,9 @@ def _copy_into_hf(block: nn.Module, layer: nn.Module) -> None:
             block.shared_expert_gate.weight.copy_(layer.shared_gate.weight)
 
 
-def peer_impls(D, Fd, E, k, refs: dict[str, nn.Module]) -> tuple[list[Impl], str]:
-    """transformers' Mixtral (eager and grouped_mm experts), Qwen2-MoE and OLMoE blocks, with the weights
-    of the matching moesaic layer. Returns ``([], reason)`` when transformers is not installed."""
+def peer_impls(D, Fd, E, k, refs: dict[str, nn.Module], wanted=lambda name: True) -> tuple[list[Impl], str]:
+    """transformers' Mixtral (eager and grouped_mm experts), Qwen2-MoE and OLMoE blocks (those ``wanted``), with
+    the weights of the matching moesaic layer. Returns ``([], reason)`` when transformers is not installed."""
     try:
         import transformers
         from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralSparseMoeBlock
@@ -119,11 +124,13 @@ def peer_impls(D, Fd, E, k, refs: dict[str, nn.Module]) -> tuple[list[Impl], str
     ]
     out = []
     for family, impl, cls, cfg in specs:
+        label = {"mixtral": "Mixtral", "qwen2": "Qwen2-MoE", "olmoe": "OLMoE"}[family]
+        name = f"transformers {label} {impl}"
+        if not wanted(name):
+            continue
         cfg._experts_implementation = impl
         block = cls(cfg)
         _copy_into_hf(block, refs[family])
-        label = {"mixtral": "Mixtral", "qwen2": "Qwen2-MoE", "olmoe": "OLMoE"}[family]
         run = (lambda b: lambda x: b(x.unsqueeze(0)).squeeze(0))(block)
-        out.append(Impl(f"transformers {label} {impl}", family, run, list(block.parameters()),
-                        f"transformers {transformers.__version__}"))
+        out.append(Impl(name, family, run, list(block.parameters()), f"transformers {transformers.__version__}"))
     return out, ""

@@ -33,21 +33,32 @@ class BenchMismatchError(MoesaicError):
 
 def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool = True,
                 extra: Callable[[list[Impl]], list[Impl]] | None = None) -> tuple[list[Impl], list[str]]:
-    """All implementations for one size; ``extra(impls)`` may add more (e.g. one under development)."""
-    impls = moesaic_impls(D, Fd, E, k)
-    notes = []
-    refs = {"mixtral": impls[0].run}
-    for fam in ("olmoe", "qwen2"):
-        fam_impls = moesaic_impls(D, Fd, E, k, backends=["loop", "auto"], family=fam)
+    """Implementations for one size whose name contains one of ``names`` (all when empty; floors always),
+    plus each needed family reference (untimed); ``extra(impls)`` may add more."""
+    from moesaic.experts.backends import BACKENDS
+
+    wanted = (lambda n: any(n == s[1:] if s.startswith("=") else s in n for s in names)) if names else (lambda n: True)
+    fams = {"mixtral": "", "olmoe": " (olmoe)", "qwen2": " (qwen2)"}
+    peer_fam = {"mixtral": "Mixtral", "olmoe": "OLMoE", "qwen2": "Qwen2-MoE"}
+    impls: list[Impl] = []
+    refs = {}
+    notes: list[str] = []
+    for fam, suffix in fams.items():
+        all_b = ["auto", *sorted(BACKENDS)] if fam == "mixtral" else ["loop", "auto"]
+        backends = [b for b in all_b if wanted(f"moesaic {b}{suffix}")]
+        peer_names = [f"transformers {peer_fam[fam]} {v}" for v in ("eager", "grouped_mm")]
+        if not (backends or (peers and any(map(wanted, peer_names))) or (extra and fam == "mixtral")):
+            continue
+        fam_impls = moesaic_impls(D, Fd, E, k, backends=backends, family=fam)
         refs[fam] = fam_impls[0].run
         impls += fam_impls
     if peers:
-        p, why = peer_impls(D, Fd, E, k, refs)
+        p, why = peer_impls(D, Fd, E, k, refs, wanted=lambda n: wanted(n) and any(f in n for f in (
+            peer_fam[f] + " " for f in refs)))
         impls += p
         notes += [why] if why else []
-    impls += floor_impls(D, Fd, E, k, T) + (extra(impls) if extra else [])
-    if names:
-        impls = [i for i in impls if any(n in i.name for n in names) or i.family == "floor"]
+    impls += floor_impls(D, Fd, E, k, T)
+    impls += extra(impls) if extra else []
     return impls, notes
 
 
@@ -87,14 +98,16 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
                  extra=None, device=None) -> tuple[list[dict], list[str]]:
     device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
-    for i in impls:
+    checked = impls
+    impls = [i for i in impls if i.timed]
+    for i in checked:
         if isinstance(i.run, torch.nn.Module):
             i.run.to(device)
         for p in i.params:
             p.data = p.data.to(device)
     g = torch.Generator().manual_seed(T * 1000 + E)
     x_TD = torch.randn(T, D, generator=g).to(device)
-    diffs = check_outputs(impls, x_TD, atol)
+    diffs = check_outputs(checked, x_TD, atol)
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -111,8 +124,10 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
                 y = i.run(x)
             y.backward(torch.ones_like(y))
 
-        t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device)
-        t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
+        t_f = t_fb = {}
+        if repeats > 0:  # --repeats 0: memory only
+            t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device)
+            t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
         mem = {}
         if memory:
             for i in impls:
@@ -126,7 +141,8 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
                 mem[i.name] = (peak, sb)
         for i in impls:
             row = {"T": T, "E": E, "k": k, "D": D, "F": Fd, "dtype": dname, "impl": i.name, "family": i.family,
-                   "fwd_ms": 1e3 * t_f[i.name], "fwd_bwd_ms": 1e3 * t_fb[i.name],
+                   "fwd_ms": 1e3 * t_f[i.name] if t_f else None,
+                   "fwd_bwd_ms": 1e3 * t_fb[i.name] if t_fb else None,
                    "max_abs_diff_fp32": diffs.get(i.name)}
             if i.name in mem:
                 row["peak_MB"], row["saved_MB"] = mem[i.name][0] / 2**20, mem[i.name][1] / 2**20
@@ -134,10 +150,11 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
         lim = next(r for r in rows if r["impl"] == "limit" and r["dtype"] == dname)
         flo = next(r for r in rows if r["impl"] == "balanced floor" and r["dtype"] == dname)
         for r in rows:
-            if r["dtype"] == dname:
+            if r["dtype"] == dname and t_f:
                 r["fwd_bwd_vs_limit"] = r["fwd_bwd_ms"] / lim["fwd_bwd_ms"]
                 r["fwd_bwd_vs_floor"] = r["fwd_bwd_ms"] / flo["fwd_bwd_ms"]
                 r["fwd_vs_limit"] = r["fwd_ms"] / lim["fwd_ms"]
+            if r["dtype"] == dname:
                 if "peak_MB" in r and lim.get("peak_MB"):
                     r["peak_vs_limit"] = r["peak_MB"] / lim["peak_MB"]
     return rows, notes
@@ -177,9 +194,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32,bf16", help="fp32, bf16 (autocast), fp16 (autocast)")
     p.add_argument("--D", type=int, default=512)
     p.add_argument("--F", type=int, default=1024, help="expert hidden width (SwiGLU)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (0: memory only)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--impl", default="", help="comma-separated name substrings to keep (floors always kept)")
+    p.add_argument("--impl", default="", help="comma-separated name substrings to keep; =NAME: exact name (floors always kept)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers blocks")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
