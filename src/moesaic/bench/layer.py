@@ -196,7 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--F", type=int, default=1024, help="expert hidden width (SwiGLU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (0: memory only)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--impl", default="", help="comma-separated name substrings to keep; =NAME: exact name (floors always kept)")
+    p.add_argument("--impl", default="",
+                   help="comma-separated name substrings to keep; =NAME: exact name (floors always kept)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers blocks")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
