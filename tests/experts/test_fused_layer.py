@@ -74,3 +74,16 @@ def test_autocast_router_fp32_experts_low_precision(dtype, backend):
         y_ref = ref(x)
     scale = float(y_ref.abs().max())
     assert float((y.detach().float() - y_ref).abs().max()) <= 2e-2 * max(scale, 1.0)
+
+
+def test_subclass_overriding_forward_keeps_plain_path():
+    from moesaic.experts.ffn import GLUExperts
+
+    class Scaled(GLUExperts):
+        def forward(self, x_ND, counts_E, backend=None):
+            return 2 * super().forward(x_ND, counts_E, backend)
+
+    layer = _layer("auto")
+    assert layer.experts.fuses(64)
+    layer.experts.__class__ = Scaled
+    assert not layer.experts.fuses(64)

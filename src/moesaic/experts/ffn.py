@@ -64,7 +64,10 @@ class FFNExperts(Experts):
 
     def fuses(self, num_rows: int) -> bool:
         """True when the backend for ``num_rows`` rows is ``fused``: the layer then calls
-        :meth:`forward_fused` with the token indices instead of gathered rows."""
+        :meth:`forward_fused` with the token indices instead of gathered rows. Subclasses that override
+        :meth:`forward` keep the plain path unless they override this too."""
+        if type(self).forward is not FFNExperts.forward:
+            return False
         return resolve_backend(self.cfg.backend, num_rows, self.num_experts) == "fused"
 
     def forward_fused(self, x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor, counts_E: Tensor,
