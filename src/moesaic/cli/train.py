@@ -13,19 +13,45 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in --out (invalid ones are skipped)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="launch N processes on this machine with torchrun (same as `torchrun --nproc-per-node N "
+                        "-m moesaic train ...`); experts are sharded over parallel.ep_size of them")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
+    from moesaic.errors import ConfigError
     from moesaic.run_config import load_run_config
     from moesaic.train.trainer import Trainer
 
     cfg = load_run_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    trainer = Trainer(cfg, out, resume=args.resume)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        from moesaic.parallel.launch import torchrun
+
+        if args.nproc < 1 or args.nproc % cfg.parallel.ep_size:
+            raise ConfigError("--nproc", args.nproc, f"must be a positive multiple of parallel.ep_size "
+                                                     f"({cfg.parallel.ep_size})")
+        argv = [args.config, "--out", out, *(x for o in args.overrides for x in ("--set", o))]
+        return torchrun(args.nproc, ["train", *argv, *(["--resume"] if args.resume else [])])
+    if cfg.parallel.ep_size > world:
+        raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, f"needs at least that many processes (got "
+                                                                     f"{world}); use --nproc N or torchrun")
+    if world > 1:
+        from moesaic.parallel.groups import init_process_group
+        from moesaic.parallel.trainer import DistributedTrainer
+
+        init_process_group()
+        trainer = DistributedTrainer(cfg, out, resume=args.resume)
+    else:
+        trainer = Trainer(cfg, out, resume=args.resume)
     code = trainer.run()
+    if not trainer.is_writer:
+        return code
     s = trainer.summary
     val = f"  val_loss {s['val_loss']:.4f}" if "val_loss" in s else ""
     print(f"step {s['steps']}  loss {s.get('loss', float('nan')):.4f}{val}  {s['tokens_per_s']:.0f} tokens/s  "

@@ -10,6 +10,8 @@ If a rank raises, the others are terminated and the exception is re-raised here.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +48,13 @@ def spawn(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
             else:
                 os.environ["OMP_NUM_THREADS"] = old
         return [torch.load(Path(tmp) / f"result_{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def torchrun(nproc: int, moesaic_args: list[str]) -> int:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m moesaic ARGS``; its exit code
+    (non-zero when any rank fails: torchrun then stops the others)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", "-m", "moesaic", *moesaic_args]
+    return subprocess.run(cmd, env=env).returncode

@@ -290,11 +290,12 @@ def gather_model_state_names(model: nn.Module) -> set[str]:
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint",
                      scatter: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None) -> None:
     """Check names and shapes, then copy (dtype converted to the model's). ``scatter`` replaces the copy for
-    sharded models (each rank takes its experts' slices of the global tensors)."""
-    check_model_state(model, state, where)
+    sharded models (each rank takes its experts' slices of the global tensors; it checks the global names
+    and shapes itself, since the local expert tensors are slices)."""
     if scatter is not None:
         scatter(model, state)
         return
+    check_model_state(model, state, where)
     target = model.state_dict()
     with torch.no_grad():
         for n, t in state.items():

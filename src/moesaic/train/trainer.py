@@ -34,6 +34,7 @@ EXIT_PREEMPTED = 143
 RESUME_ALLOWED = {f"train.{k}" for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_last",
                                           "progress", "tensorboard", "threads", "eval_at_end", "save_at_end",
                                           "handle_sigterm", "eval_batch_size")}
+RESUME_ALLOWED |= {"parallel.ep_size"}  # checkpoints hold global expert keys (parallel/expert_state.py)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,6 +79,7 @@ class Trainer:
         self.dtype = torch.float64 if tc.dtype == "float64" else torch.float32
         torch.manual_seed(tc.seed)
         self.model = cfg.model.build().to(self.dtype)
+        self.model = self.prepare_model(self.model)  # hook: expert parallelism shards the experts here
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -90,7 +92,7 @@ class Trainer:
         self.gather_model_state = ckpt.gather_model_state  # hook: expert parallelism gathers global experts
         self.scatter_model_state = None
         self._stop = False
-        self.metrics = MetricsWriter(self.out, tc.tensorboard)
+        self.metrics = MetricsWriter(self.out, tc.tensorboard) if self.is_writer else _NoMetrics()
         existing = ckpt.list_steps(self.out)
         if resume:
             found = ckpt.latest_valid(self.out, warn=lambda m: self.log(f"warning: {m}"))
@@ -101,15 +103,39 @@ class Trainer:
         elif existing:
             raise ConfigError("--out", str(self.out), "already holds checkpoints; pass --resume to continue "
                               "or choose another output folder")
-        (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
+        if self.is_writer:
+            (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
+
+    # ------------------------------------------------------------- hooks (parallel/trainer.py overrides)
+    #: Whether this process writes checkpoints, metrics and config (rank 0 of a distributed run).
+    is_writer = True
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def gather_optimizer_state(self, state: dict) -> dict:
+        return state
+
+    def scatter_optimizer_state(self, state: dict) -> dict:
+        return state
+
+    def checkpoint_extra_files(self, model_state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        return {}
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
     # ------------------------------------------------------------------------------ checkpointing
     def save(self) -> Path:
         t0 = time.perf_counter()
         tok = getattr(self.data, "tokenizer", None)
+        model_state = self.gather_model_state(self.model)  # collective under expert parallelism
+        optimizer_state = self.gather_optimizer_state(self.opt.state_dict())
+        if not self.is_writer:
+            return self.out
         path = ckpt.save_checkpoint(
-            self.out, self.step, config_yaml=dump_yaml(self.cfg),
-            model_state=self.gather_model_state(self.model), optimizer_state=self.opt.state_dict(),
+            self.out, self.step, config_yaml=dump_yaml(self.cfg), extra_files=self.checkpoint_extra_files(model_state),
+            model_state=model_state, optimizer_state=optimizer_state,
             trainer_state={"step": self.step, "data": self.loader.state_dict(),
                            "schedule": {"kind": self.tc.lr_schedule, "step": self.step}},
             rng_state={"torch_cpu": torch.get_rng_state(),
@@ -130,7 +156,7 @@ class Trainer:
             raise CheckpointMismatchError(f"{path}: the config differs from the checkpoint's in {', '.join(diff)}")
         ckpt.load_model_state(self.model, files["model_state"], str(path), self.scatter_model_state)
         try:
-            self.opt.load_state_dict(files["optimizer_state"])
+            self.opt.load_state_dict(self.scatter_optimizer_state(files["optimizer_state"]))
         except (ValueError, KeyError) as e:
             raise CheckpointMismatchError(f"{path}: optimizer state does not fit: {e}") from None
         st = files["trainer_state"]
@@ -184,7 +210,7 @@ class Trainer:
         out: dict[str, float] = self.accumulate(batch)
         if out["tokens"] > 0:
             if self.tc.grad_clip > 0:
-                out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
+                out["grad_norm"] = self.clip_grad_norm(self.tc.grad_clip)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -261,6 +287,19 @@ class Trainer:
         self.summary.update(last, steps=self.step, tokens_per_s=all_tokens / all_time if all_time else 0.0,
                             train_time_s=all_time, exit=code)
         return code
+
+
+class _NoMetrics:
+    """Metrics sink of the non-writing ranks of a distributed run."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Progress:
