@@ -1,0 +1,1 @@
+"""Analysis tools: routing traces, expert statistics, placement inputs."""
