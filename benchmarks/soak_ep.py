@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                     router={"expert_bias": True, "bias_update_rate": 0.01, "z_loss_coef": 1e-3})
         t0 = time.perf_counter()
         try:
-            res = spawn(ep_worker, W, {"soak": case})
+            res = spawn(ep_worker, W, {(W, "soak"): case})
         except Exception as e:  # noqa: BLE001 - a timeout or a crash on any rank
             print(f"EP={W}: FAILED after {time.perf_counter() - t0:.1f}s: {type(e).__name__}: {e}")
             ok = False
             continue
         dt = time.perf_counter() - t0
-        soak = [r["soak"] for r in res]
+        soak = [r[W, "soak"] for r in res]
         steps = len(soak[0]["loss"])
         nan = sum(s["nonfinite"] for s in soak)
         zero_expert_steps = sum(int((c == 0).any()) for s in soak for c in s["counts"])

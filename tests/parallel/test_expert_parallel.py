@@ -21,7 +21,7 @@ def cases(W):
                         router={"score_func": "sigmoid", "device_groups": 2, "device_loss_coef": 0.05}),
         # the sequence-wise balance loss, top-1, with an empty rank
         "sequence": Case(steps=5, top_k=1, valid_per_rank=VALID["sequence"][W],
-                         router={"balance_loss": "sequence", "z_loss_coef": 1e-3}),
+                         router={"balance_loss": "sequence", "z_loss_coef": 1e-3, "normalization": "none"}),
     }
 
 
@@ -34,15 +34,26 @@ def reference(W):
     return _REF[W]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep4"])
-def ep(request):
+@pytest.fixture(scope="module")
+def spawned():
+    """One set of 4 processes: EP=2 in two independent sub-worlds (ranks 0-1 and 2-3: a rerun in other
+    processes), then EP=4 (with a second fp32 run)."""
+    jobs = {}
+    for W in (2, 4):
+        jobs.update({(W, n): c for n, c in cases(W).items()})
+        jobs[W, "indivisible"] = Case(num_experts=2 * W + 1, steps=0)
+    jobs[4, "fp32_again"] = cases(4)["fp32"]
+    return spawn(ep_worker, 4, jobs)
+
+
+@pytest.fixture(params=[2, 4], ids=["ep2", "ep4"])
+def ep(request, spawned):
     W = request.param
-    todo = cases(W)
-    todo["fp32_again"] = todo["fp32"]
-    if W == 2:  # the 50-step fp64 rerun only at EP=2 (time budget)
-        todo["fp64_again"] = todo["fp64"]
-    todo["indivisible"] = Case(num_experts=2 * W + 1, steps=0)
-    return W, spawn(ep_worker, W, todo), reference(W)
+    res = [{name: v for (size, name), v in spawned[r].items() if size == W} for r in range(W)]
+    if W == 2:  # the other sub-world's ranks ran the same EP=2 jobs
+        for r in range(2):
+            res[r].update({f"{name}_again": v for (size, name), v in spawned[r + 2].items() if size == 2})
+    return W, res, reference(W)
 
 
 def rel(a, b):
@@ -80,7 +91,8 @@ def test_reruns_bitwise_equal(ep):
     W, res, reference = ep
     for r in range(W):
         if W == 2:
-            assert res[r]["fp64"]["loss"] == res[r]["fp64_again"]["loss"]
+            for name in ("fp64", "unequal", "sequence"):
+                assert res[r][name]["loss"] == res[r][f"{name}_again"]["loss"]
         assert res[r]["fp32"]["loss"] == res[r]["fp32_again"]["loss"]
         for n, p in res[r]["fp32"]["params"].items():
             assert torch.equal(p, res[r]["fp32_again"]["params"][n]), n

@@ -15,10 +15,10 @@ def random_traces(seed, L=4, E=8, T=200, k=2, structure=0.7):
     g = np.random.default_rng(seed)
     maps = [g.permutation(E) for _ in range(L)]
     ids = [np.stack([g.permutation(E)[:k] for _ in range(T)])]
-    for l in range(1, L):
+    for layer in range(1, L):
         nxt = np.stack([g.permutation(E)[:k] for _ in range(T)])
         follow = g.random(T) < structure
-        first = np.where(follow, maps[l][ids[-1][:, 0]], nxt[:, 0])
+        first = np.where(follow, maps[layer][ids[-1][:, 0]], nxt[:, 0])
         second = np.where(nxt[:, 1] == first, nxt[:, 0], nxt[:, 1])
         second = np.where(second == first, (first + 1) % E, second)
         ids.append(np.stack([first, second], 1))

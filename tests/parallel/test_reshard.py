@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moesaic.parallel.check_train import copy_run, resume_worker
+from moesaic.parallel.check_train import reshard_worker
 from moesaic.parallel.launch import spawn
 from moesaic.run_config import load_run_config
 from moesaic.train.trainer import Trainer
@@ -48,21 +48,10 @@ def tensors(run_dir, step_dir=STEP3):
 def runs(tmp_path_factory):
     os.environ.setdefault("MOESAIC_CACHE", str(tmp_path_factory.mktemp("cache")))
     root = tmp_path_factory.mktemp("reshard")
-    ref = root / "ref"  # one process, 4 steps
     cfg = load_run_config(data={**TINY, "train": {**TINY["train"], "max_steps": 4}})
-    Trainer(cfg, ref).run()
-    ep2 = root / "ep2"  # EP=2 from scratch, saves step 3
-    spawn(resume_worker, 2, TINY, str(ep2), False, 3)
-    ep4 = root / "ep4"  # EP=4 from the EP=2 checkpoint: re-save step 3, train step 4
-    copy_run(ep2, ep4, STEP3)
-    spawn(resume_worker, 4, TINY, str(ep4), True, 4)
-    ep1 = root / "ep1"  # EP=1 (one process) from the EP=4 re-save
-    copy_run(ep4, ep1, STEP3)
-    resume_worker(0, 1, copy.deepcopy(TINY), str(ep1), True, 4)
-    back = root / "back"  # and back to EP=2 from the EP=1 re-save
-    copy_run(ep1, back, STEP3)
-    spawn(resume_worker, 2, TINY, str(back), True, 4)
-    return {"ref": ref, "ep2": ep2, "ep4": ep4, "ep1": ep1, "back": back}
+    Trainer(cfg, root / "ref").run()  # one process, 4 steps
+    spawn(reshard_worker, 4, TINY, str(root), STEP3)  # EP 2 -> 1 -> 4 -> 2 (see reshard_worker)
+    return {n: root / n for n in ("ref", "ep2", "ep1", "ep4", "back")}
 
 
 @pytest.mark.timeout(400)
@@ -80,7 +69,7 @@ def test_reshard_round_trip_bitwise(runs):
     src = tensors(runs["ep2"])
     experts = [n for n in src if n.endswith(("w_up_EHD", "w_down_EDF"))]
     assert len(experts) == 4 and all(src[n].shape[0] == 4 for n in experts)
-    for name in ("ep4", "ep1", "back"):  # EP 2 -> 4 -> 1 -> 2, each re-saved from what it loaded
+    for name in ("ep1", "ep4", "back"):  # EP 2 -> 1 -> 4 -> 2, each re-saved from what it loaded
         got = tensors(runs[name])
         assert got.keys() == src.keys()
         for n in src:

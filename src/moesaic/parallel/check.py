@@ -157,21 +157,26 @@ def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
     return out
 
 
-def ep_worker(rank: int, world: int, cases: dict[str, Case], ep_size: int | None = None) -> dict[str, Any]:
-    """Run every case under expert parallelism (one spawn, several checks); errors are returned as text."""
+def ep_worker(rank: int, world: int, jobs: dict[tuple[int, str], Case]) -> dict[tuple[int, str], Any]:
+    """Run every job ``(ep_size, name) -> case`` under expert parallelism. A size below the world size
+    runs in independent sub-worlds of consecutive ranks (each sub-world reruns the same case in other
+    processes). Names starting with ``indivisible`` only apply EP and return the error text (or None)."""
     from moesaic.errors import ConfigError
-    from moesaic.parallel.groups import build_groups
+    from moesaic.parallel.groups import build_groups, split_groups
 
-    groups = build_groups(ep_size or world)
-    out: dict[str, Any] = {}
-    for name, case in cases.items():
+    out: dict[tuple[int, str], Any] = {}
+    groups_by_size: dict[int, Any] = {}
+    for (size, name), case in jobs.items():
+        if size not in groups_by_size:
+            groups_by_size[size] = build_groups(world) if size == world else split_groups(size)
+        groups = groups_by_size[size]
         if name.startswith("indivisible"):
             model = build_model(case)
             try:
                 apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
-                out[name] = None
+                out[size, name] = None
             except ConfigError as e:
-                out[name] = str(e)
+                out[size, name] = str(e)
             continue
-        out[name] = run(case, groups)
+        out[size, name] = run(case, groups)
     return out

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from moesaic.config import to_dict
 from moesaic.parallel.groups import ParallelGroups, build_groups
 from moesaic.parallel.trainer import DistributedTrainer
 from moesaic.run_config import load_run_config
@@ -23,16 +22,34 @@ def copy_run(src: str | Path, dst: str | Path, step_dir: str) -> None:
     (dst / "LATEST").write_text(step_dir + "\n")
 
 
-def resume_worker(rank: int, world: int, data: dict[str, Any], out: str, resave: bool,
-                  max_steps: int) -> dict[str, Any]:
-    """Resume ``out`` (or start) at EP = world, optionally re-save the restored step, train to ``max_steps``."""
-    data = {**data, "parallel": {"ep_size": world}, "train": {**data["train"], "max_steps": max_steps}}
-    cfg = load_run_config(data=data)
-    groups = build_groups(world) if dist.is_initialized() else ParallelGroups()
-    tr = DistributedTrainer(cfg, out, resume=True, groups=groups)
+def resume(data: dict[str, Any], out: str | Path, ep_size: int, groups: ParallelGroups, resave: bool,
+           max_steps: int) -> dict[str, Any]:
+    """Resume ``out`` (or start) at ``ep_size``, optionally re-save the restored step, train to ``max_steps``."""
+    data = {**data, "parallel": {"ep_size": ep_size}, "train": {**data["train"], "max_steps": max_steps}}
+    tr = DistributedTrainer(load_run_config(data=data), out, resume=True, groups=groups)
     start = tr.step
     if resave and start > 0:
         tr.save()  # the restored state, re-gathered at this EP size (collective)
     code = tr.run()
-    return {"start": start, "code": code, "step": tr.step, "summary": tr.summary,
-            "config": to_dict(cfg)["parallel"]}
+    return {"start": start, "code": code, "step": tr.step}
+
+
+def reshard_worker(rank: int, world: int, data: dict[str, Any], root: str, step_dir: str) -> list[dict[str, Any]]:
+    """On 4 processes: EP=2 (x2 data-parallel replicas) from scratch for 3 steps; then EP=1 (rank 0
+    alone), EP=4 and back to EP=2, each resuming the previous phase's checkpoint, re-saving the restored
+    step and training one more step. Run directories ``ep2``, ``ep1``, ``ep4``, ``back`` under ``root``."""
+    root_p = Path(root)
+    out = [resume(data, root_p / "ep2", 2, build_groups(2), False, 3)]
+    prev = "ep2"
+    for name, ep in (("ep1", 1), ("ep4", 4), ("back", 2)):
+        if rank == 0:
+            copy_run(root_p / prev, root_p / name, step_dir)
+        dist.barrier()
+        if ep == 1:
+            if rank == 0:
+                out.append(resume(data, root_p / name, 1, ParallelGroups(), True, 4))
+            dist.barrier()
+        else:
+            out.append(resume(data, root_p / name, ep, build_groups(ep), True, 4))
+        prev = name
+    return out

@@ -85,6 +85,21 @@ def build_groups(ep_size: int, *, timeout: float | None = None) -> ParallelGroup
     return out
 
 
+def split_groups(size: int, *, timeout: float | None = None) -> ParallelGroups:
+    """Cut the world into independent sub-worlds of ``size`` consecutive ranks, each with EP over all of
+    its ranks (collective). Tests use it to run several EP sizes, or a rerun, in one set of processes."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    if W % size:
+        raise ConfigError("size", size, f"must divide the world size ({W})")
+    td = datetime.timedelta(seconds=timeout or timeout_s())
+    mine = None
+    for i in range(W // size):
+        g = dist.new_group(list(range(i * size, (i + 1) * size)), timeout=td)
+        if i == rank // size:
+            mine = g
+    return ParallelGroups(world_size=size, rank=rank % size, ep_size=size, ep=mine, edp=None, dp=mine)
+
+
 def group_size(group: dist.ProcessGroup | None) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1

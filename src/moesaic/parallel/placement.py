@@ -72,8 +72,8 @@ def _check(E: int, G: int) -> None:
 def traffic(placement: Placement, counts: list[np.ndarray]) -> float:
     """Token mass that changes rank between consecutive layers."""
     total = 0.0
-    for l, N in enumerate(counts):
-        same = placement[l][:, None] == placement[l + 1][None, :]
+    for ly, N in enumerate(counts):
+        same = placement[ly][:, None] == placement[ly + 1][None, :]
         total += float(N[~same].sum())
     return total
 
@@ -106,33 +106,33 @@ def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: flo
     L, E, G = len(counts) + 1, num_experts, ranks
     nx = L * E * G
 
-    def xi(l, e, g):
-        return (l * E + e) * G + g
+    def xi(ly, e, g):
+        return (ly * E + e) * G + g
 
-    pairs = [(l, i, j, g) for l, N in enumerate(counts) for i in range(E) for j in range(E) if N[i, j] > 0
+    pairs = [(ly, i, j, g) for ly, N in enumerate(counts) for i in range(E) for j in range(E) if N[i, j] > 0
              for g in range(G)]
     ny = len(pairs)
     c = np.zeros(nx + ny)
-    for n, (l, i, j, _g) in enumerate(pairs):
-        c[nx + n] = -counts[l][i, j]
+    for n, (ly, i, j, _g) in enumerate(pairs):
+        c[nx + n] = -counts[ly][i, j]
     A = lil_matrix((L * E + L * G + 2 * ny, nx + ny))
     lo, hi = [], []
     r = 0
-    for l in range(L):
+    for ly in range(L):
         for e in range(E):  # each expert on exactly one rank
             for g in range(G):
-                A[r, xi(l, e, g)] = 1
+                A[r, xi(ly, e, g)] = 1
             lo.append(1)
             hi.append(1)
             r += 1
         for g in range(G):  # E/G experts per rank
             for e in range(E):
-                A[r, xi(l, e, g)] = 1
+                A[r, xi(ly, e, g)] = 1
             lo.append(E // G)
             hi.append(E // G)
             r += 1
-    for n, (l, i, j, g) in enumerate(pairs):  # y <= x[l,i,g], y <= x[l+1,j,g]
-        for x in (xi(l, i, g), xi(l + 1, j, g)):
+    for n, (ly, i, j, g) in enumerate(pairs):  # y <= x[ly,i,g], y <= x[ly+1,j,g]
+        for x in (xi(ly, i, g), xi(ly + 1, j, g)):
             A[r, nx + n] = 1
             A[r, x] = -1
             lo.append(-np.inf)
@@ -146,7 +146,7 @@ def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: flo
     if res.x is None:
         return (None, False) if return_status else None
     x = res.x[:nx].reshape(L, E, G)
-    pl = [x[l].argmax(1).astype(np.int64) for l in range(L)]
+    pl = [x[ly].argmax(1).astype(np.int64) for ly in range(L)]
     return (pl, res.status == 0) if return_status else pl
 
 

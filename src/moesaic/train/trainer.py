@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -49,7 +50,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        probe = out / f".write-probe-{os.getpid()}"  # per process: ranks of one run share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
