@@ -127,3 +127,14 @@ def test_bad_configs_name_the_field():
         schedule("linear_increas")
     with pytest.raises(ConfigError, match="schedule.min_valu"):
         validate_tree(parse(ScheduleConfig, {"kind": "exp_decay", "min_valu": 1}, "schedule"), "schedule")
+
+
+def test_step_restored_by_in_place_copy():
+    """Checkpoint loaders may copy tensors into ``state_dict()`` in place (no load hooks): still seen."""
+    a, b = _k_schedule("linear_increase", 2, 16, 100), _k_schedule("linear_increase", 2, 16, 100)
+    a.on_optimizer_step(50)
+    assert b.value() == 2
+    with torch.no_grad():
+        for n, t in a.state_dict().items():
+            b.state_dict()[n].copy_(t)
+    assert b.value() == 9 and b.current_step == 50

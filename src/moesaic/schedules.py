@@ -64,18 +64,22 @@ class Schedule(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
-        self._step: int | None = 0  # python mirror of the buffer: no device sync per forward
-        self.register_load_state_dict_post_hook(lambda mod, _keys: setattr(mod, "_step", None))
+        # Python mirror of the buffer (no device sync per forward), keyed by the buffer's storage and
+        # version counter so any in-place load (load_state_dict, checkpoint copy_) or move invalidates it.
+        self._mirror: tuple[tuple[int, int], int] | None = None
+
+    def _key(self) -> tuple[int, int]:
+        return self.step.data_ptr(), self.step._version
 
     def on_optimizer_step(self, step: int) -> None:
         self.step.fill_(int(step))
-        self._step = int(step)
+        self._mirror = (self._key(), int(step))
 
     @property
     def current_step(self) -> int:
-        if self._step is None:
-            self._step = int(self.step.item())
-        return self._step
+        if self._mirror is None or self._mirror[0] != self._key():
+            self._mirror = (self._key(), int(self.step.item()))
+        return self._mirror[1]
 
     def value(self, step: int | None = None) -> float:
         return self.cfg.value(self.current_step if step is None else step)
