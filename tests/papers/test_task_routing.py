@@ -112,3 +112,23 @@ def test_cv2_balance_reading():
     torch.nn.init.zeros_(sw.router.weight_XED)
     sw(x, task_id=0)
     torch.testing.assert_close(sw.aux_losses["balance"] / 0.01, torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_concat_conditioning_option_b(ref):
+    """M3ViT option (b): one gate on [x ; phi(onehot(task))]; task-pruned inference still equals full."""
+    layer = _layer(E=8, k=2, conditioning="concat", task_dim=5).eval()
+    r = layer.router
+    assert not hasattr(r, "weight_XED") and r.weight_EG.shape == (8, 16 + 5)
+    x = torch.randn(10, 16, dtype=torch.float64)
+    outs = []
+    for task in range(3):
+        feat = r.task_mlp(torch.nn.functional.one_hot(torch.tensor(task), 3).double())
+        p = (torch.cat([x, feat.expand(10, 5)], 1) @ r.weight_EG.T).softmax(-1)
+        w, ids = p.topk(2, dim=-1)
+        y = layer(x, task_id=task)
+        torch.testing.assert_close(y, ref.brute_force(layer, x, torch.zeros_like(p).scatter(1, ids, w)),
+                                   atol=1e-12, rtol=0)
+        outs.append(y)
+        pruned = prune_to_task(layer, task, used_experts(layer, x, task))
+        torch.testing.assert_close(pruned(x), y, atol=0, rtol=0)
+    assert not torch.equal(outs[0], outs[1])

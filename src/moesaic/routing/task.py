@@ -10,7 +10,9 @@
   :func:`moesaic.routing.task_prune.prune_to_task` builds a layer holding only one task's experts
   (Edge-MoE task-level sparsity). [DECISION] The default balance loss is the Switch loss (1 at uniform);
   ``balance_loss: cv2`` gives the code's CV² of importance (gate values summed per expert) plus CV² of the
-  load (0 at uniform). The concatenated-input gate (option b) is not provided.
+  load (0 at uniform). ``conditioning: concat`` is M3ViT's option (b): one gate on ``[x ; phi(onehot(task))]``
+  with ``phi`` an MLP from ``num_tasks`` to ``task_dim`` [DECISION: Linear-GELU-Linear; the code's
+  ``new_Mlp`` shape was not checked].
 * ``domain`` - domain-enforced routing (Hallee et al. 2024, "Contrastive Learning and Mixture of Experts
   Enables Precise Vector Embeddings"): every token of a sequence from domain d goes to expert d with
   weight 1, from the ``domain_id`` context. No router parameter, so throughput equals the dense model.
@@ -60,11 +62,14 @@ def _check_range(name: str, ids_T: Tensor, n: int, layer: str) -> None:
 
 @dataclasses.dataclass
 class TaskGatesRouterConfig(RouterConfig):
-    """``num_tasks`` gates; ``noise_std`` (V-MoE, scaled by 1/E) in training; ``experts_per_task`` = the
-    hard window size n (None: every task may use every expert)."""
+    """``num_tasks`` gates (``multi_gate``) or one gate on the input concatenated with a ``task_dim`` task
+    feature (``concat``); ``noise_std`` (V-MoE, scaled by 1/E) in training; ``experts_per_task`` = the hard
+    window size n (None: every task may use every expert)."""
 
     kind: str = "task_gates"
     num_tasks: int = rule(2, ge=1)
+    conditioning: Literal["multi_gate", "concat"] = "multi_gate"
+    task_dim: int = rule(8, ge=1)
     noise_std: float = rule(1.0, ge=0.0)
     temperature: float = rule(1.0, gt=0.0)
     experts_per_task: int | None = rule(None, ge=1)
@@ -88,8 +93,14 @@ class TaskGatesRouter(Router):
 
     def __init__(self, cfg: TaskGatesRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
-        self.weight_XED = nn.Parameter(torch.empty(cfg.num_tasks, num_experts, d_model))  # X = task
-        nn.init.normal_(self.weight_XED, std=cfg.init_std)
+        if cfg.conditioning == "multi_gate":
+            self.weight_XED = nn.Parameter(torch.empty(cfg.num_tasks, num_experts, d_model))  # X = task
+            nn.init.normal_(self.weight_XED, std=cfg.init_std)
+        else:
+            self.task_mlp = nn.Sequential(nn.Linear(cfg.num_tasks, cfg.task_dim), nn.GELU(),
+                                          nn.Linear(cfg.task_dim, cfg.task_dim))
+            self.weight_EG = nn.Parameter(torch.empty(num_experts, d_model + cfg.task_dim))  # G = D + task_dim
+            nn.init.normal_(self.weight_EG, std=cfg.init_std)
 
     @classmethod
     def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -106,7 +117,15 @@ class TaskGatesRouter(Router):
     def task_logits(self, x_TD: Tensor, task: int) -> Tensor:
         dt = router_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            z_TE = nn.functional.linear(x_TD.to(dt), self.weight_XED[task].to(dt))
+            if self.cfg.conditioning == "multi_gate":
+                z_TE = nn.functional.linear(x_TD.to(dt), self.weight_XED[task].to(dt))
+            else:  # [x ; phi(onehot(task))] @ W^T, without materialising the concatenation
+                onehot = torch.zeros(self.cfg.num_tasks, device=x_TD.device, dtype=self.weight_EG.dtype)
+                onehot[task] = 1.0
+                feat = self.task_mlp(onehot)
+                w_EG = self.weight_EG.to(dt)
+                z_TE = (nn.functional.linear(x_TD.to(dt), w_EG[:, :self.d_model])
+                        + nn.functional.linear(feat.to(dt), w_EG[:, self.d_model:]))
         if self.training and self.cfg.noise_std > 0:
             z_TE = z_TE + torch.randn_like(z_TE) * (self.cfg.noise_std / self.num_experts)
         z_TE = z_TE / self.cfg.temperature

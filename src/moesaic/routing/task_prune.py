@@ -88,12 +88,15 @@ def prune_to_task(layer: MoELayer, task_id: int, experts: list[int] | None = Non
     pruned._modules = dict(layer._modules)
     pruned._parameters, pruned._buffers = dict(layer._parameters), dict(layer._buffers)
     task_router = copy.deepcopy(router)
-    with torch.no_grad():
-        task_router.weight_XED = nn.Parameter(router.weight_XED[task_id:task_id + 1].clone())
-    # The single kept gate is task 0 of the copy; its window must stay the original task's window.
-    start, end = router.window(task_id)
-    task_router.window = lambda _t, _s=start, _e=end: (_s, _e)  # type: ignore[method-assign]
-    pruned.router = TaskPrunedRouter(task_router, 0, keep)
+    local_task = task_id
+    if router.cfg.conditioning == "multi_gate":
+        # Keep only this task's gate, as task 0 of the copy; its window stays the original task's window.
+        with torch.no_grad():
+            task_router.weight_XED = nn.Parameter(router.weight_XED[task_id:task_id + 1].clone())
+        start, end = router.window(task_id)
+        task_router.window = lambda _t, _s=start, _e=end: (_s, _e)  # type: ignore[method-assign]
+        local_task = 0
+    pruned.router = TaskPrunedRouter(task_router, local_task, keep)
     experts_mod = layer.cfg.experts.build(layer.d_model, layer.experts.d_ff, len(keep))
     experts_mod.to(dtype=next(layer.experts.parameters()).dtype)
     for i, e in enumerate(keep):
