@@ -47,11 +47,26 @@ def hf_config(name: str):
         return T.MistralConfig(**COMMON, num_hidden_layers=2, intermediate_size=32, sliding_window=5)
     if name == "qwen2":
         return T.Qwen2Config(**COMMON, num_hidden_layers=2, intermediate_size=32)
+    if name == "llama_rope_llama3":
+        rp = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+        return T.LlamaConfig(**COMMON, num_hidden_layers=2, intermediate_size=32, rope_parameters=rp)
+    if name == "mistral_rope_linear":
+        return T.MistralConfig(**COMMON, num_hidden_layers=2, intermediate_size=32, sliding_window=None,
+                               rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0})
+    if name == "deepseek_v3_yarn":
+        rp = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 1.0}
+        c = hf_config("deepseek_v3")
+        c.rope_parameters = rp
+        return c
     raise KeyError(name)
 
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain", "llama", "mistral",
          "qwen2"]
+#: RoPE scaling variants (linear, Llama 3, YaRN with DeepSeek's mscale).
+ROPE = ["llama_rope_llama3", "mistral_rope_linear", "deepseek_v3_yarn"]
 
 
 @torch.no_grad()

@@ -65,8 +65,8 @@ def test_unsupported_architecture(copy_of):
     ({"num_hidden_layers": 1}, r"neither used nor ignored .*model\.layers\.1\."),
     ({"vocab_size": 95}, r"lm_head\.weight \[96, 16\] -> lm_head\.weight got \[96, 16\], expected \[95, 16\]"),
     ({"tie_word_embeddings": True}, r"neither used nor ignored .*lm_head\.weight"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
-                          "original_max_position_embeddings": 32}}, r"rope_type = 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     r"rope_type = 'dynamic' is not supported"),
     ({"router_jitter_noise": 0.1}, r"router_jitter_noise = 0\.1 is not supported"),
     ({"hidden_act": "tanh"}, r"hidden_act = 'tanh' is not supported"),
 ])

@@ -8,10 +8,10 @@ import torch
 
 from moesaic.interop.hf import from_hf
 
-from .conftest import ARCHS, padded_batch
+from .conftest import ARCHS, ROPE, padded_batch
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", ARCHS + ROPE)
 def test_logits_match_transformers(name, hf_models):
     folder, ref = hf_models(name)
     model = from_hf(folder)
@@ -68,3 +68,14 @@ def test_mapping_is_exact_for_deepseek_router(hf_models):
     order_ref, order = ids_ref.sort(-1), ids.sort(-1)
     assert torch.equal(order_ref.values, order.values)
     torch.testing.assert_close(w.gather(1, order.indices), w_ref.gather(1, order_ref.indices), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_scaling_matches_at_long_positions(name, hf_models):
+    """Positions past original_max_position_embeddings, where the scaled frequencies matter."""
+    folder, ref = hf_models(name)
+    model = from_hf(folder)
+    assert model.cfg.attention.rope_scaling is not None
+    ids = torch.randint(3, 96, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)

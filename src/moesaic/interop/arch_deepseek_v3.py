@@ -34,6 +34,7 @@ from moesaic.interop.common import (
     moe_features,
     moe_layers,
     refuse,
+    rope_scaling,
     rope_theta,
     shared_expert_rules,
     uniform,
@@ -50,7 +51,8 @@ def to_moesaic(hf: Any) -> dict:
     cfg["attention"] = {"kind": "mla", "num_heads": hf.num_attention_heads, "q_lora_rank": g(hf, "q_lora_rank"),
                         "kv_lora_rank": hf.kv_lora_rank, "qk_nope_head_dim": hf.qk_nope_head_dim,
                         "qk_rope_head_dim": hf.qk_rope_head_dim, "v_head_dim": hf.v_head_dim,
-                        "rope_theta": rope_theta(hf, NAME), "rope_interleave": bool(g(hf, "rope_interleave", True)),
+                        "rope_theta": rope_theta(hf, NAME), "rope_scaling": rope_scaling(hf, NAME),
+                        "rope_interleave": bool(g(hf, "rope_interleave", True)),
                         "bias": bool(g(hf, "attention_bias", False)), "latent_norm_eps": 1e-6}
     cfg["first_k_dense"] = int(g(hf, "first_k_dense_replace", 0) or 0)
     cfg["moe"] = {

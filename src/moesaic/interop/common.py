@@ -48,15 +48,48 @@ def g(hf: Any, name: str, default: Any = None) -> Any:
     return getattr(hf, name, default)
 
 
+_SCALING_KEYS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                 "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                          "mscale_all_dim", "attention_factor", "truncate")}
+
+
 def rope_theta(hf: Any, arch: str) -> float:
     rp = g(hf, "rope_parameters") or {}
-    rtype = rp.get("rope_type", rp.get("type", "default"))
-    if rtype != "default":
-        refuse(arch, "rope_parameters.rope_type", rtype, "only the default RoPE (no scaling) maps exactly")
     theta = rp.get("rope_theta", g(hf, "rope_theta"))
     if theta is None:
         refuse(arch, "rope_parameters.rope_theta", None, "missing")
     return float(theta)
+
+
+def rope_scaling(hf: Any, arch: str) -> dict | None:
+    """``attention.rope_scaling`` for the config's ``rope_parameters`` (None for plain RoPE)."""
+    rp = dict(g(hf, "rope_parameters") or {})
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(arch, "rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "partial RoPE")
+    if rtype == "default":
+        return None
+    if rtype not in _SCALING_KEYS:
+        refuse(arch, "rope_parameters.rope_type", rtype, f"supported: default, {', '.join(_SCALING_KEYS)}")
+    out = {"type": rtype, **{k: rp[k] for k in _SCALING_KEYS[rtype] if rp.get(k) is not None}}
+    if rtype == "yarn" and out.get("factor") is None:
+        out["factor"] = hf.max_position_embeddings / rp["original_max_position_embeddings"]
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor"):
+        if k in out:
+            out[k] = float(out[k])
+    return out
+
+
+def rope_parameters(a: Any) -> dict:
+    """HF ``rope_parameters`` of a moesaic attention config."""
+    sc = a.rope_scaling
+    if sc is None or sc.type == "none":
+        return {"rope_type": "default", "rope_theta": a.rope_theta}
+    out = {"rope_type": sc.type, "rope_theta": a.rope_theta}
+    out.update({k: getattr(sc, k) for k in _SCALING_KEYS[sc.type] if getattr(sc, k) is not None})
+    return out
 
 
 def activation(hf: Any, arch: str) -> str:
@@ -87,7 +120,8 @@ def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict:
 def mha(hf: Any, arch: str, **extra: Any) -> dict:
     return {"kind": "mha", "num_heads": hf.num_attention_heads,
             "num_key_value_heads": g(hf, "num_key_value_heads") or hf.num_attention_heads,
-            "head_dim": head_dim(hf), "rope_theta": rope_theta(hf, arch), **extra}
+            "head_dim": head_dim(hf), "rope_theta": rope_theta(hf, arch), "rope_scaling": rope_scaling(hf, arch),
+            **extra}
 
 
 def base_hf(cfg: Any) -> dict:
@@ -101,7 +135,7 @@ def base_hf(cfg: Any) -> dict:
         "num_attention_heads": a.num_heads,
         "num_key_value_heads": getattr(a, "num_key_value_heads", None) or a.num_heads,
         "head_dim": a.head_dim or cfg.d_model // a.num_heads,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        "rope_parameters": rope_parameters(a),
     }
 
 

@@ -21,6 +21,7 @@ from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.models.rope_scaling import RopeScalingConfig
 from moesaic.registry import Registry
 
 #: Attention kinds; modules of ``moesaic.models`` are imported on first lookup.
@@ -36,6 +37,8 @@ class AttentionConfig(ComponentConfig):
     num_heads: int = rule(4, ge=1)
     head_dim: int | None = rule(None, ge=1)
     rope_theta: float = rule(10000.0, gt=0.0)
+    #: Long-context RoPE scaling (linear, llama3, yarn); null is plain RoPE.
+    rope_scaling: RopeScalingConfig | None = None
 
     def validate_model(self, path: str, d_model: int) -> None:
         """Rules involving the model width; override and call super()."""
@@ -95,7 +98,7 @@ class MultiHeadAttention(nn.Module):
             whole = cfg.qk_norm_scope == "projection"
             self.q_norm = RMSNorm(H * d if whole else d, norm_eps)
             self.k_norm = RMSNorm(Hkv * d if whole else d, norm_eps)
-        self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:

@@ -25,6 +25,7 @@ from moesaic.models.attention import ATTENTIONS, AttentionConfig
 from moesaic.models.cache import KVCache
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.models.rope_scaling import softmax_scale_factor
 
 
 @dataclasses.dataclass
@@ -78,8 +79,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, d_model, bias=cfg.bias)
-        self.rotary_emb = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
-        self.scaling = self.qk_head_dim ** -0.5
+        self.rotary_emb = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.scaling = self.qk_head_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return apply_rotary_interleaved(x, cos, sin) if self.cfg.rope_interleave else apply_rotary(x, cos, sin)

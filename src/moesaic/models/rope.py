@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moesaic.models.rope_scaling import RopeScalingConfig, rope_frequencies
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -25,12 +27,12 @@ def apply_rotary(x_BHSd: Tensor, cos_BSd: Tensor, sin_BSd: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Computes ``cos``/``sin`` ``[B, S, dim]`` for integer ``position_ids`` ``[B, S]`` in fp32."""
 
-    def __init__(self, dim: int, theta: float = 10000.0):
+    def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None):
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dimension must be even, got {dim}")
         self.dim, self.theta = dim, theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)  # plain RoPE without scaling
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -38,7 +40,10 @@ class RotaryEmbedding(nn.Module):
         with torch.autocast(device_type=position_ids_BS.device.type, enabled=False):
             freqs_BSh = position_ids_BS.float().unsqueeze(-1) * inv
             emb_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
-            return emb_BSd.cos().to(dtype), emb_BSd.sin().to(dtype)
+            cos, sin = emb_BSd.cos(), emb_BSd.sin()
+            if self.attention_factor != 1.0:  # YaRN temperature (rope_scaling.py)
+                cos, sin = cos * self.attention_factor, sin * self.attention_factor
+            return cos.to(dtype), sin.to(dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}"
