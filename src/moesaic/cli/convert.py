@@ -69,6 +69,8 @@ def hf_export(args: argparse.Namespace) -> int:
     info = ckpt / (HF_PREFIX + "info.json")
     if HF_PREFIX + "info.json" in names:
         model.hf_info = json.loads(info.read_text())
+    elif getattr(getattr(model, "tokenizer", None), "eos_id", None) is not None:
+        model.hf_info = {"eos_token_id": model.tokenizer.eos_id}
     hf_cfg = to_hf(model, args.hf_dir, args.arch, expert_layout=args.expert_layout,
                    max_shard_bytes=args.max_shard_size)
     out = Path(args.hf_dir)

@@ -65,7 +65,12 @@ class DictReader:
     """The :class:`WeightReader` interface over an in-memory state dict (an already loaded HF model)."""
 
     def __init__(self, state: dict[str, Tensor], name: str):
-        self.state, self.folder = state, name
+        seen: set[int] = set()
+        self.state, self.folder = {}, name
+        for k, t in state.items():  # tied weights (lm_head = embed_tokens) appear under both names: keep the first
+            if id(t) not in seen:
+                seen.add(id(t))
+                self.state[k] = t
 
     def keys(self) -> list[str]:
         return sorted(self.state)
@@ -114,7 +119,7 @@ def from_hf(path_or_model: str | os.PathLike | nn.Module, *, expert_layout: str 
         if hf_cfg is None:
             raise ConversionError(f"{type(path_or_model).__name__} has no .config: not a transformers model")
         arch = _arch_for(getattr(hf_cfg, "model_type", None))
-        reader: Any = DictReader(path_or_model.state_dict(), type(path_or_model).__name__)
+        reader: Any = DictReader(path_or_model.state_dict(keep_vars=True), type(path_or_model).__name__)
         source = None
     else:
         folder = Path(path_or_model)
