@@ -170,3 +170,40 @@ def test_diversify_errors():
         spawn_experts_(lyr, keep_ratio=0.0)
     with pytest.raises(ConversionError, match="method"):
         spawn_experts_(lyr, method="dropout")
+
+
+# ------------------------------------------------------------- config-driven phases (dense -> diversify -> DTS)
+def phased_layer(S=3, method="mask"):
+    return moesaic.moe_layer(D, F, E, top_k=1, router={"kind": "dts", "dense_until_step": S},
+                             experts={"kind": "evomoe", "diversify_step": S, "method": method,
+                                      "keep_ratio": 0.8}).double()
+
+
+def test_phases_dense_then_diversified_then_dts():
+    lyr = phased_layer()
+    x = torch.randn(16, D, dtype=torch.float64)
+    opt = torch.optim.SGD(lyr.parameters(), lr=0.1)
+    for step in (1, 2):
+        d = lyr.router(x)
+        assert torch.equal(d.expert_idx_N, torch.zeros(16, dtype=torch.long)) and torch.equal(d.weight_N, torch.ones(16))
+        opt.zero_grad()
+        lyr(x).square().mean().backward()
+        assert lyr.experts.w_up_EHD.grad[1:].abs().sum() == 0  # only expert 0 trains in phase 1
+        opt.step()
+        moesaic.on_optimizer_step(lyr, step)
+    w0 = lyr.experts.w_up_EHD[0].detach().clone()
+    moesaic.on_optimizer_step(lyr, 3)
+    up = lyr.experts.w_up_EHD.detach()
+    assert torch.equal(up, w0 * (up != 0))  # every expert is a masked copy of the trained expert 0
+    assert all(not torch.equal(up[i], up[j]) for i in range(E) for j in range(i + 1, E))
+    assert lyr.router(x).experts_per_token().max() > 1  # the DTS gate has taken over (tau = 2.0: dense)
+    twin = phased_layer()
+    twin.experts.w_up_EHD.data[0].copy_(w0)
+    twin.experts.diversify()
+    assert torch.equal(twin.experts.w_up_EHD, lyr.experts.w_up_EHD)  # seeded: reproducible
+
+
+def test_phase_steps_must_agree():
+    with pytest.raises(Exception, match="dense_until_step"):
+        moesaic.moe_layer(D, F, E, top_k=1, router={"kind": "dts", "dense_until_step": 5},
+                          experts={"kind": "evomoe", "diversify_step": 3})

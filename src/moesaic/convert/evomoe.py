@@ -12,6 +12,8 @@ by noise could not be confirmed, so both readings are offered and neither is the
 
 Every stacked expert tensor is diversified (``w_up_EHD``, ``w_down_EDF``). The source is a
 :class:`~moesaic.layers.ffn.DenseFFN` (the phase-1 model's FFN) or expert ``source_expert`` of the layer.
+For a config-driven run that switches phase at a step, use ``experts: {kind: evomoe, diversify_step: S}``
+with ``router: {kind: dts, dense_until_step: S}`` (:mod:`moesaic.experts.evomoe`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from moesaic.errors import ConversionError
+from moesaic.experts.evomoe import diversify_
 from moesaic.experts.ffn import FFNExperts
 from moesaic.layers.ffn import DenseFFN
 from moesaic.layers.moe import MoELayer
@@ -55,17 +58,6 @@ def spawn_experts_(layer: MoELayer, source: DenseFFN | None = None, *,
         base = ffn_to_stacked(source)
     else:
         base = {n: getattr(experts, n)[source_expert].detach().clone() for n in ("w_up_EHD", "w_down_EDF")}
-    for name, w in base.items():
-        p = getattr(experts, name)
-        w_E = w.to(p).unsqueeze(0).expand_as(p).clone()
-        if method == "mask":
-            keep = torch.rand(w_E.shape, generator=generator, device="cpu").to(p.device) < keep_ratio
-            w_E = w_E * keep.to(p.dtype)
-            if rescale:
-                w_E = w_E / keep_ratio
-        elif method == "noise":
-            noise = torch.randn(w_E.shape, generator=generator, device="cpu").to(p)
-            w_E = w_E + noise * (noise_std * w.float().std().item())
-        elif method != "copy":
-            raise ConversionError(f"spawn_experts_: method = {method!r}: must be mask, noise or copy")
-        p.copy_(w_E)
+    if method not in ("mask", "noise", "copy"):
+        raise ConversionError(f"spawn_experts_: method = {method!r}: must be mask, noise or copy")
+    diversify_(experts, base, method, keep_ratio, rescale, noise_std, generator)

@@ -21,6 +21,10 @@ routing.md §10, from ``codecaution/EvoMoE fairseq/modules/moe/topkgate.py`` (``
   the state dict and advanced by :func:`moesaic.on_optimizer_step`; the hard-phase switch reads the
   same step.
 
+Phase 1 of EvoMoE (``dense_until_step: S``): before step S every token goes to expert 0 with weight 1,
+in training and eval; with ``experts: {kind: evomoe, diversify_step: S}`` expert 0 is then diversified
+into all experts and the DTS gate takes over (its temperature schedule counts from step 0).
+
 ``top_k`` of the layer is not used by this router (experts per token vary); capacity dispatchers
 should not be combined with it.
 """
@@ -54,6 +58,7 @@ class DTSRouterConfig(RouterConfig):
     hard_from_step: int | None = rule(None, ge=-1)
     dense_validate: bool = False
     keep_argmax: bool = True
+    dense_until_step: int | None = rule(None, ge=0)
     aux_loss_coef: float = rule(0.01, ge=0.0)
 
 
@@ -91,6 +96,11 @@ class DTSRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         T = x_TD.shape[0]
+        if cfg.dense_until_step is not None and self.temperature.current_step < cfg.dense_until_step:
+            # EvoMoE phase 1: one expert trained alone (experts kind evomoe diversifies it at that step)
+            ids_T1 = torch.zeros(T, 1, dtype=torch.long, device=x_TD.device)
+            return RoutingDecision.from_topk(ids_T1, probs_TE.new_ones(T, 1), E, probs_TE=probs_TE,
+                                             logits_TE=logits_TE, aux_losses=self._z(logits_TE))
         if not self.training and not cfg.dense_validate:
             w_T1, ids_T1 = stable_topk(probs_TE, 1)
             return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE,
