@@ -185,7 +185,8 @@ def test_phases_dense_then_diversified_then_dts():
     opt = torch.optim.SGD(lyr.parameters(), lr=0.1)
     for step in (1, 2):
         d = lyr.router(x)
-        assert torch.equal(d.expert_idx_N, torch.zeros(16, dtype=torch.long)) and torch.equal(d.weight_N, torch.ones(16))
+        assert torch.equal(d.expert_idx_N, torch.zeros(16, dtype=torch.long))
+        assert torch.equal(d.weight_N, torch.ones(16, dtype=torch.float64))
         opt.zero_grad()
         lyr(x).square().mean().backward()
         assert lyr.experts.w_up_EHD.grad[1:].abs().sum() == 0  # only expert 0 trains in phase 1
