@@ -68,3 +68,25 @@ def test_oov_modulo_padding_and_errors():
         layer(x)
     with pytest.raises(ConfigError, match="top_k"):
         moesaic.moe_layer(16, 32, 4, 2, router={"kind": "hash"})
+
+
+def test_bigram_variant_hashes_previous_real_token():
+    layer = _layer(variant="bigram", vocab_size=1000)
+    r = layer.router
+    ids = torch.tensor([[5, 7, 7, 9], [7, 5, 7, 3]])
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    seq = torch.arange(2).repeat_interleave(4)
+    e = r(x.reshape(-1, 16), token_ids=ids.reshape(-1), seq_ids_T=seq).to_topk()[0][:, 0]
+    prev = torch.tensor([-1, 5, 7, 7, -1, 7, 5, 7])  # each sequence starts from the sentinel -1
+    assert torch.equal(e, r.table_V[(prev * 1000003 + ids.reshape(-1)).remainder(1000)])
+    assert e[1] == e[6]  # the same (prev, id) pair (5, 7) in two places: the same expert
+    # Padding is skipped: the previous *real* token counts.
+    mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    d = r(x.reshape(-1, 16), mask.reshape(-1), token_ids=ids.reshape(-1), seq_ids_T=seq)
+    ids_TK = d.to_topk()[0][:, 0]
+    assert ids_TK[2] == r.table_V[(5 * 1000003 + 7) % 1000]
+    # Context dependence: one id after many different previous ids reaches several experts.
+    many = torch.stack([torch.arange(40), torch.full((40,), 11)], 1)
+    e2 = r(torch.randn(80, 16, dtype=torch.float64), token_ids=many.reshape(-1),
+           seq_ids_T=torch.arange(40).repeat_interleave(2)).to_topk()[0][1::2, 0]
+    assert e2.unique().numel() > 1

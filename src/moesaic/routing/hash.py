@@ -6,7 +6,9 @@ Each vocabulary id is tied to one expert by a fixed table chosen before training
 no router parameter, no aux loss. Variants: ``random`` (the released code's seeded uniform table; the
 default) and ``balanced`` (tokens sorted by corpus frequency, each greedily put in the least-loaded
 bucket; :meth:`HashRouter.fit_balanced` builds it from a corpus of ids, before fitting all frequencies
-count as equal, which gives ``id % E``). Ids outside ``[0, vocab_size)`` map through ``id mod
+count as equal, which gives ``id % E``) and ``bigram`` (the random table indexed by
+``(prev_id * 1000003 + id) mod vocab_size``, ``prev_id`` the previous real token of the same sequence,
+-1 for the first). Ids outside ``[0, vocab_size)`` map through ``id mod
 vocab_size`` [DECISION]. Padding is masked by the layer (the mask keeps it out of every expert). The
 table is a persistent buffer, so it is saved and restored with the model.
 """
@@ -32,7 +34,7 @@ class HashRouterConfig(RouterConfig):
     """``vocab_size`` ids are hashed; ``seed`` fixes the random table. The layer's ``top_k`` must be 1."""
 
     kind: str = "hash"
-    variant: Literal["random", "balanced"] = "random"
+    variant: Literal["random", "balanced", "bigram"] = "random"
     vocab_size: int = rule(32000, ge=1)
     seed: int = 0
     aux_loss_coef: float = 0.0
@@ -54,6 +56,19 @@ def balanced_table(counts_V: Tensor, num_experts: int) -> Tensor:
     return torch.tensor(table, dtype=torch.long)
 
 
+def bigram_keys(ids_T: Tensor, seq_ids_T: Tensor | None) -> Tensor:
+    """``prev * 1000003 + id`` with ``prev`` the previous row's id in the same sequence (-1 for the first)."""
+    ids_T = ids_T.long()
+    prev_T = torch.roll(ids_T, 1)
+    same_T = torch.ones_like(ids_T, dtype=torch.bool)
+    if seq_ids_T is not None:
+        seq_T = seq_ids_T.to(ids_T.device)
+        same_T = seq_T == torch.roll(seq_T, 1)
+    if same_T.numel():
+        same_T[0] = False
+    return torch.where(same_T, prev_T, -1) * 1000003 + ids_T
+
+
 @ROUTERS.register("hash")
 class HashRouter(Router):
     """Hash layers: a fixed vocabulary-to-expert table on the input token ids (Roller et al. 2021)."""
@@ -65,7 +80,7 @@ class HashRouter(Router):
 
     def __init__(self, cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
-        if cfg.variant == "random":
+        if cfg.variant in ("random", "bigram"):
             gen = torch.Generator().manual_seed(cfg.seed)
             table_V = torch.randint(num_experts, (cfg.vocab_size,), generator=gen)
         else:
@@ -88,7 +103,8 @@ class HashRouter(Router):
         """Expert of each id (OOV and negative ids: ``id mod vocab_size``)."""
         return self.table_V[token_ids.long().remainder(self.cfg.vocab_size)]
 
-    def route(self, x_TD: Tensor, token_ids: Tensor | None = None, **ctx: Any) -> RoutingDecision:
+    def route(self, x_TD: Tensor, token_ids: Tensor | None = None, seq_ids_T: Tensor | None = None,
+              **ctx: Any) -> RoutingDecision:
         T = x_TD.shape[0]
         if token_ids is None:
             raise RoutingInputError(f"{self.layer_name}: hash routing needs token_ids (the input ids, [B, S] "
@@ -96,6 +112,8 @@ class HashRouter(Router):
         ids_T = token_ids.reshape(-1).to(x_TD.device)
         if ids_T.numel() != T:
             raise RoutingInputError(f"{self.layer_name}: token_ids has {ids_T.numel()} ids for {T} tokens")
+        if self.cfg.variant == "bigram":
+            ids_T = bigram_keys(ids_T, seq_ids_T)
         ids_TK = self.expert_of(ids_T)[:, None]
         w_TK = torch.ones(T, 1, dtype=x_TD.dtype if x_TD.dtype == torch.float64 else torch.float32,
                           device=x_TD.device)
