@@ -69,6 +69,8 @@ def test_unsupported_architecture(copy_of):
      r"rope_type = 'dynamic' is not supported"),
     ({"router_jitter_noise": 0.1}, r"router_jitter_noise = 0\.1 is not supported"),
     ({"hidden_act": "tanh"}, r"hidden_act = 'tanh' is not supported"),
+    ({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                              "activation_scheme": "dynamic"}}, r"quantized checkpoint .*'fp8'"),
 ])
 def test_mismatched_config(copy_of, changes, pattern):
     d = copy_of()

@@ -139,6 +139,11 @@ def from_hf(path_or_model: str | os.PathLike | nn.Module, *, expert_layout: str 
         source = str(folder)
     from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 
+    quant = getattr(hf_cfg, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+        raise ConversionError(f"{arch.name}: quantized checkpoint (quantization_config.quant_method = {method!r}) "
+                              "is not supported; dequantize it to fp32/bf16 first")
     data = arch.to_moesaic(hf_cfg)
     try:
         cfg = validate_tree(parse(DecoderLMConfig, data, "model"), "model")
