@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     for layer in moesaic.moe_layers(model):
         s = layer.last_stats
         load = s["tokens_per_expert"].double()
+        ent = f"{float(s['entropy']):.3f}" if "entropy" in s else "n/a"  # routers without probabilities (EWA)
         print(f"{layer.layer_name}: tokens per expert {load.long().tolist()}  max/mean load "
-              f"{(load.max() / load.mean()).item():.2f}  dropped {s['dropped']}  router entropy "
-              f"{float(s['entropy']):.3f}")
+              f"{(load.max() / load.mean()).item():.2f}  dropped {s['dropped']}  router entropy {ent}")
     return 0
 
 
