@@ -110,3 +110,13 @@ def test_recorder_and_permutation_preserve_the_function():
     assert (y2 - y).abs().max() <= 1e-12
     inv = np.argsort(order)  # old expert e is now expert inv[e]
     assert torch.equal(rec2.topk_ids()["0"], torch.as_tensor(inv)[ids["0"][:15]])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refine_never_loses_co_located_mass(seed):
+    N = P.affinity_counts(random_traces(seed, structure=0.4), 8)
+    start = P.heuristic(N, 8, 4)
+    better = P.refine(start, N, 4)
+    assert P.traffic(better, N) <= P.traffic(start, N)
+    for layer in better:
+        assert np.bincount(layer, minlength=4).tolist() == [2] * 4

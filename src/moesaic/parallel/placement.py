@@ -11,7 +11,8 @@ continues on that rank). We
    ``sum_l sum_{i,j} N_l[i,j] [rank_of[l][i] == rank_of[l+1][j]]``, either exactly with an integer program
    (``scipy.optimize.milp``/HiGHS: binaries ``x[l,e,g]``, linearised products ``y[l,i,j,g] <= x``;
    expert 0 of layer 0 pinned to rank 0 to break the rank-relabelling symmetry) or with the layer-by-layer
-   assignment heuristic (``linear_sum_assignment`` on ``B[j, g] = sum_{i on g} N_l[i, j]``);
+   assignment heuristic (``linear_sum_assignment`` on ``B[j, g] = sum_{i on g} N_l[i, j]``), refined by
+   coordinate ascent (each layer re-placed optimally given both neighbours, until nothing changes);
 3. **guard**: the result is compared with round-robin (``e -> e // (E/G)``, the contiguous layout of
    :func:`apply_expert_parallel_`) and the better one is returned, so a placement is never worse than
    round-robin on the traces it was fitted on;
@@ -94,6 +95,34 @@ def heuristic(counts: list[np.ndarray], num_experts: int, ranks: int, first: np.
     return pl
 
 
+def refine(placement: Placement, counts: list[np.ndarray], ranks: int, sweeps: int = 10) -> Placement:
+    """Coordinate ascent: re-place each layer optimally given both neighbours (an assignment problem with
+    gain ``B[j, g]`` = mass from layer l-1's experts on g into j plus mass from j into layer l+1's experts
+    on g), sweeping until no layer changes. The co-located mass never decreases."""
+    from scipy.optimize import linear_sum_assignment
+
+    pl = [p.copy() for p in placement]
+    E = pl[0].shape[0]
+    per = E // ranks
+    for _ in range(sweeps):
+        changed = False
+        for ly in range(len(pl)):
+            B = np.zeros((E, ranks))
+            for g in range(ranks):
+                if ly > 0:
+                    B[:, g] += counts[ly - 1][pl[ly - 1] == g].sum(0)
+                if ly < len(counts):
+                    B[:, g] += counts[ly][:, pl[ly + 1] == g].sum(1)
+            rows, cols = linear_sum_assignment(np.repeat(B, per, axis=1), maximize=True)
+            new = np.empty(E, dtype=np.int64)
+            new[rows] = cols // per
+            if (B[np.arange(E), new].sum() > B[np.arange(E), pl[ly]].sum() + 1e-9):
+                pl[ly], changed = new, True
+        if not changed:
+            break
+    return pl
+
+
 def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: float = 10.0,
          return_status: bool = False):
     """The integer program (HiGHS via scipy): the optimum, or the best solution found in ``time_limit``
@@ -155,7 +184,8 @@ def solve(counts: list[np.ndarray], num_experts: int, ranks: int, method: str = 
     """The best of round-robin, the heuristic and (``method="milp"``) the integer program within
     ``time_limit`` on ``counts``; returns it and the traffic of each candidate."""
     L = len(counts) + 1
-    cands = {"round_robin": round_robin(L, num_experts, ranks), "heuristic": heuristic(counts, num_experts, ranks)}
+    cands = {"round_robin": round_robin(L, num_experts, ranks),
+             "heuristic": refine(heuristic(counts, num_experts, ranks), counts, ranks)}
     if method == "milp":
         p = milp(counts, num_experts, ranks, time_limit)
         if p is not None:
