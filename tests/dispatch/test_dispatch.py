@@ -109,6 +109,12 @@ def test_capacity_grid(cf, k, policy, adversarial):
         assert state.dropped == 0  # cf * k >= E clamps C to T without error
 
 
+def test_capacity_uses_the_factor_as_written():
+    assert capacity(100, 5, 1, 0.55) == 11  # float 0.55 * 100 / 5 = 11.000000000000002 -> 12 with floats
+    assert capacity(200, 2, 1, 0.55) == 55 and capacity(10, 7, 1, 0.7) == 1 and capacity(10, 4, 1, 1.25) == 4
+    assert capacity(8, 4, 2, 10.0) == 8  # clamped to T
+
+
 def test_capacity_ignores_padding_and_reports_drops_in_the_layer():
     layer = moesaic.moe_layer(D, F, E, 1, router={"kind": "switch", "jitter_eps": 0.0},
                               dispatcher={"kind": "capacity", "capacity_factor": 1.0}).double()

@@ -157,3 +157,26 @@ def test_layer_names_reach_error_messages():
     moesaic.name_layers(model)
     with pytest.raises(moesaic.NonFiniteInputError, match=r"block0\.moe"):
         model["block0"]["moe"](torch.full((3, D), float("nan")))
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard", "noisy_topk", "expert_choice"])
+def test_nan_in_padding_is_ignored_but_nan_in_real_tokens_raises(router):
+    k = 1 if router == "switch" else 2
+    layer = moesaic.moe_layer(D, F, 4, k, router={"kind": router},
+                              shared_experts={"num": 1, "gate": "sigmoid"}).double().eval()
+    x = torch.randn(10, D, dtype=torch.float64)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[7:] = False
+    ref = layer(x[:7])
+    x_bad = x.clone()
+    x_bad[7:] = float("nan")
+    x_bad = x_bad.requires_grad_()
+    y = layer(x_bad, mask=mask)
+    torch.testing.assert_close(y[:7], ref, rtol=0, atol=1e-12)
+    assert torch.equal(y[7:], torch.zeros_like(y[7:]))
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    x_bad = x.clone()
+    x_bad[2, 0] = float("inf")
+    with pytest.raises(moesaic.NonFiniteInputError, match="1 of 7 valid tokens"):
+        layer(x_bad, mask=mask)

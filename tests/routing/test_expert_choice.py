@@ -26,6 +26,7 @@ def test_capacity_formula():
     assert expert_capacity(3, 4, 0.5) == 1  # never 0 experts' worth when there are tokens
     assert expert_capacity(5, 4, 8.0) == 5  # capped at n
     assert expert_capacity(0, 4, 2.0) == 0
+    assert expert_capacity(100, 5, 0.55) == 11 and expert_capacity(10, 4, 0.2) == 1  # 0.5 rounds up
 
 
 def test_properties_1_to_3():
@@ -36,7 +37,7 @@ def test_properties_1_to_3():
     assert d.tokens_per_expert().tolist() == [k_c] * E  # 1: each expert processes exactly k_c tokens
     assert int(d.experts_per_token().sum()) == E * k_c  # 2
     # 3: brute force over (e, j): expert e takes its k_c best tokens by S[:, e]
-    S = (x @ m.router.weight.t()).softmax(-1)
+    S = (x @ m.router.weight.t()).softmax(-1).detach()
     y_ref = torch.zeros_like(x)
     for e in range(E):
         order = sorted(range(T), key=lambda t: (-float(S[t, e]), t))[:k_c]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -39,8 +40,13 @@ class CapacityDispatcherConfig(DispatcherConfig):
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float, min_capacity: int = 0) -> int:
-    """``min(T, max(min_capacity, ceil(factor * k * T / E)))`` (clamped to T, cf. DeepSpeed #8155)."""
-    return min(num_tokens, max(min_capacity, math.ceil(factor * top_k * num_tokens / num_experts)))
+    """``min(T, max(min_capacity, ceil(factor * k * T / E)))`` (clamped to T, cf. DeepSpeed #8155).
+
+    Exact arithmetic on the factor as written (``0.55`` is 11/20, not the binary float slightly above it),
+    so ``cf = 0.55, T = 100, E = 5`` gives 11 and not 12.
+    """
+    exact = Fraction(repr(float(factor))) * top_k * num_tokens / num_experts
+    return min(num_tokens, max(min_capacity, math.ceil(exact)))
 
 
 def slot_positions(decision: RoutingDecision, priority_N: Tensor | None = None) -> Tensor:

@@ -137,9 +137,12 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_ND, state)
 
         if self.shared_experts is not None:
-            s_TD = self.shared_experts(x_TD)
+            x_sh = x_TD
+            if mask_T is not None and self.cfg.mask_padding:  # padding may hold anything, NaN included
+                x_sh = x_TD.masked_fill(~mask_T.unsqueeze(1), 0.0)
+            s_TD = self.shared_experts(x_sh)
             if self.shared_gate is not None:
-                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+                s_TD = torch.sigmoid(self.shared_gate(x_sh)) * s_TD
             y_TD = (y_TD + s_TD) / 2 if self.cfg.shared_experts.combine == "average" else y_TD + s_TD
             if mask_T is not None and self.cfg.mask_padding:
                 y_TD = y_TD * mask_T.unsqueeze(1).to(y_TD.dtype)

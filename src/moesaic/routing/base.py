@@ -112,18 +112,20 @@ class Router(nn.Module):
 
     # -------------------------------------------------------------------------------- public API
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
-        if not torch.isfinite(x_TD).all():
+        T = x_TD.shape[0]
+        all_valid = mask_T is None or bool(mask_T.all())
+        rows_V = None if all_valid else mask_T.reshape(-1).nonzero().squeeze(1)
+        x_VD = x_TD if rows_V is None else x_TD[rows_V]
+        if not torch.isfinite(x_VD).all():  # padding content is ignored, NaN there included
             raise NonFiniteInputError(
                 f"{self.layer_name}: router input holds NaN or inf "
-                f"({int((~torch.isfinite(x_TD)).any(-1).sum())} of {x_TD.shape[0]} tokens)")
-        T = x_TD.shape[0]
-        if mask_T is None or bool(mask_T.all()):
+                f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} valid tokens)")
+        if rows_V is None:
             d = self.route(x_TD, **ctx)
             return d if d.num_valid_tokens is not None else d.replace(num_valid_tokens=T)
-        rows_V = mask_T.reshape(-1).nonzero().squeeze(1)
         sub = {k: (v[rows_V] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == T else v)
                for k, v in ctx.items()}
-        return self.route(x_TD[rows_V], **sub).expand_tokens(rows_V, T)
+        return self.route(x_VD, **sub).expand_tokens(rows_V, T)
 
     def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
         raise NotImplementedError  # abstract: every registered router implements it

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Any, Literal
 
 import torch
@@ -47,7 +48,8 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
     """``k_c = round(n * c / E)`` (half up), clamped to ``[1, n]``; 0 when there are no tokens."""
     if num_tokens == 0:
         return 0
-    return min(num_tokens, max(1, math.floor(num_tokens * capacity_factor / num_experts + 0.5)))
+    exact = Fraction(repr(float(capacity_factor))) * num_tokens / num_experts  # 0.55 is 11/20, not a float
+    return min(num_tokens, max(1, math.floor(exact + Fraction(1, 2))))
 
 
 @ROUTERS.register("expert_choice")
