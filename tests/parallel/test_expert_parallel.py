@@ -43,6 +43,7 @@ def spawned():
         jobs.update({(W, n): c for n, c in cases(W).items()})
         jobs[W, "indivisible"] = Case(num_experts=2 * W + 1, steps=0)
     jobs[4, "fp32_again"] = cases(4)["fp32"]
+    jobs[4, "emulated"] = cases(4)["unequal"]  # the all-gather fallback, on the unequal loads
     return spawn(ep_worker, 4, jobs)
 
 
@@ -134,3 +135,17 @@ def test_indivisible_experts_error_names_layer(ep):
     W, res, reference = ep
     msg = res[0]["indivisible"]
     assert msg is not None and "moe.num_experts" in msg and f"({W})" in msg
+
+
+def test_all_gather_fallback_matches(spawned):
+    """The all-gather emulation of the exchange (EP=4, unequal loads) equals the one-process reference."""
+    ref = reference(4)["unequal"]
+    for r in range(4):
+        got = spawned[r][4, "emulated"]
+        assert rel(got["loss"], ref["loss"]) <= 1e-10
+        off, L = got["shard"]
+        for step, c in enumerate(got["counts"]):
+            assert torch.equal(c, ref["counts"][step][off:off + L])
+        for n, g in got["grads0"].items():
+            want = ref["grads0"][n][off:off + L] if n in got["expert_names"] else ref["grads0"][n]
+            assert (g - want).abs().max() <= 1e-12, n

@@ -178,5 +178,14 @@ def ep_worker(rank: int, world: int, jobs: dict[tuple[int, str], Case]) -> dict[
             except ConfigError as e:
                 out[size, name] = str(e)
             continue
+        if name.startswith("emulated"):  # the all-gather fallback of the exchange (systems.md §0)
+            from moesaic.parallel import collectives
+
+            collectives.FORCE_EMULATION = True
+            try:
+                out[size, name] = run(case, groups)
+            finally:
+                collectives.FORCE_EMULATION = False
+            continue
         out[size, name] = run(case, groups)
     return out
