@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch first, pinned: the CPU wheel available here; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-toy test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m moesaic.examples.demo configs/demo.yaml --out runs/demo
+
+demo-toy: $(STAMP)
 	$(PY) -m moesaic.examples.toy_regression configs/toy_layer.yaml
 
 test: $(STAMP)

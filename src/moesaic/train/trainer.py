@@ -265,6 +265,8 @@ class Trainer:
                     rec["tokens_per_s"] = win_tokens / win_time if win_time > 0 else 0.0
                     rec["routing"] = self.stats.summary()
                     win_tokens, win_time = 0, 0.0
+                    if progress.bar is None:
+                        self.log(_log_line(rec, tc.max_steps))
                 self.stats.reset()
                 if self.step % tc.eval_every == 0 or (end and tc.eval_at_end):
                     rec.update(self.evaluate())
@@ -301,6 +303,13 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
+
+
+def _log_line(rec: dict[str, Any], total: int) -> str:
+    worst = max((v["max_over_mean"] for v in rec.get("routing", {}).values()), default=None)
+    load = f"  max/mean load {worst:.2f}" if worst is not None else ""
+    return (f"step {rec['step']}/{total}  loss {rec['loss']:.4f}  aux {rec['aux_loss']:.4f}  "
+            f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s{load}")
 
 
 class _Progress:
