@@ -45,7 +45,7 @@ def main() -> None:
         ids = torch.randint(cfg.model.vocab_size, (B, S + 1), generator=g)
         for name in (("moe", "dense") if i % 2 == 0 else ("dense", "moe")):
             m, opt, ts = runs[name]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = m(ids[:, :-1])
             loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
             loss.backward()
@@ -53,13 +53,16 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             moesaic.on_optimizer_step(m, i + 1)
             if i >= 2:  # warm-up steps excluded
-                ts.append(time.perf_counter() - t0)
+                ts.append((time.perf_counter() - t0, time.process_time() - c0))
     res = {"config": args.config, "overrides": args.overrides, "batch": B, "seq_len": S, "threads": args.threads}
     for name, (m, _, ts) in runs.items():
         total, active = count_params(m)
-        res[name] = {"tokens_per_s": B * S / statistics.median(ts), "median_step_s": statistics.median(ts),
-                     "params": total, "active_params": active}
+        wall = statistics.median(t for t, _ in ts)
+        cpu = statistics.median(c for _, c in ts)
+        res[name] = {"tokens_per_s": B * S / wall, "median_step_s": wall, "median_step_cpu_s": cpu,
+                     "tokens_per_cpu_s": B * S / cpu, "params": total, "active_params": active}
     res["ratio_moe_over_dense"] = res["moe"]["tokens_per_s"] / res["dense"]["tokens_per_s"]
+    res["ratio_moe_over_dense_cpu_time"] = res["moe"]["tokens_per_cpu_s"] / res["dense"]["tokens_per_cpu_s"]
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

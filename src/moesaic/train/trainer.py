@@ -101,9 +101,12 @@ class Trainer:
                 self.restore(found)
             else:
                 self.log(f"no valid checkpoint in {self.out}; starting from step 0")
+                self.metrics.truncate_after(0)
         elif existing:
             raise ConfigError("--out", str(self.out), "already holds checkpoints; pass --resume to continue "
                               "or choose another output folder")
+        else:
+            self.metrics.truncate_after(0)  # records of an earlier run that never saved
         if self.is_writer:
             (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
 
