@@ -13,7 +13,8 @@ from moesaic.train import checkpoint as ckpt
 from moesaic.train.tokenizer import CharTokenizer
 
 MODEL = {"kind": "decoder_lm", "vocab_size": 12, "d_model": 8, "num_layers": 1, "d_ff": 8,
-         "attention": {"num_heads": 2}, "moe": {"d_ff": 8, "num_experts": 2, "top_k": 1}}
+         "attention": {"num_heads": 2}, "moe": {"d_ff": 8, "num_experts": 2, "top_k": 1,
+                                                              "router": {"normalization": "none"}}}
 
 
 def _save(out, step, model, cfg_yaml):
