@@ -311,7 +311,11 @@ def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(path), None, "config file not found", show_value=False)
-    data = loads_yaml(p.read_text(encoding="utf-8"), str(path))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), None, f"not a UTF-8 text file (byte {e.start})", show_value=False) from None
+    data = loads_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -158,6 +158,7 @@ BAD = [
     ("set_bad_value", yaml.safe_dump(GOOD), ["--set", "model.moe.top_k=9"], "model.moe.top_k"),
     ("set_inside_scalar", yaml.safe_dump(GOOD), ["--set", "model.d_model.x=1"], "model.d_model"),
     ("missing_file", None, [], "not found"),
+    ("binary_file", b"\xff\xfe\x00model", [], "UTF-8"),
 ]
 
 
@@ -168,7 +169,9 @@ def _argvs(tmp_path):
     argvs = []
     for cid, text, extra, _ in BAD:
         path = tmp_path / f"{cid}.yaml"
-        if text is not None:
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
             path.write_text(text)
         argvs.append(["check", str(path), *extra])
     return argvs

@@ -180,3 +180,10 @@ def test_nan_in_padding_is_ignored_but_nan_in_real_tokens_raises(router):
     x_bad[2, 0] = float("inf")
     with pytest.raises(moesaic.NonFiniteInputError, match="1 of 7 valid tokens"):
         layer(x_bad, mask=mask)
+
+
+def test_mask_of_the_wrong_shape_is_a_typed_error_naming_the_layer():
+    layer = moesaic.moe_layer(D, F, 4, 2)
+    layer.layer_name = "blocks.2.moe"
+    with pytest.raises(moesaic.errors.RoutingInputError, match=r"blocks\.2\.moe.*\(2, 4\)"):
+        layer(torch.randn(2, 5, D), mask=torch.ones(2, 4, dtype=torch.bool))

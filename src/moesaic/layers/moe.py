@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from moesaic.config import Section, require, rule
 from moesaic.dispatch.base import DispatcherConfig
+from moesaic.errors import RoutingInputError
 from moesaic.experts.base import ExpertsConfig
 from moesaic.layers.ffn import DenseFFN
 from moesaic.routing.base import RouterConfig
@@ -120,6 +121,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         mask_T = mask.reshape(-1).to(torch.bool) if mask is not None else None
+        if mask_T is not None and mask_T.numel() != x_TD.shape[0]:
+            raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
+                                    f"the input of shape {tuple(shape)} (one entry per token)")
         if x.dim() == 3 and "seq_ids_T" not in ctx:
             ctx["seq_ids_T"] = torch.arange(shape[0], device=x.device).repeat_interleave(shape[1])
         ctx = {k: (v.reshape(-1) if isinstance(v, Tensor) and k.endswith("_ids") and v.dim() > 1 else v)
