@@ -95,7 +95,7 @@ def _autocast(dtype: torch.dtype, device: torch.device):
 
 
 def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True, memory=True, atol=1e-4,
-                 extra=None, device=None) -> tuple[list[dict], list[str]]:
+                 extra=None, device=None, backward=True) -> tuple[list[dict], list[str]]:
     device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
     checked = impls
@@ -127,7 +127,8 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
         t_f = t_fb = {}
         if repeats > 0:  # --repeats 0: memory only
             t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device)
-            t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
+            if backward:
+                t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
         mem = {}
         if memory:
             for i in impls:
@@ -150,9 +151,10 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
         lim = next(r for r in rows if r["impl"] == "limit" and r["dtype"] == dname)
         flo = next(r for r in rows if r["impl"] == "balanced floor" and r["dtype"] == dname)
         for r in rows:
-            if r["dtype"] == dname and t_f:
+            if r["dtype"] == dname and t_fb:
                 r["fwd_bwd_vs_limit"] = r["fwd_bwd_ms"] / lim["fwd_bwd_ms"]
                 r["fwd_bwd_vs_floor"] = r["fwd_bwd_ms"] / flo["fwd_bwd_ms"]
+            if r["dtype"] == dname and t_f:
                 r["fwd_vs_limit"] = r["fwd_ms"] / lim["fwd_ms"]
             if r["dtype"] == dname:
                 if "peak_MB" in r and lim.get("peak_MB"):
@@ -162,7 +164,8 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
 
 def markdown(rows: Sequence[dict]) -> str:
     cols = [("T", "T"), ("E", "E"), ("k", "k"), ("dtype", "dtype"), ("impl", "implementation"),
-            ("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_vs_limit", "fwd+bwd / limit"),
+            ("fwd_ms", "fwd ms"), ("fwd_vs_limit", "fwd / limit"), ("fwd_bwd_ms", "fwd+bwd ms"),
+            ("fwd_bwd_vs_limit", "fwd+bwd / limit"),
             ("fwd_bwd_vs_floor", "fwd+bwd / bal. floor"), ("peak_MB", "peak MB"),
             ("peak_vs_limit", "peak / limit"), ("saved_MB", "saved MB")]
     out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
@@ -200,6 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated name substrings to keep; =NAME: exact name (floors always kept)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers blocks")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--no-backward", action="store_true", help="time the forward only (decode)")
     p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
     p.add_argument("--markdown", default="", help="write the markdown table here")
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
     for E, k in args.E:
         for T in args.T:
             r, n = bench_config(T, E, k, args.D, args.F, dtypes, args.repeats, args.warmup, names,
-                                not args.no_peers, not args.no_memory, args.atol, extra, torch.device(args.device))
+                                not args.no_peers, not args.no_memory, args.atol, extra, torch.device(args.device),
+                                not args.no_backward)
             rows += r
             notes += [m for m in n if m not in notes]
             print(markdown(r), file=sys.stderr, flush=True)
