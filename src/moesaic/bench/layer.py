@@ -95,7 +95,7 @@ def _autocast(dtype: torch.dtype, device: torch.device):
 
 
 def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True, memory=True, atol=1e-4,
-                 extra=None, device=None, backward=True) -> tuple[list[dict], list[str]]:
+                 extra=None, device=None, backward=True, clock="wall") -> tuple[list[dict], list[str]]:
     device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
     checked = impls
@@ -126,9 +126,11 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
 
         t_f = t_fb = {}
         if repeats > 0:  # --repeats 0: memory only
-            t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device)
+            t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device,
+                                   clock=clock)
             if backward:
-                t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device)
+                t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device,
+                                        clock=clock)
         mem = {}
         if memory:
             for i in impls:
@@ -204,6 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the transformers blocks")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--no-backward", action="store_true", help="time the forward only (decode)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (for a shared machine, with OMP_NUM_THREADS=1)")
     p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
     p.add_argument("--markdown", default="", help="write the markdown table here")
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
         for T in args.T:
             r, n = bench_config(T, E, k, args.D, args.F, dtypes, args.repeats, args.warmup, names,
                                 not args.no_peers, not args.no_memory, args.atol, extra, torch.device(args.device),
-                                not args.no_backward)
+                                not args.no_backward, args.clock)
             rows += r
             notes += [m for m in n if m not in notes]
             print(markdown(r), file=sys.stderr, flush=True)
@@ -234,5 +238,6 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
             f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                       "rows": rows}, f, indent=1)
     return 0

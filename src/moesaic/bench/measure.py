@@ -4,6 +4,11 @@ Time: the median of ``repeats`` runs after ``warmup`` runs, implementations inte
 runs every implementation once, in a shuffled order), so a neighbour process that slows the machine for
 a while hits every implementation alike.
 
+On a CPU shared with other processes, ``clock="cpu"`` (``--clock cpu``) times with the process CPU time:
+with one intra-op thread (``OMP_NUM_THREADS=1``) that is the compute time of the call without the time
+the scheduler gave to other processes (cache and memory-bandwidth contention still count). With several
+threads it sums their CPU time, so it measures work, not latency.
+
 Memory (``peak``): the allocator growth during one forward+backward, above what was allocated before it,
 minus the parameter gradients (which every layer with the same weights must allocate). On CUDA this is
 ``torch.cuda.max_memory_allocated``. On CPU there is no allocator statistic, so the PyTorch profiler
@@ -31,9 +36,11 @@ def _sync(dev: torch.device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     device: torch.device | None = None, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call of every function, interleaved and shuffled per round."""
+                     device: torch.device | None = None, seed: int = 0, clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call of every function, interleaved and shuffled per round. ``clock="cpu"``
+    reads the process CPU time instead of the wall clock (see the module docstring)."""
     dev = device or torch.device("cpu")
+    now = time.process_time if clock == "cpu" else time.perf_counter
     rng = random.Random(seed)
     names = list(fns)
     for _ in range(warmup):
@@ -44,10 +51,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
         rng.shuffle(names)
         for n in names:
             _sync(dev)
-            t0 = time.perf_counter()
+            t0 = now()
             fns[n]()
             _sync(dev)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
