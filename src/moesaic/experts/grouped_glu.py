@@ -63,19 +63,15 @@ def _act_fwd(h_NH: Tensor, activation: str, gated: bool) -> Tensor:
     return B.glu_or_act(h_NH, activation, gated)
 
 
-def _act_bwd(h_NH: Tensor, g_a: Tensor, activation: str, gated: bool) -> Tensor:
-    """``dL/dh`` from ``h`` and ``dL/da`` (SwiGLU by hand, other activations through autograd); may
-    overwrite ``g_a``."""
+def _act_bwd(h_NH: Tensor, g_a: Tensor, activation: str, gated: bool, silu_NF: Tensor | None = None) -> Tensor:
+    """``dL/dh`` from ``h`` and ``dL/da`` (SwiGLU by hand with the fused ``silu_backward`` kernel, other
+    activations through autograd); overwrites ``g_a``. ``silu_NF`` = silu(gate) when already computed."""
     if gated and activation == "silu":
         gate, up = h_NH.chunk(2, dim=-1)
-        s = torch.sigmoid(gate)
-        silu = gate * s
-        g_h = torch.empty_like(h_NH)
         Fd = gate.shape[1]
-        torch.mul(g_a, silu, out=g_h[:, Fd:])
-        # d silu / d gate = s * (1 + gate * (1 - s))
-        s.mul_(gate.mul(s.neg().add_(1)).add_(1))
-        torch.mul(g_a.mul_(up), s, out=g_h[:, :Fd])
+        g_h = torch.empty_like(h_NH)
+        torch.mul(g_a, silu_NF if silu_NF is not None else F.silu(gate), out=g_h[:, Fd:])
+        torch.ops.aten.silu_backward.grad_input(g_a.mul_(up), gate, grad_input=g_h[:, :Fd])
         return g_h
     with torch.enable_grad():
         h = h_NH.detach().requires_grad_()
@@ -119,18 +115,21 @@ class GroupedGLU(torch.autograd.Function):
         with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
             g_out = g_out.to(h_NH.dtype)
             g_ND = g_out.index_select(0, rows_N) if ctx.scatter else g_out.contiguous()
-            a_NF = _act_fwd(h_NH, ctx.act, ctx.gated)  # recomputed, unweighted
+            swiglu = ctx.gated and ctx.act == "silu"
+            silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2]) if swiglu else None
+            a_NF = silu_NF * h_NH[:, h_NH.shape[1] // 2:] if swiglu else _act_fwd(h_NH, ctx.act, ctx.gated)
             g_a = _mm_rows(g_ND, w_down, plan, transpose=False)
             if weight_N is not None:
                 if need[3]:
                     g_weight = torch.linalg.vecdot(g_a, a_NF).to(weight_N.dtype)
                 w_col = weight_N.to(h_NH.dtype).unsqueeze(1)
-                a_NF.mul_(w_col)
                 g_a.mul_(w_col)
+                g_ND = g_ND * w_col  # dW_down = (w g)^T a: scales [N, D] instead of [N, F]
             if need[2]:
                 g_wdown = _mm_weight_grad(g_ND, a_NF, plan, E)
             del a_NF, g_ND
-            g_h = _act_bwd(h_NH, g_a, ctx.act, ctx.gated)
+            g_h = _act_bwd(h_NH, g_a, ctx.act, ctx.gated, silu_NF)
+            del silu_NF
             del g_a
             if need[1]:
                 x_ND = x_SD.index_select(0, rows_N) if rows_N is not None else x_SD
