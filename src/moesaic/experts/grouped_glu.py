@@ -90,6 +90,12 @@ class GroupedGLU(torch.autograd.Function):
         plan = _plan(counts_E, use_grouped)
         dev = x_SD.device.type
         with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
+            if plan[1] is None:  # loop plan: one expert at a time, temporaries O(rows of one expert)
+                h_NH, y = _forward_by_expert(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, plan[0], num_out,
+                                             activation, gated)
+                ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH)
+                ctx.plan, ctx.act, ctx.gated, ctx.scatter = plan, activation, gated, num_out is not None
+                return y
             x_ND = x_SD.index_select(0, rows_N) if rows_N is not None else x_SD
             h_NH = _mm_rows(x_ND, w_up_EHD, plan, transpose=True)
             del x_ND
@@ -114,6 +120,9 @@ class GroupedGLU(torch.autograd.Function):
         g_x = g_wup = g_wdown = g_weight = None
         with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
             g_out = g_out.to(h_NH.dtype)
+            if plan[1] is None:
+                return (*_backward_by_expert(ctx, g_out, x_SD, w_up, w_down, weight_N, rows_N, h_NH),
+                        None, None, None, None, None, None)
             g_ND = g_out.index_select(0, rows_N) if ctx.scatter else g_out.contiguous()
             swiglu = ctx.gated and ctx.act == "silu"
             silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2]) if swiglu else None
@@ -139,6 +148,76 @@ class GroupedGLU(torch.autograd.Function):
                 g_xN = _mm_rows(g_h, w_up, plan, transpose=False)
                 g_x = torch.zeros_like(x_SD).index_add_(0, rows_N, g_xN) if rows_N is not None else g_xN
         return g_x, g_wup, g_wdown, g_weight, None, None, None, None, None, None
+
+
+def _forward_by_expert(x_SD, w_up, w_down, weight_N, rows_N, counts, num_out, act, gated):
+    """Forward of :class:`GroupedGLU` one expert at a time: only ``h_NH`` is ``[N, *]``-sized."""
+    N = sum(counts)
+    h_NH = x_SD.new_empty(N, w_up.shape[1])
+    y = (x_SD.new_zeros(num_out, w_down.shape[1]) if num_out is not None
+         else x_SD.new_empty(N, w_down.shape[1]))
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        sl = slice(start, start + n)
+        x_n = x_SD[rows_N[sl]] if rows_N is not None else x_SD[sl]
+        torch.mm(x_n, w_up[e].t(), out=h_NH[sl])
+        a_n = _act_fwd(h_NH[sl], act, gated)
+        if weight_N is not None:
+            a_n.mul_(weight_N[sl].to(a_n.dtype).unsqueeze(1))
+        if num_out is not None:
+            y.index_add_(0, rows_N[sl], a_n @ w_down[e].t())
+        else:
+            torch.mm(a_n, w_down[e].t(), out=y[sl])
+        start += n
+    return h_NH, y
+
+
+def _backward_by_expert(ctx, g_out, x_SD, w_up, w_down, weight_N, rows_N, h_NH):
+    """Backward of :class:`GroupedGLU` one expert at a time (temporaries O(rows of one expert))."""
+    need, counts = ctx.needs_input_grad, ctx.plan[0]
+    E = w_up.shape[0]
+    alloc = torch.zeros if 0 in counts else torch.empty
+    g_wup = alloc(w_up.shape, dtype=w_up.dtype, device=w_up.device) if need[1] else None
+    g_wdown = alloc(w_down.shape, dtype=w_down.dtype, device=w_down.device) if need[2] else None
+    g_weight = torch.zeros_like(weight_N) if weight_N is not None and need[3] else None
+    g_x = torch.zeros_like(x_SD) if need[0] else None
+    swiglu = ctx.gated and ctx.act == "silu"
+    Fd = h_NH.shape[1] // 2
+    start = 0
+    for e in range(E):
+        n = counts[e]
+        if not n:
+            continue
+        sl = slice(start, start + n)
+        start += n
+        rows = rows_N[sl] if rows_N is not None else None
+        g_n = g_out[rows] if ctx.scatter else g_out[sl]
+        h_n = h_NH[sl]
+        silu_n = F.silu(h_n[:, :Fd]) if swiglu else None
+        a_n = silu_n * h_n[:, Fd:] if swiglu else _act_fwd(h_n, ctx.act, ctx.gated)
+        g_a = g_n @ w_down[e]
+        if weight_N is not None:
+            if g_weight is not None:
+                g_weight[sl] = torch.linalg.vecdot(g_a, a_n).to(weight_N.dtype)
+            w_col = weight_N[sl].to(h_NH.dtype).unsqueeze(1)
+            g_a.mul_(w_col)
+            g_n = g_n * w_col
+        if g_wdown is not None:
+            torch.mm(g_n.t(), a_n, out=g_wdown[e])
+        del a_n, g_n
+        g_h = _act_bwd(h_n, g_a, ctx.act, ctx.gated, silu_n)
+        del g_a, silu_n
+        if g_wup is not None:
+            x_n = x_SD[rows] if rows is not None else x_SD[sl]
+            torch.mm(g_h.t(), x_n, out=g_wup[e])
+        if g_x is not None:
+            if rows is not None:
+                g_x.index_add_(0, rows, g_h @ w_up[e])
+            else:
+                torch.mm(g_h, w_up[e], out=g_x[sl])
+    return g_x, g_wup, g_wdown, g_weight
 
 
 class _null:
