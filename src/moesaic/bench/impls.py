@@ -81,9 +81,11 @@ def floor_impls(D, Fd, E, k, T) -> list[Impl]:
 
     def balanced(x_TD):
         x = rows.to(x_TD.dtype).requires_grad_(x_TD.requires_grad)
-        # unbind once: indexing w[e] per expert would allocate a full [E, ...] zero gradient per expert
+        # unbind/split once: indexing w[e] or slicing x per expert would allocate a full-size zero
+        # gradient per expert in backward (E^2 memory traffic)
         ups, downs = w_up.unbind(0), w_down.unbind(0)
-        return torch.cat([ffn(x[bounds[e]:bounds[e + 1]], ups[e], downs[e]) for e in range(E)])
+        xs = x.split([bounds[e + 1] - bounds[e] for e in range(E)])
+        return torch.cat([ffn(xs[e], ups[e], downs[e]) for e in range(E)])
 
     return [Impl("limit", "floor", limit, [up0, down0], "dense SwiGLU over T*k rows"),
             Impl("balanced floor", "floor", balanced, [w_up, w_down], "E FFNs on balanced sorted slices")]
