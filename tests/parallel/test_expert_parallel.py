@@ -1,6 +1,8 @@
 """Expert parallelism on real gloo processes vs one process on the same global batch (reliability.md
 §4.2 D1, D2, D4, D5, D7). One spawn per world size runs every case; the tests read its results."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,6 +46,9 @@ def spawned():
         jobs[W, "indivisible"] = Case(num_experts=2 * W + 1, steps=0)
     jobs[4, "fp32_again"] = cases(4)["fp32"]
     jobs[4, "emulated"] = cases(4)["unequal"]  # the all-gather fallback, on the unequal loads
+    # backend auto: ranks 2-3 receive no rows and run the `active` backend, whose output does not depend on
+    # its (empty) input; both backward exchanges must still run on every rank (no collective mismatch)
+    jobs[4, "unequal_auto"] = dataclasses.replace(cases(4)["unequal"], backend="auto")
     return spawn(ep_worker, 4, jobs)
 
 
@@ -146,6 +151,18 @@ def test_all_gather_fallback_matches(spawned):
         off, L = got["shard"]
         for step, c in enumerate(got["counts"]):
             assert torch.equal(c, ref["counts"][step][off:off + L])
+        for n, g in got["grads0"].items():
+            want = ref["grads0"][n][off:off + L] if n in got["expert_names"] else ref["grads0"][n]
+            assert (g - want).abs().max() <= 1e-12, n
+
+
+def test_rank_without_rows_and_input_independent_backend(spawned):
+    ref = run(dataclasses.replace(cases(4)["unequal"], backend="auto"))
+    assert ref["counts"][0][2:].sum() == 0
+    for r in range(4):
+        got = spawned[r][4, "unequal_auto"]
+        assert rel(got["loss"], ref["loss"]) <= 1e-10
+        off, L = got["shard"]
         for n, g in got["grads0"].items():
             want = ref["grads0"][n][off:off + L] if n in got["expert_names"] else ref["grads0"][n]
             assert (g - want).abs().max() <= 1e-12, n

@@ -34,6 +34,22 @@ from moesaic.registry import DISPATCHERS
 from moesaic.types import RoutingDecision
 
 
+class _Tie(torch.autograd.Function):
+    """``y`` unchanged, with ``x`` as an extra input that gets a zero gradient. Ties the experts' output to
+    their input so both exchanges are in every rank's backward graph even when an expert backend returns
+    rows that do not depend on the input (e.g. no rows at all): otherwise one rank would skip a
+    backward all-to-all that its peers issue (a collective mismatch)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g, g.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+
+
 def _default_local() -> DispatcherConfig:
     return DispatcherConfig.registry.get("sort").Config()
 
@@ -90,14 +106,16 @@ class AllToAllDispatcher(Dispatcher):
                 recv_WL.reshape(-1).to(x_ND.device))
             perm_M = torch.argsort(local_id_M, stable=True)
             unperm_M = torch.argsort(perm_M)
-        x_MD = all_to_all(x_ND, recv, send, self.group)
-        state.extra["ep"] = (unperm_M, send, recv)
-        return x_MD.index_select(0, perm_M.to(x_MD.device)), recv_WL.sum(0).to(counts_E.device), state
+        x_MD = all_to_all(x_ND, recv, send, self.group).index_select(0, perm_M.to(x_ND.device))
+        state.extra["ep"] = (unperm_M, send, recv, x_MD)
+        return x_MD, recv_WL.sum(0).to(counts_E.device), state
 
     def combine(self, y_MD: Tensor, state: DispatchState) -> Tensor:
         if self.ep_size == 1:
             return self.local.combine(y_MD, state)
-        unperm_M, send, recv = state.extra["ep"]
+        unperm_M, send, recv, x_MD = state.extra["ep"]
+        if torch.is_grad_enabled() and x_MD.requires_grad:
+            y_MD = _Tie.apply(y_MD, x_MD)
         y_back = y_MD.index_select(0, unperm_M.to(y_MD.device))
         y_ND = all_to_all(y_back, send, recv, self.group)
         return self.local.combine(y_ND, state)

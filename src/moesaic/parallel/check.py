@@ -40,6 +40,7 @@ class Case:
     zero_router: bool = False  # all scores tie: every token goes to experts 0..k-1
     random_loads: bool = False  # adversarial: router biased by a fresh Dirichlet(0.1) draw every step
     record_grads: bool = True
+    backend: str = "loop"  # experts backend (``auto`` picks ``active`` for ranks that receive no rows)
 
 
 def build_model(case: Case) -> RegressionModel:
@@ -47,7 +48,7 @@ def build_model(case: Case) -> RegressionModel:
     cfg.moe = moesaic.config.parse(type(cfg.moe), {
         "d_ff": case.d_ff, "num_experts": case.num_experts, "top_k": case.top_k,
         "router": {"kind": "topk", "aux_loss_coef": 0.01, **case.router},
-        "experts": {"kind": "glu", "backend": "loop"}}, "model.moe")
+        "experts": {"kind": "glu", "backend": case.backend}}, "model.moe")
     moesaic.config.validate_tree(cfg, "model")
     torch.manual_seed(case.seed)  # after parsing: the first registry lookup imports modules that draw
     model = RegressionModel(cfg).to(getattr(torch, case.dtype))

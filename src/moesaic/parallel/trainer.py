@@ -32,6 +32,7 @@ from moesaic.parallel.collectives import all_reduce_sum
 from moesaic.parallel.expert_parallel import apply_expert_parallel_, is_expert_param, sync_gradients
 from moesaic.parallel.groups import ParallelGroups, build_groups, group_size
 from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
+from moesaic.train.thor import thor_lm_step
 from moesaic.train.trainer import Trainer
 
 
@@ -105,13 +106,19 @@ class DistributedTrainer(Trainer):
         T = count_tokens(batch)
         ce_total, aux_total = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         if N > 0:
+            alpha = getattr(self.tc, "consistency_alpha", None)
             for i, mb in enumerate(micro):
-                with self._autocast():
-                    out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-                ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
-                aux = moesaic.collect_aux_losses(self.model)  # this rank's share of the global micro-batch's
+                if alpha is not None:  # THOR's two passes (moesaic.train.thor); random draws differ per rank
+                    th = thor_lm_step(self.model, mb, alpha, self._autocast)
+                    obj_sum, ce_sum, aux = th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
+                else:
+                    with self._autocast():
+                        out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
+                    ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+                    obj_sum = ce_sum
+                    aux = moesaic.collect_aux_losses(self.model)  # this rank's share of the global micro-batch's
                 t_glob = count_tokens({k: batch[k].chunk(ga)[i] for k in keys})
-                loss = ce_sum / N + (t_glob / T) * aux
+                loss = obj_sum / N + (t_glob / T) * aux
                 loss.backward()
                 ce_total += ce_sum.detach().double() / N
                 aux_total += aux.detach().double() * t_glob / T
