@@ -1,4 +1,4 @@
-"""Tiny Shakespeare runs for the trainer tests: char tokens, two short plays, a 2-layer MoE LM."""
+"""Tiny Shakespeare runs for the trainer and CLI tests: char tokens, two short plays, a 2-layer MoE LM."""
 
 import copy
 import os
