@@ -9,39 +9,20 @@ well as the MoE it replaces. Prints the held-out MSE of both and the relative sp
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 import moesaic
 from moesaic.convert.ewa import merge_experts_
-from moesaic.errors import MoesaicError
-from moesaic.run_config import load_run_config
+from moesaic.examples.toy_regression import load_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("config")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except MoesaicError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_config(argv, __doc__)
+    if cfg is None:
         return 2
-    torch.manual_seed(cfg.train.seed)
-    model = cfg.model.build()
-    data = cfg.data.build()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    for step in range(1, cfg.train.max_steps + 1):
-        x, y = data.batch(cfg.train.batch_size, gen)
-        loss = torch.nn.functional.mse_loss(model(x), y) + moesaic.collect_aux_losses(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        moesaic.on_optimizer_step(model, step)
+    model, data = train(cfg)
     model.eval()
     x, y = data.batch(4096, torch.Generator().manual_seed(12345))
     with torch.no_grad():

@@ -15,16 +15,21 @@ from moesaic.errors import MoesaicError
 from moesaic.run_config import load_run_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def load_config(argv: list[str] | None, description: str | None):
+    """Parse ``CONFIG [--set k=v ...]``; returns the run config, or None after printing a one-line error."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("config")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        return load_run_config(args.config, args.overrides)
     except MoesaicError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
+
+
+def train(cfg, log: bool = False) -> tuple[torch.nn.Module, object]:
+    """Train ``cfg.model`` on ``cfg.data`` with AdamW (MSE + aux losses); returns (model, dataset)."""
     torch.manual_seed(cfg.train.seed)
     model = cfg.model.build()
     data = cfg.data.build()
@@ -38,8 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         (mse + aux).backward()
         opt.step()
         moesaic.on_optimizer_step(model, step)
-        if step % cfg.train.log_every == 0 or step == 1:
+        if log and (step % cfg.train.log_every == 0 or step == 1):
             print(f"step {step:4d}  mse {mse.item():8.4f}  aux {float(aux.detach()):.4f}")
+    return model, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv, __doc__)
+    if cfg is None:
+        return 2
+    model, data = train(cfg, log=True)
     model.eval()
     with torch.no_grad():
         x, y = data.batch(4096, torch.Generator().manual_seed(12345))
