@@ -65,20 +65,24 @@ def compute_dtype(x: Tensor, *weights: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weights[0].dtype) if weights else x.dtype
 
 
+def _per_expert(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
+                gated: bool, skip_empty: bool) -> Tensor:
+    outs, start = [], 0
+    # unbind once: indexing w[e] per expert would allocate a full [E, ...] zero gradient per expert (E^2)
+    ups, downs = w_up_EHD.unbind(0), w_down_EDF.unbind(0)
+    for e, n in enumerate(counts_E.tolist()):
+        if n or not skip_empty:
+            h_nF = glu_or_act(x_ND[start:start + n] @ ups[e].t(), activation, gated)
+            outs.append(h_nF @ downs[e].t())
+        start += n
+    return torch.cat(outs, 0)
+
+
 @register_backend("loop")
 def loop_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                  activation: str, gated: bool) -> Tensor:
     """Reference: a Python loop over experts. Experts without rows still join the graph (zero grads)."""
-    outs = []
-    start = 0
-    # unbind once: indexing w[e] per expert would allocate a full [E, ...] zero gradient per expert (E^2)
-    ups, downs = w_up_EHD.unbind(0), w_down_EDF.unbind(0)
-    for e, n in enumerate(counts_E.tolist()):
-        x_nD = x_ND[start:start + n]
-        h_nF = glu_or_act(x_nD @ ups[e].t(), activation, gated)
-        outs.append(h_nF @ downs[e].t())
-        start += n
-    return torch.cat(outs, 0)
+    return _per_expert(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, gated, skip_empty=False)
 
 
 @register_backend("active")
@@ -89,14 +93,7 @@ def active_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF:
     y_ND = x_ND.new_empty(x_ND.shape[0], w_down_EDF.shape[1], dtype=dt)
     if x_ND.shape[0] == 0:
         return y_ND + 0 * (w_up_EHD.sum() + w_down_EDF.sum()).to(dt)  # keep the weights in the graph
-    outs, start = [], 0
-    ups, downs = w_up_EHD.unbind(0), w_down_EDF.unbind(0)
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            h = glu_or_act(x_ND[start:start + n] @ ups[e].t(), activation, gated)
-            outs.append(h @ downs[e].t())
-        start += n
-    return torch.cat(outs, 0)
+    return _per_expert(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, gated, skip_empty=True)
 
 
 @register_backend("bmm")

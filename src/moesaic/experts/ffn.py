@@ -42,21 +42,32 @@ class MLPExpertsConfig(GLUExpertsConfig):
     activation: Activation = "gelu"
 
 
+def add_stacked_ffn(module: nn.Module, num_experts: int, d_model: int, d_ff: int, gated: bool) -> None:
+    """Create ``module.w_up_EHD`` ``[E, H, D]`` and ``module.w_down_EDF`` ``[E, D, F]`` (uninitialised)."""
+    H = 2 * d_ff if gated else d_ff
+    module.w_up_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
+    module.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+
+
+def init_stacked_ffn(module: nn.Module, init_std: float | None) -> tuple[float, float]:
+    """Normal init with std ``init_std`` or 1/sqrt(fan_in) per projection; returns the two stds."""
+    std_in = init_std or 1.0 / math.sqrt(module.w_up_EHD.shape[-1])
+    std_out = init_std or 1.0 / math.sqrt(module.w_down_EDF.shape[-1])
+    nn.init.normal_(module.w_up_EHD, std=std_in)
+    nn.init.normal_(module.w_down_EDF, std=std_out)
+    return std_in, std_out
+
+
 class FFNExperts(Experts):
     gated = True
 
     def __init__(self, cfg: GLUExpertsConfig, d_model: int, d_ff: int, num_experts: int, **kw: Any):
         super().__init__(cfg, d_model, d_ff, num_experts)
-        H = 2 * d_ff if self.gated else d_ff
-        self.w_up_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
-        self.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        add_stacked_ffn(self, num_experts, d_model, d_ff, self.gated)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std_in = self.cfg.init_std or 1.0 / math.sqrt(self.d_model)
-        std_out = self.cfg.init_std or 1.0 / math.sqrt(self.d_ff)
-        nn.init.normal_(self.w_up_EHD, std=std_in)
-        nn.init.normal_(self.w_down_EDF, std=std_out)
+        init_stacked_ffn(self, self.cfg.init_std)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
         name = choose_backend(backend or self.cfg.backend, x_ND, self.w_up_EHD, self.w_down_EDF)

@@ -18,7 +18,6 @@ whose ``zero_computation_experts`` must equal ``num_constant + num_copy + num_ze
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from moesaic.activations import Activation
 from moesaic.config import require, rule
 from moesaic.experts.backends import BACKENDS, choose_backend
 from moesaic.experts.base import Experts, ExpertsConfig
+from moesaic.experts.ffn import add_stacked_ffn, init_stacked_ffn
 from moesaic.registry import EXPERTS
 
 
@@ -79,18 +79,13 @@ class ZeroComputationExperts(Experts):
             raise ValueError(f"moepp experts: num_experts ({num_experts}) must exceed the "
                              f"{cfg.num_zero_computation} zero-computation experts")
         self.gated = cfg.gated
-        H = 2 * d_ff if cfg.gated else d_ff
-        self.w_up_EHD = nn.Parameter(torch.empty(self.num_ffn, H, d_model))
-        self.w_down_EDF = nn.Parameter(torch.empty(self.num_ffn, d_model, d_ff))
+        add_stacked_ffn(self, self.num_ffn, d_model, d_ff, cfg.gated)
         self.w_const_C2D = nn.Parameter(torch.empty(cfg.num_constant, 2, d_model))
         self.v_const_CD = nn.Parameter(torch.empty(cfg.num_constant, d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std_in = self.cfg.init_std or 1.0 / math.sqrt(self.d_model)
-        std_out = self.cfg.init_std or 1.0 / math.sqrt(self.d_ff)
-        nn.init.normal_(self.w_up_EHD, std=std_in)
-        nn.init.normal_(self.w_down_EDF, std=std_out)
+        std_in, _ = init_stacked_ffn(self, self.cfg.init_std)
         nn.init.normal_(self.w_const_C2D, std=std_in)
         nn.init.normal_(self.v_const_CD)
 
