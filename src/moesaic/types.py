@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,9 @@ class RoutingDecision:
     num_valid_tokens: int | None = None  # tokens that were routed (padding excluded); None = all
     #: Payload for a paired dispatcher that is not plain COO (Soft MoE: slot logits, mask, sequence ids).
     extra: dict[str, Tensor] = field(default_factory=dict)
+    #: Batch-statistic aux losses as functions of additive statistics (name -> ``AuxStat``,
+    #: :mod:`moesaic.routing.aux_stats`), so a batch split over micro-batches or ranks gets exact shares.
+    aux_stats: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------ building
     @staticmethod

@@ -11,11 +11,11 @@ from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 from moesaic.train.trainer import Trainer
 
 
-def _trainer(tiny_data, tmp_path, ga, router):
+def _trainer(tiny_data, tmp_path, ga, router, **train):
     d = copy.deepcopy(tiny_data)
     d["model"]["moe"]["router"] = router
     d["model"]["moe"]["shared_experts"] = {"num": 1}
-    d["train"].update(batch_size=8, grad_accum=ga, dtype="float64", grad_clip=0.0)
+    d["train"].update(batch_size=8, grad_accum=ga, dtype="float64", grad_clip=0.0, **train)
     return Trainer(load_run_config(data=d), tmp_path / f"ga{ga}")
 
 
@@ -53,10 +53,11 @@ def test_ga_4x2_equals_batch_8_token_mean_aux(tiny_data, data_cache, tmp_path):
 
 
 def test_ga_switch_balance_is_token_weighted_mean_of_micro_batches(tiny_data, data_cache, tmp_path):
-    """A batch-statistics balance loss is defined per micro-batch; the step weighs it by routed tokens. Checked
-    against a brute-force objective built from separate forwards."""
+    """``train.aux_accumulation: micro_batch``: a batch-statistics balance loss is defined per micro-batch; the
+    step weighs it by routed tokens. Checked against a brute-force objective built from separate forwards.
+    (The default, ``exact``, is tested in test_accumulation_exact.py.)"""
     router = {"kind": "topk", "aux_loss_coef": 0.05, "z_loss_coef": 0.0}
-    t4 = _trainer(tiny_data, tmp_path, 4, router)
+    t4 = _trainer(tiny_data, tmp_path, 4, router, aux_accumulation="micro_batch")
     batch = _batch(t4.data.vocab_size)
     r4, g4 = _grads(t4, batch)
     N = int((batch["labels"] != IGNORE_INDEX).sum())
@@ -73,7 +74,7 @@ def test_ga_switch_balance_is_token_weighted_mean_of_micro_batches(tiny_data, da
     for n, p in t4.model.named_parameters():
         torch.testing.assert_close(g4[n], p.grad, atol=1e-12, rtol=0, msg=n)
     # and the LM part alone equals batch 8 regardless of the balance loss
-    t1 = _trainer(tiny_data, tmp_path, 1, router)
+    t1 = _trainer(tiny_data, tmp_path, 1, router, aux_accumulation="micro_batch")
     t1.model.load_state_dict(t4.model.state_dict())
     r1, _ = _grads(t1, batch)
     assert abs(r1["loss"] - r4["loss"]) <= 1e-12

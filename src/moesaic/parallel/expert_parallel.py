@@ -14,13 +14,15 @@ Usage (every rank, after ``torch.distributed`` is initialised and the model is b
 to it and gradients are SUM-reduced (never averaged):
 
 * task loss: ``sum over local tokens / number of tokens in the global batch`` (:func:`global_count`);
-* ``balance`` (Switch/GShard ``E * sum_e f_e P_e``, topk router, ``balance_loss: switch``) and
-  ``device_balance``: ``f_e`` from the counts summed over the global batch, ``P_e`` = the sum of this
-  rank's probabilities divided by the global token count (so the shares add up to the global loss);
-* ``balance`` with ``balance_loss: sequence`` (per-sequence loss, mean over sequences): the local mean
-  times ``S_local / S_global`` (sequences never straddle ranks);
-* every other loss (z-loss, entropy, ...), assumed a mean over tokens: local value times
-  ``T_local / T_global``.
+* aux losses: one router hook shared with exact gradient accumulation
+  (:mod:`moesaic.routing.global_aux`) all-reduces each router's additive statistics
+  (:mod:`moesaic.routing.aux_stats`) and rewrites its losses to this rank's share. Switch/GShard
+  ``E * sum_e f_e P_e`` and ``device_balance``: ``f_e`` from the global counts, ``P_e`` = this rank's
+  probability sum over the global token count; the sequence-wise loss: the sum of this rank's
+  per-sequence losses over the global sequence count; CV^2 losses: the linearised share; token means
+  (z-loss, entropy; also any undeclared loss, as before): local value times ``T_local / T_global``.
+  Under gradient accumulation with ``train.aux_accumulation: exact`` the totals are those of the whole
+  step (pre-pass, then one all-reduce).
 * aux-loss-free bias: the router's ``reduce_load`` sums the step's loads over ``batch_group`` before
   the sign update, so every rank moves its bias identically, as one process would.
 
@@ -39,7 +41,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from moesaic.api import moe_layers
 from moesaic.dispatch.all_to_all import AllToAllDispatcher
@@ -47,6 +49,7 @@ from moesaic.errors import ConfigError
 from moesaic.layers.moe import MoELayer
 from moesaic.parallel.collectives import all_reduce_sum
 from moesaic.parallel.groups import ParallelGroups, group_rank, group_size
+from moesaic.routing.global_aux import GlobalAux
 
 
 @dataclasses.dataclass
@@ -82,6 +85,7 @@ def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same"
         cfg = AllToAllDispatcher.Config(local=local.cfg)
         layer.dispatcher = AllToAllDispatcher(cfg, layer.num_experts, layer.top_k, local=local, group=group)
         _make_router_global(layer, batch_group)
+    GlobalAux.install(model, batch_group)  # aux losses: this rank's share of the global batch's
     model._moesaic_ep = (group, batch_group)  # type: ignore[attr-defined]
     return model
 
@@ -102,57 +106,10 @@ def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ global aux losses
-def _valid_rows(probs_TE: Tensor) -> Tensor:
-    return probs_TE.detach().sum(-1) > 0  # the router base class leaves padding rows at 0
-
-
-def _global_aux_hook(batch_group):
-    def hook(router: nn.Module, args: tuple, kwargs: dict, decision):
-        if not decision.aux_losses or group_size(batch_group) == 1:
-            return decision
-        cfg, E = router.cfg, router.num_experts
-        counts_E = decision.tokens_per_expert()
-        seq = kwargs.get("seq_ids_T")
-        mask = args[1] if len(args) > 1 else kwargs.get("mask_T")
-        if seq is not None and mask is not None:
-            seq = seq[mask.reshape(-1)]
-        S_loc = int(torch.unique(seq).numel()) if seq is not None and seq.numel() else min(decision.valid_tokens, 1)
-        stats = torch.cat([counts_E.to(torch.float64),
-                           torch.tensor([decision.valid_tokens, S_loc], dtype=torch.float64, device=counts_E.device)])
-        stats = all_reduce_sum(stats, batch_group)
-        glob_E, T_glob, S_glob = stats[:E], float(stats[E]), float(stats[E + 1])
-        T_loc = decision.valid_tokens
-        out = {}
-        for name, value in decision.aux_losses.items():
-            kind = getattr(cfg, "balance_loss", None) if name == "balance" else None
-            if name in ("balance", "device_balance") and (kind == "switch" or name == "device_balance") \
-                    and decision.probs_TE is not None and T_glob > 0:
-                p_TE = decision.probs_TE
-                if getattr(cfg, "score_func", "softmax") == "sigmoid":
-                    p_TE = p_TE[_valid_rows(p_TE)]
-                    p_TE = p_TE / p_TE.sum(-1, keepdim=True)
-                P_E = p_TE.sum(0) / T_glob  # this rank's share of the global mean
-                f_E = (glob_E / glob_E.sum().clamp_min(1)).to(P_E.dtype)
-                if name == "balance":
-                    out[name] = E * (f_E * P_E).sum()
-                else:
-                    G = cfg.device_groups
-                    out[name] = (E * f_E.view(G, -1).mean(1) * P_E.view(G, -1).sum(1)).sum()
-            elif name == "balance" and kind == "sequence":
-                out[name] = value * (S_loc / S_glob if S_glob else 0.0)
-            else:
-                out[name] = value * (T_loc / T_glob if T_glob else 0.0)
-        return decision.replace(aux_losses=out)
-
-    return hook
-
-
 def _make_router_global(layer: MoELayer, batch_group) -> None:
     router = layer.router
-    router.register_forward_hook(_global_aux_hook(batch_group), with_kwargs=True)
     if hasattr(router, "reduce_load"):
         router.reduce_load = lambda t: all_reduce_sum(t, batch_group)
-
 
 
 # ------------------------------------------------------------------------------------------- gradients

@@ -105,24 +105,28 @@ class DistributedTrainer(Trainer):
         N = count_valid(batch["labels"])  # the global batch is known on every rank: no collective needed
         T = count_tokens(batch)
         ce_total, aux_total = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        alpha = getattr(self.tc, "consistency_alpha", None)
+
+        def forward(mb):
+            if alpha is not None:  # THOR's two passes (moesaic.train.thor); random draws differ per rank
+                th = thor_lm_step(self.model, mb, alpha, self._autocast)
+                return th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
+            with self._autocast():
+                out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
+            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+            return ce_sum, ce_sum, moesaic.collect_aux_losses(self.model)  # this rank's share (expert_parallel.py)
+
         if N > 0:
-            alpha = getattr(self.tc, "consistency_alpha", None)
-            for i, mb in enumerate(micro):
-                if alpha is not None:  # THOR's two passes (moesaic.train.thor); random draws differ per rank
-                    th = thor_lm_step(self.model, mb, alpha, self._autocast)
-                    obj_sum, ce_sum, aux = th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
-                else:
-                    with self._autocast():
-                        out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-                    ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
-                    obj_sum = ce_sum
-                    aux = moesaic.collect_aux_losses(self.model)  # this rank's share of the global micro-batch's
-                t_glob = count_tokens({k: batch[k].chunk(ga)[i] for k in keys})
-                loss = obj_sum / N + (t_glob / T) * aux
-                loss.backward()
-                ce_total += ce_sum.detach().double() / N
-                aux_total += aux.detach().double() * t_glob / T
-                self.stats.update()
+            with self.aux_acc.step(micro, forward) as aux_is_share:  # exact: shares of the global step's aux
+                for i, mb in enumerate(micro):
+                    self.aux_acc.next_micro()
+                    obj_sum, ce_sum, aux = forward(mb)
+                    w = 1.0 if aux_is_share else count_tokens({k: batch[k].chunk(ga)[i] for k in keys}) / T
+                    loss = obj_sum / N + w * aux
+                    loss.backward()
+                    ce_total += ce_sum.detach().double() / N
+                    aux_total += aux.detach().double() * w
+                    self.stats.update()
             sync_gradients(self.model, g)
         logged = torch.stack([ce_total, aux_total])
         all_reduce_sum(logged, g.dp)

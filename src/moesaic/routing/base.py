@@ -77,6 +77,13 @@ class Router(nn.Module):
     requires_dispatcher: ClassVar[str | None] = None
     #: True for routers whose eval-mode routing is random by design (THOR); reproducible under a seed.
     stochastic_eval: ClassVar[bool] = False
+    #: Aux losses that are means over the routed tokens: the share of a part of a split batch (micro-batch,
+    #: rank) is ``value * t_part / T`` (exact). See :mod:`moesaic.routing.global_aux`.
+    token_mean_losses: ClassVar[frozenset[str]] = frozenset({"z"})
+    #: Aux losses built from batch statistics that :meth:`route` declares in ``RoutingDecision.aux_stats``
+    #: (:mod:`moesaic.routing.aux_stats`), so split batches get exact shares. A loss in neither set cannot be
+    #: split exactly (exact gradient accumulation rejects it).
+    stat_losses: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def causal_allowed(cls, cfg: RouterConfig) -> bool:

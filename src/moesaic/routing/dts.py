@@ -39,7 +39,7 @@ from torch import Tensor
 
 from moesaic.config import rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, stable_topk
 from moesaic.schedules import ScheduleConfig
 from moesaic.types import RoutingDecision
@@ -77,6 +77,7 @@ class DTSRouter(Router):
     """EvoMoE dense-to-sparse Gumbel gate: experts above a threshold, temperature annealed (Nie et al. 2021)."""
 
     Config = DTSRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: DTSRouterConfig
 
     def __init__(self, cfg: DTSRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -117,13 +118,15 @@ class DTSRouter(Router):
                     sel_TE.scatter_(1, g_TE.argmax(-1, keepdim=True), True)
         w_TE = (g_TE if cfg.use_gumbel_gates else probs_TE) * sel_TE
         aux = self._z(logits_TE)
+        stats = {}
         if cfg.aux_loss_coef > 0:
             aux["balance"] = dts_aux_loss(w_TE, sel_TE)
+            stats["balance"] = aux_stats.gate_usage(w_TE, sel_TE)
         tok_N, exp_N = sel_TE.nonzero(as_tuple=True)
         # choice rank: experts of a token ordered by g, best first
         rank_TE = torch.argsort(torch.argsort(-g_TE.detach(), dim=-1, stable=True), dim=-1)
         return RoutingDecision(tok_N, exp_N, w_TE[tok_N, exp_N], T, E, choice_N=rank_TE[tok_N, exp_N],
-                               probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+                               probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux, aux_stats=stats)
 
     def _z(self, logits_TE: Tensor) -> dict[str, Tensor]:
         return {"z": losses.z_loss(logits_TE)} if self.cfg.z_loss_coef > 0 else {}

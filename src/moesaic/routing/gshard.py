@@ -22,7 +22,7 @@ from torch import Tensor
 
 from moesaic.config import rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -41,6 +41,7 @@ class GShardRouter(Router):
     """GShard top-2 (Lepikhin et al. 2020): renormalised top-2, random 2nd expert, top-1 aux loss."""
 
     Config = GShardRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: GShardRouterConfig
     required_top_k = 2
 
@@ -63,8 +64,12 @@ class GShardRouter(Router):
         ids_T2 = torch.stack([ids_T2[:, 0], torch.where(keep_T, ids_T2[:, 1], -1)], dim=1)
 
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if cfg.aux_loss_coef > 0:
-            aux["balance"] = losses.switch_balance(probs_TE, torch.bincount(ids_T2[:, 0], minlength=E))
+            counts_E = torch.bincount(ids_T2[:, 0], minlength=E)
+            aux["balance"] = losses.switch_balance(probs_TE, counts_E)
+            stats["balance"] = aux_stats.switch(probs_TE, counts_E)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_T2, w_T2, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+        return RoutingDecision.from_topk(ids_T2, w_T2, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
+                                         aux_stats=stats)

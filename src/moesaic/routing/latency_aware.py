@@ -30,7 +30,7 @@ from torch import Tensor
 
 from moesaic.config import require, rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -79,6 +79,7 @@ class LatencyAwareRouter(Router):
     """ShiftAddViT noisy top-k with the latency-aware CV^2 balance loss for experts of different cost."""
 
     Config = LatencyAwareRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: LatencyAwareRouterConfig
 
     def __init__(self, cfg: LatencyAwareRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -99,6 +100,7 @@ class LatencyAwareRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         w_TK, ids_TK = stable_topk(probs_TE, k)
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if self.cfg.aux_loss_coef > 0:
             gates_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, w_TK)
             if noisy and k < E:
@@ -106,8 +108,12 @@ class LatencyAwareRouter(Router):
             else:
                 load_TE = (gates_TE > 0).to(gates_TE.dtype)
             aux["balance"] = latency_balance(gates_TE, load_TE, self.latency.to(gates_TE.dtype), self.cfg.unbiased_cv)
+            lat_E, ub = self.latency.to(gates_TE.dtype), self.cfg.unbiased_cv
+            stats["balance"] = aux_stats.combined(imp=aux_stats.cv2(gates_TE.sum(0), ub, lat_E),
+                                                  load=aux_stats.cv2(load_TE.sum(0), ub, lat_E))
         if self.cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
         with torch.no_grad():
             self.shift_ratio = (ids_TK != 0).double().mean() if ids_TK.numel() else None
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
+                                         aux_stats=stats)

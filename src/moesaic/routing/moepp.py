@@ -44,7 +44,7 @@ from moesaic.config import require, rule
 from moesaic.dispatch.capacity import slot_positions
 from moesaic.errors import MoesaicError
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, router_dtype, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -90,6 +90,7 @@ class MoEPPRouter(Router):
     """MoE++ router: gating residuals, zero/copy/constant-aware gating, heterogeneous balance (Jin et al. 2024)."""
 
     Config = MoEPPRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: MoEPPRouterConfig
 
     def __init__(self, cfg: MoEPPRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -171,11 +172,14 @@ class MoEPPRouter(Router):
         probs_TE, ids_TK, w_TK = self._gate(logits_TE)
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if cfg.aux_loss_coef > 0:
             aux["balance"] = hetero_balance(probs_TE, counts_E, T, self.eta)
+            stats["balance"] = aux_stats.hetero(probs_TE, counts_E, self.eta)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
-        d = RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+        d = RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
+                                      aux_stats=stats)
         if cfg.capacity_factor is not None and self.training:
             c_ffn, c_zc = hetero_capacity(T, k, self.num_ffn, self.num_zc, cfg.tau, cfg.capacity_factor)
             cap_E = torch.full((E,), c_zc, dtype=torch.long, device=x_TD.device)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moesaic.config import rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, router_dtype, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -45,6 +45,7 @@ class NoisyTopKRouter(Router):
     """Noisy top-k gating (Shazeer et al. 2017): learned Gaussian noise, softmax over the top k, CV^2 losses."""
 
     Config = NoisyTopKRouterConfig
+    stat_losses = frozenset({"importance", "load"})
     cfg: NoisyTopKRouterConfig
 
     def __init__(self, cfg: NoisyTopKRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -78,18 +79,22 @@ class NoisyTopKRouter(Router):
         gates_TE = torch.zeros_like(noisy_TE).scatter(1, ids_TK, w_TK)
 
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if cfg.importance_coef > 0:
-            aux["importance"] = losses.cv_squared(gates_TE.sum(0), cfg.unbiased)
+            imp_E = gates_TE.sum(0)
+            aux["importance"] = losses.cv_squared(imp_E, cfg.unbiased)
+            stats["importance"] = aux_stats.cv2(imp_E, cfg.unbiased)
         if cfg.load_coef > 0 and E > k:
             if use_noise:
                 load_E = losses.noisy_topk_load_prob(clean_TE, noisy_TE, sigma_TE, k).sum(0)
             else:
                 load_E = torch.bincount(ids_TK.reshape(-1), minlength=E).to(clean_TE.dtype)
             aux["load"] = losses.cv_squared(load_E, cfg.unbiased)
+            stats["load"] = aux_stats.cv2(load_E, cfg.unbiased)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(clean_TE)
         return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=clean_TE.softmax(-1), logits_TE=clean_TE,
-                                         aux_losses=aux)
+                                         aux_losses=aux, aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {"importance": self.cfg.importance_coef, "load": self.cfg.load_coef, "z": self.cfg.z_loss_coef}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from moesaic.config import rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, router_dtype, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -40,6 +40,7 @@ class SwitchRouter(Router):
     """Switch top-1 (Fedus et al. 2021): input jitter, weight p_max, Switch aux loss; capacity via dispatcher."""
 
     Config = SwitchRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: SwitchRouterConfig
     required_top_k = 1
 
@@ -59,8 +60,12 @@ class SwitchRouter(Router):
         w_T1 = probs_TE.gather(1, ids_T1)
 
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if cfg.aux_loss_coef > 0:
-            aux["balance"] = losses.switch_balance(probs_TE, torch.bincount(ids_T1.reshape(-1), minlength=E))
+            counts_E = torch.bincount(ids_T1.reshape(-1), minlength=E)
+            aux["balance"] = losses.switch_balance(probs_TE, counts_E)
+            stats["balance"] = aux_stats.switch(probs_TE, counts_E)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+        return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
+                                         aux_stats=stats)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from moesaic.config import require, rule
 from moesaic.errors import RoutingInputError
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, router_dtype, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -88,6 +88,7 @@ class TaskGatesRouter(Router):
     """M3ViT multi-gate: one noisy top-k gate per task over shared experts (Liang et al. 2022)."""
 
     Config = TaskGatesRouterConfig
+    stat_losses = frozenset({"balance"})
     cfg: TaskGatesRouterConfig
     has_weight = False
 
@@ -147,17 +148,22 @@ class TaskGatesRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         w_TK, ids_TK = stable_topk(probs_TE, self.top_k)
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if self.cfg.aux_loss_coef > 0:
             counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
             if self.cfg.balance_loss == "switch":
                 aux["balance"] = losses.switch_balance(probs_TE, counts_E)
+                stats["balance"] = aux_stats.switch(probs_TE, counts_E)
             else:  # V-MoE / M3ViT: CV^2 of the importance (summed gates) plus CV^2 of the load (counts)
                 imp_E = probs_TE.new_zeros(E).index_add(0, ids_TK.reshape(-1), w_TK.reshape(-1))
                 aux["balance"] = losses.cv_squared(imp_E) + losses.cv_squared(counts_E.to(probs_TE.dtype))
+                stats["balance"] = aux_stats.combined(imp=aux_stats.cv2(imp_E),
+                                                      load=aux_stats.cv2(counts_E.to(probs_TE.dtype)))
         if self.cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE.masked_fill(logits_TE.isinf(), -1e4))
         return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE,
-                                         logits_TE=logits_TE.masked_fill(logits_TE.isinf(), 0.0), aux_losses=aux)
+                                         logits_TE=logits_TE.masked_fill(logits_TE.isinf(), 0.0), aux_losses=aux,
+                                         aux_stats=stats)
 
 
 @dataclasses.dataclass

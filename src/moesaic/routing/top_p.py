@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moesaic.config import require, rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig
 from moesaic.types import RoutingDecision
 
@@ -68,6 +68,8 @@ class TopPRouter(Router):
     """Dynamic top-p: fewest experts whose probabilities exceed p, raw weights (Huang et al. 2024)."""
 
     Config = TopPRouterConfig
+    token_mean_losses = frozenset({"z", "dynamic"})
+    stat_losses = frozenset({"balance"})
     cfg: TopPRouterConfig
 
     def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
@@ -76,9 +78,12 @@ class TopPRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         ids_TK, w_TK = top_p_select(probs_TE, cfg.threshold, cfg.max_k)
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         if cfg.aux_loss_coef > 0:
             sel = ids_TK[ids_TK >= 0]
-            bal = losses.switch_balance(probs_TE, torch.bincount(sel, minlength=E))
+            counts_E = torch.bincount(sel, minlength=E)
+            bal = losses.switch_balance(probs_TE, counts_E)
+            stats["balance"] = aux_stats.switch(probs_TE, counts_E, cfg.balance_normalization == "tokens")
             if cfg.balance_normalization == "tokens":
                 bal = bal * (sel.numel() / max(x_TD.shape[0], 1))
             aux["balance"] = bal
@@ -86,7 +91,8 @@ class TopPRouter(Router):
             aux["dynamic"] = losses.router_entropy(probs_TE)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
+                                         aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "dynamic": self.cfg.dynamic_loss_coef}

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from moesaic.config import require, rule
 from moesaic.registry import ROUTERS
-from moesaic.routing import losses
+from moesaic.routing import aux_stats, losses
 from moesaic.routing.base import Router, RouterConfig, stable_topk
 from moesaic.types import RoutingDecision
 
@@ -70,6 +70,7 @@ class TopKRouter(Router):
 
     Config = TopKRouterConfig
     cfg: TopKRouterConfig
+    stat_losses = frozenset({"balance", "device_balance"})
 
     def __init__(self, cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
@@ -120,20 +121,25 @@ class TopKRouter(Router):
         if cfg.expert_bias and self.training:
             self.step_load += counts_E.to(self.step_load.dtype)
         aux: dict[str, Tensor] = {}
+        stats: dict[str, aux_stats.AuxStat] = {}
         probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         if cfg.aux_loss_coef > 0 and cfg.balance_loss != "none":
             if cfg.balance_loss == "switch":
                 aux["balance"] = losses.switch_balance(probs_TE, counts_E)
+                stats["balance"] = aux_stats.switch(probs_TE, counts_E)
             else:
                 plain_ids = stable_topk(scores_TE.detach(), k)[1] if cfg.expert_bias else ids_TK
                 seq = seq_ids_T if seq_ids_T is not None else torch.zeros(x_TD.shape[0], dtype=torch.long,
                                                                            device=x_TD.device)
                 aux["balance"] = losses.sequence_balance(scores_TE, plain_ids, seq)
+                stats["balance"] = aux_stats.sequence(scores_TE, plain_ids, seq)
         if cfg.device_loss_coef > 0:
             aux["device_balance"] = losses.device_balance(probs_TE, counts_E, cfg.device_groups)
+            stats["device_balance"] = aux_stats.device(probs_TE, counts_E, cfg.device_groups)
         if cfg.z_loss_coef > 0:
             aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=scores_TE, logits_TE=logits_TE, aux_losses=aux)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=scores_TE, logits_TE=logits_TE, aux_losses=aux,
+                                         aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "device_balance": self.cfg.device_loss_coef}

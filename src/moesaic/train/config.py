@@ -44,6 +44,10 @@ class TrainConfig(Section):
     threads: int | None = rule(None, ge=1, doc="torch intra-op threads (default: torch's choice)")
     consistency_alpha: float | None = rule(None, ge=0.0, doc="THOR (routing.md §4): two stochastic passes per "
                                            "micro-batch, CE1 + CE2 + alpha * consistency; None = one pass")
+    aux_accumulation: Literal["exact", "micro_batch"] = rule(
+        "exact", doc="exact: batch-statistic aux losses (Switch balance, CV^2) of the whole step under grad_accum "
+        "(a no-grad pre-pass collects the statistics); micro_batch: each micro-batch's own statistics, "
+        "token-weighted (cheaper; Megatron-LM/transformers). See moesaic.train.loss")
 
     def validate(self, path: str) -> None:
         require(self.batch_size % self.grad_accum == 0, f"{path}.grad_accum", self.grad_accum,

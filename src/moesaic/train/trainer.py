@@ -25,6 +25,7 @@ import moesaic
 from moesaic.config import dump_yaml, loads_yaml, parse, to_dict
 from moesaic.errors import CheckpointMismatchError, ConfigError
 from moesaic.train import checkpoint as ckpt
+from moesaic.train.aux_accumulation import AuxAccumulation
 from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
 from moesaic.train.metrics import MetricsWriter, RoutingStats
 from moesaic.train.schedule import lr_factor
@@ -81,6 +82,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = cfg.model.build().to(self.dtype)
         self.model = self.prepare_model(self.model)  # hook: expert parallelism shards the experts here
+        self.aux_acc = AuxAccumulation(self.model, tc.aux_accumulation, tc.grad_accum)  # train/loss.py
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -189,21 +191,27 @@ class Trainer:
         T = count_tokens(batch)
         ce_total, aux_total = 0.0, 0.0
         alpha = self.tc.consistency_alpha
-        for mb in micro if N > 0 else []:
+
+        def forward(mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """The micro-batch's forward(s): objective sum, CE sum, aux (also the exact-aux pre-pass)."""
             if alpha is not None:  # THOR: two stochastic passes + consistency (moesaic.train.thor)
                 th = thor_lm_step(self.model, mb, alpha, self._autocast)
-                obj_sum, ce_sum, aux = th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
-            else:
-                with self._autocast():
-                    out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-                ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
-                obj_sum, aux = ce_sum, moesaic.collect_aux_losses(self.model)
-            t = count_tokens(mb)
-            loss = obj_sum / N + (t / T) * aux
-            loss.backward()
-            ce_total += float(ce_sum.detach()) / N
-            aux_total += float(aux.detach()) * t / T
-            self.stats.update()
+                return th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
+            with self._autocast():
+                out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
+            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+            return ce_sum, ce_sum, moesaic.collect_aux_losses(self.model)
+
+        with self.aux_acc.step(micro, forward, enabled=N > 0) as aux_is_share:
+            for mb in micro if N > 0 else []:
+                self.aux_acc.next_micro()
+                obj_sum, ce_sum, aux = forward(mb)
+                w = 1.0 if aux_is_share else count_tokens(mb) / T  # exact shares need no weighting
+                loss = obj_sum / N + w * aux
+                loss.backward()
+                ce_total += float(ce_sum.detach()) / N
+                aux_total += float(aux.detach()) * w
+                self.stats.update()
         return {"loss": ce_total, "aux_loss": aux_total, "tokens": N}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
