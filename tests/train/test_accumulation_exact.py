@@ -170,3 +170,53 @@ def test_unsplittable_batch_loss_is_rejected(tiny_data, data_cache, tmp_path, mo
     _trainer(tiny_data, tmp_path / "ga1", 1, router, k)
     z_only = {"kind": "topk", "aux_loss_coef": 0.0, "z_loss_coef": 0.01}  # token means need no pre-pass
     assert not _trainer(tiny_data, tmp_path / "z", 4, z_only, k).aux_acc.prepass
+
+
+def _ep_worker(rank, world, tiny_data, root, names):
+    """Expert parallelism 2 x gradient accumulation 2 (DistributedTrainer) on gloo: one step's gradients."""
+    from moesaic.parallel.trainer import DistributedTrainer
+
+    out = {}
+    for name in names:
+        router, k = ROUTERS[name]
+        d = copy.deepcopy(tiny_data)
+        d["model"]["moe"].update(router=router, top_k=k)
+        d["train"].update(batch_size=8, grad_accum=2, dtype="float64", grad_clip=0.0)
+        d["parallel"] = {"ep_size": world}
+        t = DistributedTrainer(load_run_config(data=d), f"{root}/{name}")
+        r, g = _grads(t, _batch(t.data.vocab_size))
+        shards = {n: layer.experts.ep_shard.offset for n, layer in
+                  ((lay.layer_name, lay) for lay in moesaic.moe_layers(t.model))}
+        out[name] = {"r": r, "g": g, "offset": shards, "prepass": t.aux_acc.prepass}
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@NO_PREPASS_MISMATCH
+def test_ep2_times_ga2_equals_one_process_batch_8(tiny_data, data_cache, tmp_path):
+    """EP + GA: the pre-pass totals are all-reduced over the ranks once; every rank's dense gradients and its
+    expert shard's gradients equal one process at batch 8 (1e-12)."""
+    from moesaic.parallel.launch import spawn
+
+    names = ["topk_switch_z", "noisy_topk_cv2", "topk_sequence"]
+    res = spawn(_ep_worker, 2, tiny_data, str(tmp_path / "ep"), names)
+    for name in names:
+        router, k = ROUTERS[name]
+        t1 = _trainer(tiny_data, tmp_path / f"ref_{name}", 1, router, k)
+        r1, g1 = _grads(t1, _batch(t1.data.vocab_size))
+        for rank in range(2):
+            got = res[rank][name]
+            assert got["prepass"]
+            assert abs(got["r"]["loss"] - r1["loss"]) <= 1e-12
+            assert abs(got["r"]["aux_loss"] - r1["aux_loss"]) <= 1e-12
+            assert got["g"].keys() >= g1.keys()
+            for n in got["g"].keys() - g1.keys():  # filled with zeros by the gradient all-reduce (unused weights)
+                assert not got["g"][n].any(), n
+            for n, ref in g1.items():
+                g = got["g"][n]
+                if g.shape != ref.shape:  # an expert weight: this rank's slice of the experts
+                    layer = next(lay for lay in got["offset"] if n.startswith(lay + "."))
+                    ref = ref[got["offset"][layer]:got["offset"][layer] + g.shape[0]]
+                torch.testing.assert_close(g, ref, atol=1e-12, rtol=0, msg=f"{name} rank {rank} {n}")

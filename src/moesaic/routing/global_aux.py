@@ -36,6 +36,10 @@ from moesaic.routing import aux_stats
 ATTR = "_moesaic_global_aux"
 
 
+class _PrepassDone(Exception):
+    """Raised by the hook when the pre-pass has seen every router of a micro-batch (skips the rest)."""
+
+
 def _group_size(group: Any) -> int:
     if group is None:
         return 1
@@ -80,12 +84,13 @@ class GlobalAux:
     def __init__(self, batch_group: Any = None):
         self.batch_group = batch_group
         self.mode = "local"
-        self.index: dict[int, int] = {}  # id(router) -> position in module order (same on every rank)
         self.fired: dict[int, int] = {}  # id(router) -> forwards since the micro-batch began
         self.micro = -1
         self.totals: dict[tuple[int, int], dict[str, Any]] = {}  # (router index, firing) -> totals
         self.seen: dict[tuple[int, int, int], Tensor] = {}  # (micro, router index, firing) -> counts
         self.warned = False
+        self.count = 0  # aux-loss router forwards in this micro-batch
+        self.stop_after: int | None = None  # pre-pass: end a micro-batch's forwards after this many
 
     # ------------------------------------------------------------------------------------ install
     @staticmethod
@@ -98,7 +103,7 @@ class GlobalAux:
         if ga is None:
             ga = GlobalAux(batch_group)
             for i, layer in enumerate(moe_layers(model)):
-                ga.index[id(layer.router)] = i
+                layer.router._moesaic_aux_index = i  # module order: the same on every rank (survives deepcopy)
                 layer.router.register_forward_hook(ga._hook, with_kwargs=True)
             object.__setattr__(model, ATTR, ga)  # not a submodule: no state_dict entry
         elif batch_group is not None:
@@ -111,16 +116,24 @@ class GlobalAux:
         ``no_grad`` for every micro-batch, RNG and MoE buffers restored afterwards; then ``apply`` mode."""
         from moesaic.api import moe_layers
 
-        self.totals, self.seen, self.micro = {}, {}, -1
+        self.totals, self.seen, self.micro, self.stop_after = {}, {}, -1, None
         buffers = [(b, b.detach().clone()) for layer in moe_layers(model) for b in layer.buffers()]
         cpu = torch.get_rng_state()
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.mode = "collect"
         try:
             with torch.no_grad():
-                for mb in micro:
+                for j, mb in enumerate(micro):
                     self.next_micro()
-                    run(mb)
+                    try:
+                        run(mb)
+                    except _PrepassDone:
+                        pass
+                    if j == 0 and self.count > 0:
+                        # the first micro-batch ran completely and counted the router forwards that carry
+                        # aux losses; later ones stop after the last of them (skipping the last layer's
+                        # experts, the head and the loss). Every rank stops at the same point (EP).
+                        self.stop_after = self.count
         finally:
             torch.set_rng_state(cpu)
             if cuda is not None:
@@ -135,10 +148,11 @@ class GlobalAux:
 
     def next_micro(self) -> None:
         """Call before the forward(s) of each micro-batch (pre-pass and real pass alike)."""
-        self.fired, self.micro = {}, self.micro + 1
+        self.fired, self.micro, self.count = {}, self.micro + 1, 0
 
     def end_step(self) -> None:
         self.mode, self.totals, self.seen, self.fired, self.micro = "local", {}, {}, {}, -1
+        self.count, self.stop_after = 0, None
 
     @contextlib.contextmanager
     def step(self, model: nn.Module, micro: list[Any], run: Callable[[Any], Any],
@@ -161,7 +175,7 @@ class GlobalAux:
                 return decision
             local = self._local(decision)
             return self._rewrite(router, decision, local, self._reduce_one(local))
-        i = self.index[id(router)]
+        i = router._moesaic_aux_index
         k = self.fired.get(id(router), 0)
         self.fired[id(router)] = k + 1
         key = (i, k)
@@ -175,6 +189,9 @@ class GlobalAux:
                     v = v.detach().to(torch.float64)
                     acc[s] = acc[s] + v if s in acc else v.clone()
             self.seen[(self.micro, i, k)] = decision.tokens_per_expert()
+            self.count += 1
+            if self.stop_after is not None and self.count >= self.stop_after:
+                raise _PrepassDone
             return decision
         if key not in self.totals:
             raise RuntimeError(f"{getattr(router, 'layer_name', 'router')}: forward {k + 1} of this micro-batch has no "
