@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 1")
     model = moesaic.load(args.checkpoint)
     tok = getattr(model, "tokenizer", None)
+    if hasattr(getattr(model, "cfg", None), "num_labels"):
+        raise CheckpointMismatchError(f"{args.checkpoint}: model.kind {model.cfg.kind} is a classifier, not a "
+                                      "language model; use `moesaic eval` for its accuracy")
     if tok is None or not hasattr(model, "generate"):
         raise CheckpointMismatchError(f"{args.checkpoint}: not a language model with a tokenizer")
     ids = tok.encode(args.prompt)

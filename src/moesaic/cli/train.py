@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     s = trainer.summary
     val = f"  val_loss {s['val_loss']:.4f}" if "val_loss" in s else ""
+    val += f"  val_accuracy {s['val_accuracy']:.4f}" if "val_accuracy" in s else ""
     print(f"step {s['steps']}  loss {s.get('loss', float('nan')):.4f}{val}  {s['tokens_per_s']:.0f} tokens/s  "
           f"-> {out}")
     return code

@@ -31,7 +31,7 @@ from moesaic.parallel import expert_state
 from moesaic.parallel.collectives import all_reduce_sum
 from moesaic.parallel.expert_parallel import apply_expert_parallel_, is_expert_param, sync_gradients
 from moesaic.parallel.groups import ParallelGroups, build_groups, group_size
-from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
+from moesaic.train.loss import count_tokens, count_valid
 from moesaic.train.thor import thor_lm_step
 from moesaic.train.trainer import Trainer
 
@@ -113,7 +113,7 @@ class DistributedTrainer(Trainer):
                 return th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
             with self._autocast():
                 out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+            ce_sum, _ = self.task.loss_sum(out.logits, mb["labels"])
             return ce_sum, ce_sum, moesaic.collect_aux_losses(self.model)  # this rank's share (expert_parallel.py)
 
         if N > 0:

@@ -304,9 +304,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: st
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """``moesaic.load(dir)``: build the model from ``config.yaml`` and load ``model.safetensors`` (hashes
-    checked). Returns the model in eval mode; ``model.tokenizer`` holds the tokenizer when saved."""
+    checked). Returns the model in eval mode; ``model.tokenizer`` holds the tokenizer when saved and
+    ``model.label_names`` a classifier's class names (from its dataset; None otherwise)."""
     from moesaic.config import loads_yaml
     from moesaic.errors import ConfigError
+    from moesaic.registry import DATASETS
     from moesaic.run_config import load_run_config
     from moesaic.train.tokenizer import TextTokenizer
 
@@ -325,6 +327,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
         model.to(device)
     model.eval()
     model.run_config = cfg
+    data_cls = DATASETS.get(cfg.data.kind) if cfg.data.kind in DATASETS else None
+    model.label_names = getattr(data_cls, "label_names", None)  # classifiers: class names, by label id
     model.tokenizer = None
     if "tokenizer_json" in files:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -26,9 +25,10 @@ from moesaic.config import dump_yaml, loads_yaml, parse, to_dict
 from moesaic.errors import CheckpointMismatchError, ConfigError
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.aux_accumulation import AuxAccumulation
-from moesaic.train.loss import count_tokens, count_valid, lm_loss_sum
+from moesaic.train.loss import count_tokens, count_valid
 from moesaic.train.metrics import MetricsWriter, RoutingStats
 from moesaic.train.schedule import lr_factor
+from moesaic.train.task import eval_batch_size, evaluate, select_task
 from moesaic.train.thor import thor_lm_step
 
 EXIT_PREEMPTED = 143
@@ -69,8 +69,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.data = cfg.data.build()
-        if not hasattr(self.data, "loader"):
-            raise ConfigError("data.kind", cfg.data.kind, "the trainer needs a language-model dataset (shakespeare)")
+        self.task = select_task(cfg, self.data)  # LM or classification (train/task.py); mismatches raise
         vocab = self.data.vocab_size
         if getattr(cfg.model, "vocab_size", 0) is None:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
@@ -89,7 +88,7 @@ class Trainer:
                                       {"params": other, "weight_decay": 0.0}],
                                      lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
         self.loader = self.data.loader(tc.seed)
-        self.eval_data = self.data.eval_batches(tc.eval_batch_size or tc.batch_size // tc.grad_accum)
+        self.eval_data = self.data.eval_batches(eval_batch_size(tc))
         self.step = 0
         self.stats = RoutingStats(self.model)
         self.gather_model_state = ckpt.gather_model_state  # hook: expert parallelism gathers global experts
@@ -199,7 +198,7 @@ class Trainer:
                 return th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
             with self._autocast():
                 out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-            ce_sum, _ = lm_loss_sum(out.logits, mb["labels"])
+            ce_sum, _ = self.task.loss_sum(out.logits, mb["labels"])
             return ce_sum, ce_sum, moesaic.collect_aux_losses(self.model)
 
         with self.aux_acc.step(micro, forward, enabled=N > 0) as aux_is_share:
@@ -230,20 +229,9 @@ class Trainer:
         out["lr"] = self.opt.param_groups[0]["lr"]
         return out
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        total, n = 0.0, 0
-        try:
-            for b in self.eval_data:
-                with self._autocast():
-                    logits = self.model(b["input_ids"], attention_mask=b.get("attention_mask")).logits
-                s, k = lm_loss_sum(logits, b["labels"])
-                total, n = total + float(s), n + k
-        finally:
-            self.model.train()
-        loss = total / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        """The task's metrics on the eval batches: val_loss and val_ppl (LM) or val_accuracy (classifier)."""
+        return evaluate(self.model, self.task, self.eval_data, self._autocast)
 
     # -------------------------------------------------------------------------------------- loop
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
@@ -264,8 +252,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = self.train_step(batch)
                 dt = time.perf_counter() - t0
-                win_tokens, win_time = win_tokens + r["tokens"], win_time + dt
-                all_tokens, all_time = all_tokens + r["tokens"], all_time + dt
+                n_tok = self.task.throughput_tokens(batch, r["tokens"])
+                win_tokens, win_time = win_tokens + n_tok, win_time + dt
+                all_tokens, all_time = all_tokens + n_tok, all_time + dt
                 rec: dict[str, Any] = {"step": self.step, "loss": r["loss"], "aux_loss": r["aux_loss"],
                                        "lr": r["lr"]}
                 if "grad_norm" in r:
@@ -282,7 +271,7 @@ class Trainer:
                 if self.step % tc.eval_every == 0 or (end and tc.eval_at_end):
                     rec.update(self.evaluate())
                     logged = True
-                    self.log(f"step {self.step}: val_loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.1f})")
+                    self.log(f"step {self.step}: {self.task.eval_line(rec)}")
                 if logged:
                     self.metrics.write(rec)
                 last = rec

@@ -81,6 +81,44 @@ def cache_root(cfg_dir: str | None) -> Path:
     return root / "shakespeare"
 
 
+def _encode(tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
+    enc = (tokenizer.encode_batch(texts) if isinstance(tokenizer, BPETokenizer)
+           else [tokenizer.encode(t) for t in texts])
+    ids: list[int] = []
+    for e in enc:
+        ids.extend(e)
+        ids.append(tokenizer.eos_id)
+    dtype = np.uint16 if tokenizer.vocab_size < 65536 else np.int32
+    return np.asarray(ids, dtype=dtype)
+
+
+def tokenize_plays(train: list[str], val: list[str], tokenizer: str, vocab_size: int, cache_dir: str | None
+                   ) -> tuple[TextTokenizer, np.ndarray, np.ndarray, Path]:
+    """The tokenizer (``bpe`` trained on the ``train`` plays with ``vocab_size`` ids, or ``char``) and the
+    token streams of the ``train`` and ``val`` plays (each play followed by ``eos_id``, in list order), from
+    the cache or computed and cached. Returns ``(tokenizer, train_ids, val_ids, cache folder)``."""
+    files = play_files()
+    key = hashlib.sha256(json.dumps({
+        "v": 1, "tok": tokenizer, "V": vocab_size if tokenizer == "bpe" else 0,
+        "train": [(p, files[p].stat().st_size) for p in train],
+        "val": [(p, files[p].stat().st_size) for p in val]}).encode()).hexdigest()[:16]
+    d = cache_root(cache_dir) / key
+    tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
+    if tok_path.is_file() and tr_path.is_file() and va_path.is_file():
+        return TextTokenizer.load(tok_path), np.load(tr_path), np.load(va_path), d
+    train_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in train]
+    val_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in val]
+    tok = (BPETokenizer.train(train_texts, vocab_size) if tokenizer == "bpe" else CharTokenizer.train(train_texts))
+    tr, va = _encode(tok, train_texts), _encode(tok, val_texts)
+    d.mkdir(parents=True, exist_ok=True)
+    for path, arr in ((tr_path, tr), (va_path, va)):
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    _atomic_write(tok_path, tok.to_json().encode())
+    return tok, tr, va, d
+
+
 @DATASETS.register("shakespeare")
 class ShakespeareData:
     """Shakespeare's plays, split by play; byte-level BPE or char tokens; packed windows."""
@@ -93,40 +131,10 @@ class ShakespeareData:
         val = list(cfg.val_plays)
         train = list(cfg.train_plays) if cfg.train_plays is not None else [p for p in files if p not in val]
         self.train_plays, self.val_plays = train, val
-        key = hashlib.sha256(json.dumps({
-            "v": 1, "tok": cfg.tokenizer, "V": cfg.vocab_size if cfg.tokenizer == "bpe" else 0,
-            "train": [(p, files[p].stat().st_size) for p in train],
-            "val": [(p, files[p].stat().st_size) for p in val]}).encode()).hexdigest()[:16]
-        d = cache_root(cfg.cache_dir) / key
-        tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
-        if tok_path.is_file() and tr_path.is_file() and va_path.is_file():
-            self.tokenizer = TextTokenizer.load(tok_path)
-            tr, va = np.load(tr_path), np.load(va_path)
-        else:
-            train_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in train]
-            val_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in val]
-            self.tokenizer = (BPETokenizer.train(train_texts, cfg.vocab_size) if cfg.tokenizer == "bpe"
-                              else CharTokenizer.train(train_texts))
-            tr, va = self._encode(train_texts), self._encode(val_texts)
-            d.mkdir(parents=True, exist_ok=True)
-            for path, arr in ((tr_path, tr), (va_path, va)):
-                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, path)
-            _atomic_write(tok_path, self.tokenizer.to_json().encode())
+        self.tokenizer, tr, va, self.cache_dir = tokenize_plays(train, val, cfg.tokenizer, cfg.vocab_size,
+                                                                cfg.cache_dir)
         self.train_ids = torch.from_numpy(tr.astype(np.int64))
         self.val_ids = torch.from_numpy(va.astype(np.int64))
-        self.cache_dir = d
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        enc = (self.tokenizer.encode_batch(texts) if isinstance(self.tokenizer, BPETokenizer)
-               else [self.tokenizer.encode(t) for t in texts])
-        ids: list[int] = []
-        for e in enc:
-            ids.extend(e)
-            ids.append(self.tokenizer.eos_id)
-        dtype = np.uint16 if self.tokenizer.vocab_size < 65536 else np.int32
-        return np.asarray(ids, dtype=dtype)
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,134 @@
+"""What a run is trained for: the loss of a batch and the evaluation metrics, by model/dataset pair.
+
+* :class:`LMTask` (a language model on a token-stream dataset): summed token cross-entropy over labels
+  ``[B, S]`` (shifted inputs, ``-100`` ignored); eval ``val_loss`` (mean token CE) and ``val_ppl``.
+* :class:`ClassificationTask` (a sequence classifier, e.g. ``encoder_classifier``, on a labelled dataset
+  such as ``shakespeare_genre``): summed cross-entropy over sequences, labels ``[B]``; eval ``val_loss``
+  (mean CE per sequence) and ``val_accuracy``.
+
+Both return ``(summed loss, number of valid targets)`` from :meth:`loss_sum`, which is all the step
+objective of :mod:`moesaic.train.loss` needs: the step loss stays the mean over every valid target of
+the step (tokens for an LM, sequences for a classifier), exact under gradient accumulation.
+:func:`select_task` picks the task and rejects mismatched pairs with a :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moesaic.errors import ConfigError
+from moesaic.train.loss import IGNORE_INDEX, count_tokens, lm_loss_sum
+
+
+class LMTask:
+    kind = "lm"
+
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+        return lm_loss_sum(logits, labels)
+
+    def throughput_tokens(self, batch: dict[str, Tensor], num_targets: int) -> int:
+        """Tokens counted for ``tokens_per_s``: the valid targets (the trainer's historical definition)."""
+        return num_targets
+
+    def eval_update(self, sums: dict[str, float], logits: Tensor, labels: Tensor) -> None:
+        s, n = self.loss_sum(logits, labels)
+        sums["loss"] = sums.get("loss", 0.0) + float(s)
+        sums["n"] = sums.get("n", 0) + n
+
+    def eval_result(self, sums: dict[str, float]) -> dict[str, float]:
+        loss = sums.get("loss", 0.0) / max(sums.get("n", 0), 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def eval_line(self, m: dict[str, float]) -> str:
+        return f"val_loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})"
+
+
+def classification_loss_sum(logits_BL: Tensor, labels_B: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy over sequences with a label (``-100`` ignored; fp32, or fp64 for fp64 logits)
+    and the number of such sequences."""
+    dt = torch.float64 if logits_BL.dtype == torch.float64 else torch.float32
+    ce = F.cross_entropy(logits_BL.to(dt), labels_B, ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce, int((labels_B != IGNORE_INDEX).sum())
+
+
+class ClassificationTask(LMTask):
+    kind = "classification"
+
+    def __init__(self, num_labels: int, label_names: tuple[str, ...] | None = None):
+        self.num_labels, self.label_names = num_labels, label_names
+
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+        return classification_loss_sum(logits, labels)
+
+    def throughput_tokens(self, batch: dict[str, Tensor], num_targets: int) -> int:
+        """Input tokens the model read (a classifier has one target per sequence)."""
+        return count_tokens(batch) if num_targets > 0 else 0
+
+    def eval_update(self, sums: dict[str, float], logits: Tensor, labels: Tensor) -> None:
+        super().eval_update(sums, logits, labels)
+        valid = labels != IGNORE_INDEX
+        sums["correct"] = sums.get("correct", 0) + int((logits.argmax(-1)[valid] == labels[valid]).sum())
+
+    def eval_result(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("n", 0), 1)
+        return {"val_loss": sums.get("loss", 0.0) / n, "val_accuracy": sums.get("correct", 0) / n}
+
+    def eval_line(self, m: dict[str, float]) -> str:
+        return f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}"
+
+
+def _is_classifier(model_cfg: Any) -> bool:
+    return hasattr(model_cfg, "num_labels")
+
+
+def select_task(cfg: Any, data: Any) -> LMTask:
+    """The task of run config ``cfg`` (``model``, ``data``, ``train`` sections) with the built dataset ``data``."""
+    data_classes = getattr(data, "num_labels", None)
+    if _is_classifier(cfg.model):
+        if data_classes is None:
+            raise ConfigError("data.kind", cfg.data.kind, f"model.kind {cfg.model.kind} is a classifier and "
+                              "needs a classification dataset (e.g. shakespeare_genre)")
+        if cfg.model.num_labels != data_classes:
+            raise ConfigError("model.num_labels", cfg.model.num_labels,
+                              f"must equal the number of classes of data.kind {cfg.data.kind} ({data_classes})")
+        if getattr(cfg.train, "consistency_alpha", None) is not None:
+            raise ConfigError("train.consistency_alpha", cfg.train.consistency_alpha,
+                              "THOR's consistency step is implemented for language models only")
+        return ClassificationTask(data_classes, tuple(getattr(data, "label_names", ()) or ()) or None)
+    if data_classes is not None:
+        raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
+                          "and needs a classifier model (e.g. encoder_classifier)")
+    if not hasattr(data, "loader"):
+        raise ConfigError("data.kind", cfg.data.kind, "the trainer needs a language-model dataset (shakespeare) "
+                          "or a classification dataset (shakespeare_genre)")
+    return LMTask()
+
+
+def eval_batch_size(train_cfg: Any) -> int:
+    """Sequences per eval forward: ``train.eval_batch_size``, else the micro-batch size. (Routers that pick
+    over the whole batch, like expert choice, make results depend on it; trainer and ``moesaic eval`` agree.)"""
+    return train_cfg.eval_batch_size or train_cfg.batch_size // train_cfg.grad_accum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: LMTask, batches: Iterable[dict[str, Tensor]],
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """The task's eval metrics of ``model`` over ``batches`` (eval mode during the pass, mode restored)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    try:
+        for b in batches:
+            with autocast():
+                logits = model(b["input_ids"], attention_mask=b.get("attention_mask")).logits
+            task.eval_update(sums, logits, b["labels"])
+    finally:
+        model.train(was_training)
+    return task.eval_result(sums)
