@@ -126,3 +126,29 @@ def test_mismatched_model_and_data_are_typed_errors(edit, path, tmp_path, data_c
     assert main(["train", str(cfg), "--out", str(tmp_path / "cli")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {path} = ")
+
+
+def test_encoder_genre_config_dense_twin_has_equal_active_params():
+    import dataclasses
+    from pathlib import Path
+
+    from moesaic.examples.demo import count_params, dense_twin
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "encoder_genre.yaml")
+    assert cfg.model.kind == "encoder_classifier" and cfg.model.moe.router.kind == "expert_choice"
+    twin = dense_twin(cfg)
+    assert twin.model.moe is None and twin.model.d_ff == 128
+    moe = dataclasses.replace(cfg.model, vocab_size=1024).build()
+    dense = dataclasses.replace(twin.model, vocab_size=1024).build()
+    # expert choice with capacity factor 2 runs 2 experts per token on average (= top_k 2 of the twin rule)
+    assert count_params(moe)[1] == count_params(dense)[0]
+
+
+def test_demo_trains_classifier_and_dense_twin(genre_config, tmp_path, capsys):
+    from moesaic.examples.demo import main as demo
+
+    assert demo([str(genre_config), "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "majority baseline 0.3333" in out and "val_acc" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("moe ", "dense "))]
+    assert [r[0] for r in rows] == ["moe", "dense"] and all(0.0 <= float(r[4]) <= 1.0 for r in rows)
