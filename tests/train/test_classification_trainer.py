@@ -152,3 +152,20 @@ def test_demo_trains_classifier_and_dense_twin(genre_config, tmp_path, capsys):
     assert "majority baseline 0.3333" in out and "val_acc" in out
     rows = [ln.split() for ln in out.splitlines() if ln.startswith(("moe ", "dense "))]
     assert [r[0] for r in rows] == ["moe", "dense"] and all(0.0 <= float(r[4]) <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_kill9_inside_a_save_then_resume_is_bitwise(trained, genre_config, tmp_path):
+    """A real process killed (SIGKILL) right after publishing the step-3 checkpoint, then `--resume`: the
+    losses and accuracies of steps 1..6 equal the straight run's (fault hook of train/checkpoint.py)."""
+    import signal
+
+    from train.test_resume import _env, _train
+
+    r = _train(genre_config, tmp_path, env=_env(MOESAIC_FAULT="after_rename", MOESAIC_FAULT_STEP="3"))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = _train(genre_config, tmp_path, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr and "at step 3" in r.stderr
+    straight = {r["step"]: (r["loss"], r.get("val_accuracy")) for r in _records(trained)}
+    assert {r["step"]: (r["loss"], r.get("val_accuracy")) for r in _records(tmp_path)} == straight
