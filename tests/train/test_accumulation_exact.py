@@ -17,6 +17,7 @@ from moesaic.train.trainer import Trainer
 
 ROUTERS = {
     "topk_switch_z": ({"kind": "topk", "aux_loss_coef": 0.05, "z_loss_coef": 0.01}, 2),
+    "topk_bias_switch": ({"kind": "topk", "expert_bias": True, "aux_loss_coef": 0.05}, 2),  # loads counted once
     "topk_sequence": ({"kind": "topk", "balance_loss": "sequence", "aux_loss_coef": 0.05, "z_loss_coef": 0.01}, 2),
     "topk_device_sigmoid": ({"kind": "topk", "score_func": "sigmoid", "aux_loss_coef": 0.05, "device_groups": 2,
                              "device_loss_coef": 0.1, "z_loss_coef": 0.01}, 2),
@@ -83,6 +84,9 @@ def test_ga_4x2_equals_batch_8_batch_statistic_aux(tiny_data, data_cache, tmp_pa
     assert abs(r1["loss"] - r4["loss"]) <= 1e-12
     assert abs(r1["aux_loss"] - r4["aux_loss"]) <= 1e-12
     assert _max_grad_diff(g1, g4) <= 1e-12
+    for a, b in zip(moesaic.moe_layers(t1.model), moesaic.moe_layers(t4.model)):
+        if hasattr(a.router, "step_load"):  # aux-loss-free bias: the pre-pass restores the step's loads
+            assert a.router.step_load.sum() > 0 and torch.equal(a.router.step_load, b.router.step_load)
     router_grads = [g4[n] for n in g4 if "router" in n]
     assert router_grads and max(float(g.abs().max()) for g in router_grads) > 1e-6  # the aux reaches the router
 

@@ -22,7 +22,9 @@ statistics ``S = sum_m S_m`` has the linearised share ``(t_m/T) L(S) + g . (S_m 
 over the step's micro-batches (:mod:`moesaic.routing.global_aux`: RNG and MoE buffers restored, so the
 real pass routes identically; it stops each micro-batch's forward after the last router). The pre-pass
 runs only when ``grad_accum > 1`` and a router has a batch-statistic loss with a non-zero coefficient;
-on the demo config with ``grad_accum: 4`` it costs about 10% of the step time (docs/training.md). Under
+on the demo config with ``grad_accum: 4`` it adds about 30% to the step time (docs/training.md).
+Without it (only token-mean aux losses, or ``grad_accum: 1``) the trainer weighs each micro-batch's aux by
+``t_m / T`` itself, which is the same share. Under
 expert/data parallelism the same router hook all-reduces the totals, so the step equals one process's.
 
 ``train.aux_accumulation: micro_batch`` keeps the cheaper definition of Megatron-LM and transformers:
