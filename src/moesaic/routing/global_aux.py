@@ -54,27 +54,28 @@ def _all_reduce(t: Tensor, group: Any) -> Tensor:
     return all_reduce_sum(t, group)
 
 
-def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient that is not a token mean."""
+def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
+    """``(layer, router kind, loss, router)`` for every router aux loss with a non-zero coefficient."""
     from moesaic.api import moe_layers
 
-    out = []
     for layer in moe_layers(model):
         r = layer.router
-        token_mean = getattr(r, "token_mean_losses", frozenset({"z"}))
+        kind = getattr(getattr(r, "cfg", None), "kind", type(r).__name__)
         for name, coef in r.loss_coefs().items():
-            if coef > 0 and name not in token_mean:
-                out.append((layer.layer_name, getattr(getattr(r, "cfg", None), "kind", type(r).__name__), name))
-    return out
+            if coef > 0:
+                yield layer.layer_name, kind, name, r
+
+
+def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient that is not a token mean."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model)
+            if loss not in getattr(r, "token_mean_losses", frozenset({"z"}))]
 
 
 def unsplittable_losses(model: nn.Module) -> list[tuple[str, str, str]]:
     """Batch-statistic losses (non-zero coefficient) whose router declares no :class:`AuxStat` for them."""
-    from moesaic.api import moe_layers
-
-    stat = {id(layer.router): getattr(layer.router, "stat_losses", frozenset()) for layer in moe_layers(model)}
-    layers = {layer.layer_name: layer for layer in moe_layers(model)}
-    return [(n, k, loss) for n, k, loss in batch_stat_losses(model) if loss not in stat[id(layers[n].router)]]
+    return [(n, k, loss) for n, k, loss, r in _losses(model)
+            if loss not in getattr(r, "token_mean_losses", frozenset({"z"})) | getattr(r, "stat_losses", frozenset())]
 
 
 class GlobalAux:
