@@ -18,6 +18,7 @@ import torch
 import moesaic
 from moesaic.examples.demo import count_params, dense_twin
 from moesaic.run_config import load_run_config
+from moesaic.train.optim import build_adamw
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     for name, c in (("moe", cfg), ("dense", dense_twin(cfg))):
         torch.manual_seed(0)
         m = c.model.build()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        opt = build_adamw(m, lr=1e-3)  # the trainer's optimizer (fused where supported)
         runs[name] = (m, opt, [])
     g = torch.Generator().manual_seed(0)
     for i in range(args.steps + 2):

@@ -27,6 +27,7 @@ from moesaic.train import checkpoint as ckpt
 from moesaic.train.aux_accumulation import AuxAccumulation
 from moesaic.train.loss import count_tokens, count_valid
 from moesaic.train.metrics import MetricsWriter, RoutingStats
+from moesaic.train.optim import build_adamw
 from moesaic.train.schedule import lr_factor
 from moesaic.train.task import eval_batch_size, evaluate, select_task
 from moesaic.train.thor import thor_lm_step
@@ -82,11 +83,7 @@ class Trainer:
         self.model = cfg.model.build().to(self.dtype)
         self.model = self.prepare_model(self.model)  # hook: expert parallelism shards the experts here
         self.aux_acc = AuxAccumulation(self.model, tc.aux_accumulation, tc.grad_accum)  # train/loss.py
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        other = [p for p in self.model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                      {"params": other, "weight_decay": 0.0}],
-                                     lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+        self.opt = build_adamw(self.model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
         self.loader = self.data.loader(tc.seed)
         self.eval_data = self.data.eval_batches(eval_batch_size(tc))
         self.step = 0
