@@ -182,6 +182,18 @@ def test_nan_in_padding_is_ignored_but_nan_in_real_tokens_raises(router):
         layer(x_bad, mask=mask)
 
 
+def test_finite_input_whose_sum_overflows_is_not_rejected():
+    """The non-finite check looks at the sum first; a finite input with an overflowing sum must pass,
+    and +inf/-inf together (a NaN sum) must still be caught."""
+    layer = moesaic.moe_layer(D, F, 4, 2)
+    x = torch.full((4, D), 3e38)
+    assert not torch.isfinite(x.sum()) and torch.isfinite(x).all()
+    layer.router(x)  # no NonFiniteInputError
+    x[0, 0], x[1, 0] = float("inf"), float("-inf")
+    with pytest.raises(moesaic.NonFiniteInputError, match="2 of 4 valid tokens"):
+        layer.router(x)
+
+
 def test_mask_of_the_wrong_shape_is_a_typed_error_naming_the_layer():
     layer = moesaic.moe_layer(D, F, 4, 2)
     layer.layer_name = "blocks.2.moe"
