@@ -22,8 +22,9 @@ gate rows first, then up rows, as Hugging Face's fused ``gate_up_proj``), ``w_do
 1. ``active`` when ``N <= E / 2`` (decode: few rows against many experts, most experts idle);
 2. ``fused`` otherwise: on the 2-core CPU it measured 1.02-1.12x faster than transformers' grouped_mm
    path at T=2048 and uses the least memory (fwd+bwd peak 0.35x the dense limit's at T=8192, E=64, k=8;
-   docs/benchmarks.md); its matmuls run through ``grouped_mm`` on CUDA where the probe passes (no host
-   sync), and one expert at a time elsewhere.
+   docs/benchmarks.md); its matmuls run through ``grouped_mm`` where the probe passes (on CPU only while
+   the row temporaries are small, see :data:`moesaic.experts.grouped_glu.BATCH_ROWS_MAX_BYTES`), and
+   one expert at a time otherwise.
 
 Set ``experts.backend`` in the config to force one; ``benchmarks/bench_layer.py`` measures them all.
 """
