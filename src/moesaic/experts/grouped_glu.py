@@ -273,7 +273,8 @@ def grouped_glu(x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, counts_E: Te
     """Run :class:`GroupedGLU` in the compute dtype (autocast's, if on); grouped_mm where usable."""
     dt = B.compute_dtype(x_SD, w_up_EHD)
     n_rows = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]  # grouped_mm rejects 0 rows
-    use_grouped = (n_rows > 0 and B.grouped_mm_usable(x_SD.device, dt) and B.grouped_mm_aligned(x_SD, w_up_EHD, w_down_EDF, dtype=dt)
+    use_grouped = (n_rows > 0 and B.grouped_mm_usable(x_SD.device, dt)
+                   and B.grouped_mm_aligned(x_SD, w_up_EHD, w_down_EDF, dtype=dt)
                    and (x_SD.device.type != "cpu" or (CPU_GROUPED_MM and _batch_rows(rows_N, x_SD, w_up_EHD))))
     return GroupedGLU.apply(x_SD.to(dt), w_up_EHD.to(dt), w_down_EDF.to(dt), weight_N, rows_N, counts_E, num_out,
                             activation, gated, use_grouped)
