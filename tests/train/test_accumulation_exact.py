@@ -27,6 +27,8 @@ ROUTERS = {
                         "init_std": 0.5, "z_loss_coef": 0.01}, 2),
     "top_p": ({"kind": "top_p", "aux_loss_coef": 0.05, "dynamic_loss_coef": 0.01, "z_loss_coef": 0.01,
                "balance_normalization": "tokens"}, 2),
+    "moepp_zero_computation": ({"kind": "moepp", "zero_computation_experts": 2, "aux_loss_coef": 0.05,
+                                "z_loss_coef": 0.01}, 2),
     "latency_aware_cv2": ({"kind": "latency_aware", "aux_loss_coef": 0.05, "noise_std": 0.0,
                            "latency": [1.0, 2.0, 1.0, 3.0]}, 2),
 }
@@ -35,6 +37,8 @@ ROUTERS = {
 def _trainer(tiny_data, path, ga, router, top_k=2, **train):
     d = copy.deepcopy(tiny_data)
     d["model"]["moe"].update(router=router, top_k=top_k)
+    if router["kind"] == "moepp":  # zero-computation experts (MoE++)
+        d["model"]["moe"]["experts"] = {"kind": "moepp", "num_constant": 1, "num_copy": 1, "num_zero": 0}
     d["train"].update(batch_size=8, grad_accum=ga, dtype="float64", grad_clip=0.0, **train)
     return Trainer(load_run_config(data=d), path)
 
@@ -224,3 +228,24 @@ def test_ep2_times_ga2_equals_one_process_batch_8(tiny_data, data_cache, tmp_pat
                     layer = next(lay for lay in got["offset"] if n.startswith(lay + "."))
                     ref = ref[got["offset"][layer]:got["offset"][layer] + g.shape[0]]
                 torch.testing.assert_close(g, ref, atol=1e-12, rtol=0, msg=f"{name} rank {rank} {n}")
+
+
+@NO_PREPASS_MISMATCH
+def test_classifier_ga_2x2_equals_batch_4_switch_balance(tmp_path, data_cache):
+    """The sequence-classification task (encoder, one label per sequence) under exact accumulation."""
+    from genre_fixtures import tiny_genre
+
+    def make(ga):
+        d = tiny_genre(train={"batch_size": 4, "grad_accum": ga, "dtype": "float64", "grad_clip": 0.0})
+        d["model"]["moe"]["router"] = ROUTERS["topk_switch_z"][0]
+        return Trainer(load_run_config(data=d), tmp_path / f"cls{ga}")
+
+    t1, t2 = make(1), make(2)
+    t2.model.load_state_dict(t1.model.state_dict())
+    assert t2.aux_acc.prepass
+    batch = t1.loader.next_batch(4)
+    batch["labels"][1] = IGNORE_INDEX
+    (r1, g1), (r2, g2) = _grads(t1, batch), _grads(t2, batch)
+    assert r2["aux_loss"] > 1e-3
+    assert abs(r1["loss"] - r2["loss"]) <= 1e-12 and abs(r1["aux_loss"] - r2["aux_loss"]) <= 1e-12
+    assert _max_grad_diff(g1, g2) <= 1e-12
