@@ -86,3 +86,9 @@ def test_bad_genre_config_is_a_typed_error(data, path, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         _cfg(**data)
     assert e.value.path == path
+
+
+def test_windows_longer_than_the_plays_are_a_typed_error(data_cache):
+    with pytest.raises(ConfigError, match="no training passage") as e:
+        _cfg(seq_len=200_000).build()
+    assert e.value.path == "data.seq_len"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from moesaic.config import require, rule
+from moesaic.errors import ConfigError
 from moesaic.registry import DATASETS
 from moesaic.train.datasets.base import DataConfig
 from moesaic.train.datasets.shakespeare import play_files, tokenize_plays
@@ -144,6 +145,11 @@ class ShakespeareGenre:
             split_streams(tr, eos, len(self.train_plays)), self.train_plays, cfg.windows_per_play)
         self.val_x, self.val_y, self.val_play_of = self._examples(
             split_streams(va, eos, len(self.val_plays)), self.val_plays, cfg.eval_windows_per_play)
+        for split, y in (("training", self.train_y), ("validation", self.val_y)):
+            missing = [g for i, g in enumerate(GENRES) if not bool((y == i).any())]
+            if missing:
+                raise ConfigError("data.seq_len", cfg.seq_len, f"leaves no {split} passage of genre {missing[0]} "
+                                  "(each play gives its windows after the first; use shorter windows)")
 
     def _examples(self, streams: list[np.ndarray], plays: list[str], limit: int | None
                   ) -> tuple[Tensor, Tensor, Tensor]:
