@@ -95,6 +95,19 @@ def test_ga_4x2_equals_batch_8_batch_statistic_aux(tiny_data, data_cache, tmp_pa
     assert router_grads and max(float(g.abs().max()) for g in router_grads) > 1e-6  # the aux reaches the router
 
 
+@NO_PREPASS_MISMATCH
+@pytest.mark.parametrize("name", ["topk_switch_z", "noisy_topk_cv2", "topk_sequence"])
+def test_all_padding_micro_batch(tiny_data, data_cache, tmp_path, name):
+    """A micro-batch with no real token (share 0, with a graph) next to unequal ones."""
+    t1, t4 = _pair(tiny_data, tmp_path, name, 4)
+    batch = _batch(t1.data.vocab_size)
+    batch["attention_mask"][2:4] = 0
+    batch["labels"][2:4] = IGNORE_INDEX
+    (r1, g1), (r4, g4) = _grads(t1, batch), _grads(t4, batch)
+    assert abs(r1["loss"] - r4["loss"]) <= 1e-12 and abs(r1["aux_loss"] - r4["aux_loss"]) <= 1e-12
+    assert _max_grad_diff(g1, g4) <= 1e-12
+
+
 def test_micro_batch_mode_differs(tiny_data, data_cache, tmp_path):
     """The old per-micro-batch definition is not batch 8 (so the exact tests can fail)."""
     t1, t4 = _pair(tiny_data, tmp_path, "topk_switch_z", 4, aux_accumulation="micro_batch")
