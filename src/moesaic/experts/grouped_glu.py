@@ -6,9 +6,11 @@ no padded or permuted copy is kept for backward. This is the same idea with stoc
 * forward: ``x_ND = x_SD[rows_N]`` (gathered into a temporary), ``h_NH = up_e(x_ND)`` per expert,
   ``a_NF = act(gate) * up`` scaled by the routing weight ``w_N`` *before* the down projection
   (``w (a W^T) = (w a) W^T``), ``y_ND = down_e(a_NF)`` and ``y_TD = index_add(rows_N, y_ND)``;
-* saved for backward: only ``h_NH`` (``[N, H]``) and the inputs; ``x_ND`` is gathered again and the
+* saved for backward: ``h_NH`` (``[N, H]``) and the inputs; ``x_ND`` is gathered again and the
   activation recomputed, so the ``[N, D]`` gathered input, the ``[N, F]`` activation and the ``[N, D]``
-  expert output that plain autograd keeps are not held between forward and backward;
+  expert output that plain autograd keeps are not held between forward and backward (small inputs,
+  under :data:`KEEP_GATHERED_MAX_BYTES`, keep ``x_ND`` and the gate activation instead: a gather and a
+  recompute cost more there than the memory);
 * every per-expert matmul writes into a preallocated buffer (no ``torch.cat``), either by a loop over the
   non-empty experts (``mm="loop"``; one host sync for the counts) or by ``grouped_mm`` (``mm="grouped"``;
   no sync), used where the probe passes: always on CUDA, and on CPU while the ``[N, *]`` temporaries
@@ -98,14 +100,20 @@ class GroupedGLU(torch.autograd.Function):
                 # a loop plan on many rows: one expert at a time, temporaries O(rows of one expert)
                 h_NH, y = _forward_by_expert(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, plan[0], num_out,
                                              activation, gated)
-                ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH)
+                ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH, None, None)
                 ctx.plan, ctx.act, ctx.gated, ctx.scatter = plan, activation, gated, num_out is not None
                 ctx.by_expert = True
                 return y
             x_ND = gather_rows(x_SD, rows_N) if rows_N is not None else x_SD
             h_NH = _mm_rows(x_ND, w_up_EHD, plan, transpose=True)
+            keep = rows_N is not None and _keep_for_backward(x_ND)
+            if keep and gated and activation == "silu":
+                silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2])
+                a_NF = silu_NF * h_NH[:, h_NH.shape[1] // 2:]
+            else:
+                silu_NF, a_NF = None, _act_fwd(h_NH, activation, gated)
+            x_keep = x_ND if keep else None
             del x_ND
-            a_NF = _act_fwd(h_NH, activation, gated)
             if weight_N is not None:
                 a_NF.mul_(weight_N.to(a_NF.dtype).unsqueeze(1))
             y_ND = _mm_rows(a_NF, w_down_EDF, plan, transpose=True)
@@ -114,14 +122,14 @@ class GroupedGLU(torch.autograd.Function):
                 y = y_ND.new_zeros(num_out, y_ND.shape[1]).index_add_(0, rows_N, y_ND)
             else:
                 y = y_ND
-        ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH)
+        ctx.save_for_backward(x_SD, w_up_EHD, w_down_EDF, weight_N, rows_N, h_NH, x_keep, silu_NF)
         ctx.plan, ctx.act, ctx.gated, ctx.scatter = plan, activation, gated, num_out is not None
         ctx.by_expert = False
         return y
 
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
-        x_SD, w_up, w_down, weight_N, rows_N, h_NH = ctx.saved_tensors
+        x_SD, w_up, w_down, weight_N, rows_N, h_NH, x_kept, silu_NF = ctx.saved_tensors
         plan, E, need = ctx.plan, w_up.shape[0], ctx.needs_input_grad
         dev = h_NH.device.type
         g_x = g_wup = g_wdown = g_weight = None
@@ -132,7 +140,8 @@ class GroupedGLU(torch.autograd.Function):
                         None, None, None, None, None, None)
             g_ND = gather_rows(g_out, rows_N) if ctx.scatter else g_out.contiguous()
             swiglu = ctx.gated and ctx.act == "silu"
-            silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2]) if swiglu else None
+            if swiglu and silu_NF is None:
+                silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2])
             a_NF = silu_NF * h_NH[:, h_NH.shape[1] // 2:] if swiglu else _act_fwd(h_NH, ctx.act, ctx.gated)
             g_a = _mm_rows(g_ND, w_down, plan, transpose=False)
             if weight_N is not None:
@@ -153,7 +162,7 @@ class GroupedGLU(torch.autograd.Function):
             del silu_NF
             del g_a
             if need[1]:
-                x_ND = gather_rows(x_SD, rows_N) if rows_N is not None else x_SD
+                x_ND = x_kept if x_kept is not None else gather_rows(x_SD, rows_N) if rows_N is not None else x_SD
                 g_wup = _mm_weight_grad(g_h, x_ND, plan, E)
                 del x_ND
             if need[0]:
@@ -249,6 +258,16 @@ BATCH_ROWS_MAX_BYTES = 64 << 20
 #: Whether CPU runs the batched plan's matmuls through ``grouped_mm`` (one call per projection instead of a
 #: Python loop over experts; on the demo layer 12.1 vs 13.6 ms for the six matmul families, 1 thread).
 CPU_GROUPED_MM = True
+
+
+#: Below this size of the gathered input ``[N, D]`` (bytes), the forward keeps it and the gate activation for
+#: backward instead of gathering and recomputing them again (small inputs, where every pass counts: 2% of
+#: the demo layer's expert time); above it only ``h_NH`` is kept.
+KEEP_GATHERED_MAX_BYTES = 16 << 20
+
+
+def _keep_for_backward(x_ND: Tensor) -> bool:
+    return x_ND.numel() * x_ND.element_size() <= KEEP_GATHERED_MAX_BYTES
 
 
 def _batch_rows(rows_N: Tensor | None, x_SD: Tensor, w_up_EHD: Tensor) -> bool:
