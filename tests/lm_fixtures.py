@@ -36,3 +36,28 @@ def tiny_config(tmp_path_factory, data_cache) -> Path:
     p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     p.write_text(yaml.safe_dump(TINY))
     return p
+
+
+def padded_lm_batch(vocab: int, seed: int, lengths: list[int], ignored: tuple[int, slice]) -> dict:
+    """8 x 16 random LM batch: row i has ``lengths[i]`` real tokens (attention_mask), labels are the next
+    token (-100 on padding and the last position) and ``ignored`` = (row, columns) is also -100 inside real
+    text, so micro-batches have unequal valid-token counts."""
+    import torch
+
+    from moesaic.train.loss import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab, (len(lengths), 16), generator=g)
+    mask = (torch.arange(16)[None] < torch.tensor(lengths)[:, None]).long()
+    labels = torch.roll(ids, -1, 1).masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, -1] = IGNORE_INDEX
+    labels[ignored[0], ignored[1]] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def accumulate_grads(trainer, batch: dict) -> tuple[dict, dict]:
+    """One ``Trainer.accumulate`` on ``batch``: its result and a copy of every gradient (then zeroed)."""
+    r = trainer.accumulate(batch)
+    g = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.opt.zero_grad(set_to_none=True)
+    return r, g

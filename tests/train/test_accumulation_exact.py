@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moesaic
+from lm_fixtures import accumulate_grads, padded_lm_batch
 from moesaic.errors import ConfigError
 from moesaic.routing import losses
 from moesaic.run_config import load_run_config
@@ -43,22 +44,11 @@ def _trainer(tiny_data, path, ga, router, top_k=2, **train):
     return Trainer(load_run_config(data=d), path)
 
 
-def _batch(vocab):
-    g = torch.Generator().manual_seed(11)
-    ids = torch.randint(vocab, (8, 16), generator=g)
-    lengths = torch.tensor([16, 2, 16, 16, 7, 1, 10, 13])  # micro-batches of 2 rows: 18, 32, 8, 23 tokens
-    mask = (torch.arange(16)[None] < lengths[:, None]).long()
-    labels = torch.roll(ids, -1, 1).masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, -1] = IGNORE_INDEX
-    labels[2, 3:9] = IGNORE_INDEX  # ignored targets inside real text
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _batch(vocab):  # micro-batches of 2 rows: 18, 32, 8, 23 tokens
+    return padded_lm_batch(vocab, 11, [16, 2, 16, 16, 7, 1, 10, 13], (2, slice(3, 9)))
 
 
-def _grads(t, batch):
-    r = t.accumulate(batch)
-    g = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
-    t.opt.zero_grad(set_to_none=True)
-    return r, g
+_grads = accumulate_grads
 
 
 def _pair(tiny_data, tmp_path, name, ga, **train):

@@ -6,6 +6,7 @@ import copy
 import torch
 
 import moesaic
+from lm_fixtures import accumulate_grads, padded_lm_batch
 from moesaic.run_config import load_run_config
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 from moesaic.train.trainer import Trainer
@@ -19,22 +20,11 @@ def _trainer(tiny_data, tmp_path, ga, router, **train):
     return Trainer(load_run_config(data=d), tmp_path / f"ga{ga}")
 
 
-def _batch(vocab):
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(vocab, (8, 16), generator=g)
-    lengths = torch.tensor([16, 16, 3, 9, 16, 1, 12, 5])  # micro-batches of 2 rows: 32, 12, 17, 17 tokens
-    mask = (torch.arange(16)[None] < lengths[:, None]).long()
-    labels = torch.roll(ids, -1, 1).masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, -1] = IGNORE_INDEX
-    labels[3, :4] = IGNORE_INDEX  # ignored targets inside real text
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _batch(vocab):  # micro-batches of 2 rows: 32, 12, 17, 17 tokens
+    return padded_lm_batch(vocab, 7, [16, 16, 3, 9, 16, 1, 12, 5], (3, slice(0, 4)))
 
 
-def _grads(t, batch):
-    r = t.accumulate(batch)
-    g = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
-    t.opt.zero_grad(set_to_none=True)
-    return r, g
+_grads = accumulate_grads
 
 
 def test_ga_4x2_equals_batch_8_token_mean_aux(tiny_data, data_cache, tmp_path):

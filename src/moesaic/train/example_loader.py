@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.errors import CheckpointMismatchError, ConfigError
+from moesaic.errors import ConfigError
+from moesaic.train.loader import EpochPosition
 
 Balance = Literal["oversample", "none"]
 
@@ -30,45 +31,21 @@ def balanced_pool(y_N: Tensor, balance: Balance) -> Tensor:
     return torch.cat([g[torch.arange(m) % g.numel()] for g in groups])
 
 
-class ExampleLoader:
+class ExampleLoader(EpochPosition):
     def __init__(self, x_NS: Tensor, y_N: Tensor, seed: int = 0, balance: Balance = "oversample",
                  shuffle: bool = True):
         if x_NS.shape[0] == 0 or x_NS.shape[0] != y_N.shape[0]:
             raise ConfigError("data", x_NS.shape[0], "needs at least one training example with one label each")
-        self.x_NS, self.y_N, self.seed, self.balance, self.shuffle = x_NS, y_N, seed, balance, shuffle
-        self.pool = balanced_pool(y_N, balance)
-        self.num_examples = int(self.pool.numel())
-        self.epoch, self.index = 0, 0
-        self._order: Tensor | None = None
-
-    def _perm(self) -> Tensor:
-        if self._order is None:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-                self._order = self.pool[torch.randperm(self.num_examples, generator=g)]
-            else:
-                self._order = self.pool
-        return self._order
+        self.x_NS, self.y_N, self.balance = x_NS, y_N, balance
+        pool = balanced_pool(y_N, balance)
+        self.num_examples = int(pool.numel())
+        super().__init__(self.num_examples, seed, shuffle, pool)
 
     def next_batch(self, batch_size: int) -> dict[str, Tensor]:
         """``input_ids`` ``[batch_size, S]`` and ``labels`` ``[batch_size]``."""
-        idx = []
-        for _ in range(batch_size):
-            idx.append(int(self._perm()[self.index]))
-            self.index += 1
-            if self.index == self.num_examples:
-                self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        rows = torch.tensor(idx, dtype=torch.long)
+        rows = torch.tensor(self.take(batch_size), dtype=torch.long)
         return {"input_ids": self.x_NS[rows].long().contiguous(), "labels": self.y_N[rows].long().contiguous()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "balance": self.balance,
-                "num_examples": self.num_examples, "seq_len": int(self.x_NS.shape[1])}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in (("seed", self.seed), ("balance", self.balance), ("num_examples", self.num_examples),
-                     ("seq_len", int(self.x_NS.shape[1]))):
-            if state.get(k) != v:
-                raise CheckpointMismatchError(f"data position: {k} is {state.get(k)} in the checkpoint but "
-                                              f"{v} for this data")
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+    def identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "balance": self.balance, "num_examples": self.num_examples,
+                "seq_len": int(self.x_NS.shape[1])}
