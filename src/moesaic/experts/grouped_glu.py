@@ -62,6 +62,14 @@ def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan, num_experts: int) -> Tenso
     return out
 
 
+def _swiglu(h_NH: Tensor, silu_NF: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(silu(gate), silu(gate) * up)`` of ``h_NH = [gate | up]``; ``silu_NF`` when already computed."""
+    Fd = h_NH.shape[1] // 2
+    if silu_NF is None:
+        silu_NF = F.silu(h_NH[:, :Fd])
+    return silu_NF, silu_NF * h_NH[:, Fd:]
+
+
 def _act_fwd(h_NH: Tensor, activation: str, gated: bool) -> Tensor:
     if gated and activation == "silu":
         gate, up = h_NH.chunk(2, dim=-1)
@@ -108,8 +116,7 @@ class GroupedGLU(torch.autograd.Function):
             h_NH = _mm_rows(x_ND, w_up_EHD, plan, transpose=True)
             keep = rows_N is not None and _keep_for_backward(x_ND)
             if keep and gated and activation == "silu":
-                silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2])
-                a_NF = silu_NF * h_NH[:, h_NH.shape[1] // 2:]
+                silu_NF, a_NF = _swiglu(h_NH)
             else:
                 silu_NF, a_NF = None, _act_fwd(h_NH, activation, gated)
             x_keep = x_ND if keep else None
@@ -140,9 +147,7 @@ class GroupedGLU(torch.autograd.Function):
                         None, None, None, None, None, None)
             g_ND = gather_rows(g_out, rows_N) if ctx.scatter else g_out.contiguous()
             swiglu = ctx.gated and ctx.act == "silu"
-            if swiglu and silu_NF is None:
-                silu_NF = F.silu(h_NH[:, :h_NH.shape[1] // 2])
-            a_NF = silu_NF * h_NH[:, h_NH.shape[1] // 2:] if swiglu else _act_fwd(h_NH, ctx.act, ctx.gated)
+            silu_NF, a_NF = _swiglu(h_NH, silu_NF) if swiglu else (None, _act_fwd(h_NH, ctx.act, ctx.gated))
             g_a = _mm_rows(g_ND, w_down, plan, transpose=False)
             if weight_N is not None:
                 if need[3]:
@@ -162,7 +167,9 @@ class GroupedGLU(torch.autograd.Function):
             del silu_NF
             del g_a
             if need[1]:
-                x_ND = x_kept if x_kept is not None else gather_rows(x_SD, rows_N) if rows_N is not None else x_SD
+                x_ND = x_kept
+                if x_ND is None:
+                    x_ND = gather_rows(x_SD, rows_N) if rows_N is not None else x_SD
                 g_wup = _mm_weight_grad(g_h, x_ND, plan, E)
                 del x_ND
             if need[0]:
@@ -205,7 +212,6 @@ def _backward_by_expert(ctx, g_out, x_SD, w_up, w_down, weight_N, rows_N, h_NH):
     g_weight = torch.zeros_like(weight_N) if weight_N is not None and need[3] else None
     g_x = torch.zeros_like(x_SD) if need[0] else None
     swiglu = ctx.gated and ctx.act == "silu"
-    Fd = h_NH.shape[1] // 2
     start = 0
     for e in range(E):
         n = counts[e]
@@ -216,8 +222,7 @@ def _backward_by_expert(ctx, g_out, x_SD, w_up, w_down, weight_N, rows_N, h_NH):
         rows = rows_N[sl] if rows_N is not None else None
         g_n = gather_rows(g_out, rows) if ctx.scatter else g_out[sl]
         h_n = h_NH[sl]
-        silu_n = F.silu(h_n[:, :Fd]) if swiglu else None
-        a_n = silu_n * h_n[:, Fd:] if swiglu else _act_fwd(h_n, ctx.act, ctx.gated)
+        silu_n, a_n = _swiglu(h_n) if swiglu else (None, _act_fwd(h_n, ctx.act, ctx.gated))
         g_a = g_n @ w_down[e]
         if weight_N is not None:
             if g_weight is not None:
@@ -255,11 +260,6 @@ class _null:
 BATCH_ROWS_MAX_BYTES = 64 << 20
 
 
-#: Whether CPU runs the batched plan's matmuls through ``grouped_mm`` (one call per projection instead of a
-#: Python loop over experts; on the demo layer 12.1 vs 13.6 ms for the six matmul families, 1 thread).
-CPU_GROUPED_MM = True
-
-
 #: Below this size of the gathered input ``[N, D]`` (bytes), the forward keeps it and the gate activation for
 #: backward instead of gathering and recomputing them again (small inputs, where every pass counts: 2% of
 #: the demo layer's expert time); above it only ``h_NH`` is kept.
@@ -289,12 +289,14 @@ def _plan(counts_E: Tensor, use_grouped: bool):
 def grouped_glu(x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, counts_E: Tensor, activation: str,
                 gated: bool, rows_N: Tensor | None = None, weight_N: Tensor | None = None,
                 num_out: int | None = None) -> Tensor:
-    """Run :class:`GroupedGLU` in the compute dtype (autocast's, if on); grouped_mm where usable."""
+    """Run :class:`GroupedGLU` in the compute dtype (autocast's, if on); grouped_mm where usable (on CPU for
+    inputs under :data:`BATCH_ROWS_MAX_BYTES`: one call per projection instead of a Python loop over the
+    experts, 12.1 vs 13.6 ms for the six matmul families of the demo layer, 1 thread)."""
     dt = B.compute_dtype(x_SD, w_up_EHD)
     n_rows = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]  # grouped_mm rejects 0 rows
     use_grouped = (n_rows > 0 and B.grouped_mm_usable(x_SD.device, dt)
                    and B.grouped_mm_aligned(x_SD, w_up_EHD, w_down_EDF, dtype=dt)
-                   and (x_SD.device.type != "cpu" or (CPU_GROUPED_MM and _batch_rows(rows_N, x_SD, w_up_EHD))))
+                   and (x_SD.device.type != "cpu" or _batch_rows(rows_N, x_SD, w_up_EHD)))
     return GroupedGLU.apply(x_SD.to(dt), w_up_EHD.to(dt), w_down_EDF.to(dt), weight_N, rows_N, counts_E, num_out,
                             activation, gated, use_grouped)
 
