@@ -80,13 +80,13 @@ def test_empty_input_keeps_graph():
         assert float(w_up.grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("plan", ["batched+keep", "batched", "by_expert"])
+@pytest.mark.parametrize("plan", ["one_block+keep", "one_block", "by_expert+keep", "by_expert"])
 def test_fused_gather_scatter_gradcheck_fp64(monkeypatch, plan):
     """The fused gather -> FFN -> weighted scatter against float64 finite differences, in every row plan."""
     import moesaic.experts.grouped_glu as gg
 
-    monkeypatch.setattr(gg, "BATCH_ROWS_MAX_BYTES", 0 if plan == "by_expert" else 1 << 40)
-    monkeypatch.setattr(gg, "KEEP_GATHERED_MAX_BYTES", 1 << 40 if plan == "batched+keep" else 0)
+    monkeypatch.setattr(gg, "BLOCK_BYTES", 0 if plan.startswith("by_expert") else 1 << 40)
+    monkeypatch.setattr(gg, "KEEP_GATHERED_MAX_BYTES", 1 << 40 if plan.endswith("keep") else 0)
     T, D, F, E = 5, 4, 3, 3
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     w_up = torch.randn(E, 2 * F, D, dtype=torch.float64, requires_grad=True)

@@ -89,14 +89,17 @@ def test_subclass_overriding_forward_keeps_plain_path():
     assert not layer.experts.fuses(64)
 
 
-@pytest.mark.parametrize("by_expert", [False, True])
-@pytest.mark.parametrize("D,F", [(16, 8), (8, 32)])  # F < D scales the activation, F > D the gradient
-def test_fused_row_plans_match_loop_fp64(monkeypatch, by_expert, D, F):
-    """Both CPU plans of the fused function (all rows at once / one expert at a time, chosen by the size
-    of the temporaries) equal the loop reference in float64, including an expert without rows."""
+@pytest.mark.parametrize("keep", [True, False])  # keep activations for backward / recompute them
+@pytest.mark.parametrize("block_bytes", [0, 600, 1 << 40])  # one expert per block, a few, all in one
+@pytest.mark.parametrize("D,F", [(16, 8), (8, 32)])  # recomputing: F < D scales the activation, F > D the gradient
+def test_fused_row_plans_match_loop_fp64(monkeypatch, keep, block_bytes, D, F):
+    """Every CPU plan of the fused function (experts in blocks of a given size of row temporaries; with or
+    without the activations kept for backward) equals the loop reference in float64, including an expert
+    without rows."""
     import moesaic.experts.grouped_glu as gg
 
-    monkeypatch.setattr(gg, "BATCH_ROWS_MAX_BYTES", 0 if by_expert else 1 << 40)
+    monkeypatch.setattr(gg, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(gg, "KEEP_GATHERED_MAX_BYTES", 1 << 40 if keep else 0)
     ref_layer, layer = _layer("loop", E=6, k=2, D=D, F=F), _layer("auto", E=6, k=2, D=D, F=F)
     layer.load_state_dict(ref_layer.state_dict())
     ref_layer.double(), layer.double()
