@@ -43,15 +43,35 @@ class RouterConfig(ComponentConfig):
 def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k along the last dim with ties broken by the lower index (routing.md §0).
 
-    ``torch.topk`` (about 2.5x faster than a full stable sort on CPU) orders equal values arbitrarily, so
-    on CPU it is used when the best ``k + 1`` values hold no tie (then selection and order are unique);
-    otherwise, and on other devices (where the check would cost a host sync), a stable sort decides.
+    On CPU (where the checks below cost no device sync):
+
+    * ``k <= 4``: ``k`` rounds of ``max`` (which returns the first of equal maxima), each masking its pick
+      with ``-inf``: exactly the stable order, and 1.2-1.8x faster than ``torch.topk`` for the usual router
+      shapes (2048 x 32, k = 4: 0.99 vs 1.22 ms, 1 thread). A pick that is NaN or ``-inf`` (where a masked
+      entry could be picked again) falls back to the stable sort.
+    * larger ``k``: ``torch.topk`` (about 2.5x faster than a full stable sort) orders equal values
+      arbitrarily, so it is used when the best ``k + 1`` values hold no tie (then selection and order are
+      unique).
+
+    Otherwise, and on other devices, a stable sort decides.
     """
     E = scores_TE.shape[-1]
     if scores_TE.device.type == "cpu" and 0 < k < E and scores_TE.numel():
-        vals, idx = torch.topk(scores_TE, k + 1, dim=-1)
-        if not bool((vals[..., 1:] == vals[..., :-1]).any() or vals.isnan().any()):
-            return vals[..., :k], idx[..., :k]
+        if k <= 4:
+            work = scores_TE.detach().clone()
+            vals, idx = [], []
+            for _ in range(k):
+                v, i = work.max(-1, keepdim=True)
+                work.scatter_(-1, i, float("-inf"))
+                vals.append(v)
+                idx.append(i)
+            v_TK, i_TK = torch.cat(vals, -1), torch.cat(idx, -1)
+            if not bool(v_TK.isnan().any() or v_TK.isneginf().any()):
+                return (scores_TE.gather(-1, i_TK) if scores_TE.requires_grad else v_TK), i_TK
+        else:
+            vals, idx = torch.topk(scores_TE, k + 1, dim=-1)
+            if not bool((vals[..., 1:] == vals[..., :-1]).any() or vals.isnan().any()):
+                return vals[..., :k], idx[..., :k]
     vals, idx = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     return vals[..., :k], idx[..., :k]
 
