@@ -13,8 +13,11 @@ Two modes:
   1024, for moesaic *and* for transformers' ``MixtralForCausalLM`` / ``LlamaForCausalLM`` (grouped_mm and
   eager experts) in the same interleaved loop. Same AdamW settings for all (fused where supported).
 
-Usage: ``python benchmarks/train_throughput.py [configs/demo.yaml] [--steps 20] [--threads 1] [--set k=v ...]
-[--reference] [--json out.json]``
+``--repeats R`` measures R times in a row on the same models and reports the median of the R ratios with
+all of them (the ratio of one 30-step measurement moves by about +-0.02 on a shared host).
+
+Usage: ``python benchmarks/train_throughput.py [configs/demo.yaml] [--steps 20] [--repeats 1] [--threads 1]
+[--set k=v ...] [--reference] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config", nargs="?", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="measurements in a row; the median ratio is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--reference", action="store_true", help="the issue's Mixtral/Llama shapes, with transformers")
@@ -153,10 +157,13 @@ def main() -> None:
             cfg = load_run_config(args.config, [*args.overrides, f"model.vocab_size={vocab}"])
         B, S = cfg.train.batch_size, cfg.data.seq_len
         runs = {"moe": moesaic_run(cfg), "dense": moesaic_run(dense_twin(cfg))}
+        reps = [measure(runs, (B, S), cfg.model.vocab_size, args.steps) for _ in range(max(1, args.repeats))]
+        rs = [ratios(r, "moe", "dense") for r in reps]
+        mid = sorted(range(len(reps)), key=lambda i: rs[i]["wall"])[len(reps) // 2]  # the median repeat
         res = {"config": args.config, "overrides": args.overrides, "batch": B, "seq_len": S, "threads": args.threads,
-               **measure(runs, (B, S), cfg.model.vocab_size, args.steps)}
-        r = ratios(res, "moe", "dense")
-        res["ratio_moe_over_dense"], res["ratio_moe_over_dense_cpu_time"] = r["wall"], r["cpu_time"]
+               **reps[mid], "ratio_moe_over_dense": rs[mid]["wall"],
+               "ratio_moe_over_dense_cpu_time": statistics.median(r["cpu_time"] for r in rs),
+               "repeats": [{"wall": r["wall"], "cpu_time": r["cpu_time"]} for r in rs]}
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

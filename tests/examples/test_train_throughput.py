@@ -15,13 +15,16 @@ TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=2", "--set", "mo
 
 def test_demo_mode_reports_both_ratios(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", ["x", "configs/demo.yaml", "--steps", "1", "--json", str(out), *TINY])
+    monkeypatch.setattr(sys, "argv", ["x", "configs/demo.yaml", "--steps", "1", "--repeats", "3", "--json", str(out),
+                                      *TINY])
     monkeypatch.chdir(SCRIPT.parents[1])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     r = json.loads(out.read_text())
     assert r["moe"]["active_params"] < r["moe"]["params"]
     assert r["dense"]["active_params"] == r["dense"]["params"]
     assert r["ratio_moe_over_dense"] > 0 and r["ratio_moe_over_dense_cpu_time"] > 0
+    walls = sorted(x["wall"] for x in r["repeats"])
+    assert len(walls) == 3 and r["ratio_moe_over_dense"] == walls[1]  # the median of the repeats
 
 
 def test_reference_runs_build_and_train_transformers_peers(monkeypatch):
