@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
 TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=2", "--set", "model.d_ff=40",
-        "--set", "model.moe.d_ff=32", "--set", "model.attention.num_heads=2", "--set", "data.seq_len=16",
+        "--set", "model.moe.d_ff=24", "--set", "model.attention.num_heads=2", "--set", "data.seq_len=16",
         "--set", "train.batch_size=2", "--set", "model.vocab_size=64"]
 
 
