@@ -110,3 +110,15 @@ def test_fused_row_plans_match_loop_fp64(monkeypatch, keep, block_bytes, D, F):
     torch.testing.assert_close(gx1, gx0, atol=1e-12, rtol=1e-12)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-12, rtol=1e-12, msg=n)
+
+
+def test_fused_keeps_activations_only_while_all_of_them_are_small():
+    """The keep-for-backward rule counts every kept activation ([N, D + H + 3F]), not just the gathered rows:
+    narrow inputs with wide experts recompute instead of holding N x 5F floats."""
+    import moesaic.experts.grouped_glu as gg
+
+    x = torch.zeros(1, 16)
+    w_up, w_down = torch.zeros(1, 2048, 16), torch.zeros(1, 16, 1024)
+    assert 4096 * 16 * 4 < gg.KEEP_GATHERED_MAX_BYTES  # the gathered rows alone would be kept
+    assert not gg._keep_for_backward(4096, x, w_up, w_down)  # 4096 x (16 + 2048 + 3072) x 4 B = 84 MB
+    assert gg._keep_for_backward(1024, x, w_up, w_down)  # 21 MB

@@ -6,15 +6,15 @@ no padded or permuted copy is kept for backward. This is the same idea with stoc
 * forward: ``x_ND = x_SD[rows_N]`` (gathered into a temporary), ``h_NH = up_e(x_ND)`` per expert,
   ``a_NF = act(gate) * up`` scaled by the routing weight ``w_N`` *before* the down projection
   (``w (a W^T) = (w a) W^T``), ``y_ND = down_e(a_NF)`` and ``y_TD = index_add(rows_N, y_ND)``;
-* blocks: on CPU the experts are taken in consecutive blocks of about :data:`BLOCK_BYTES` of row
-  temporaries, and each block runs the whole chain on its own rows while they sit in the core's L2 cache
-  (an expert with more rows is a block of its own, so the temporaries of large inputs stay O(rows of one
-  expert)); on CUDA all rows are one block and the grouped_mm offsets never leave the device (no sync);
-* saved for backward: small inputs (``[N, D]`` under :data:`KEEP_GATHERED_MAX_BYTES`) keep the gathered
-  rows, ``h``, ``silu(gate)`` and the activation with and without the routing weight, so backward neither
-  gathers nor recomputes; larger ones keep only ``h_NH`` (``[N, H]``) and gather and recompute the rest,
-  so the ``[N, D]`` gathered input, the ``[N, F]`` activation and the ``[N, D]`` expert output that plain
-  autograd keeps are not held between forward and backward;
+* blocks: on CPU the experts are taken in consecutive blocks of up to :data:`BLOCK_BYTES` of row
+  temporaries, and each block runs the whole chain on its own rows (an expert with more rows is a block
+  of its own, so the temporaries of large inputs stay O(rows of one expert)); smaller inputs are one
+  block; on CUDA all rows are one block and the grouped_mm offsets never leave the device (no sync);
+* saved for backward: small inputs (under :data:`KEEP_GATHERED_MAX_BYTES` of kept activations) keep the
+  gathered rows, ``h``, ``silu(gate)`` and the activation with and without the routing weight, so
+  backward neither gathers nor recomputes; larger ones keep only ``h_NH`` (``[N, H]``) and gather and
+  recompute the rest, so the ``[N, D]`` gathered input, the ``[N, F]`` activation and the ``[N, D]``
+  expert output that plain autograd keeps are not held between forward and backward;
 * each block's matmuls run as one ``grouped_mm`` per projection where the probe passes (no Python loop
   over experts), else as a loop of per-expert ``mm`` into a preallocated buffer (no ``torch.cat``).
 
@@ -102,7 +102,7 @@ class GroupedGLU(torch.autograd.Function):
                 use_grouped: bool) -> Tensor:
         N = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]
         blocks = _blocks(counts_E, N, use_grouped, x_SD, w_up_EHD)
-        keep = _keep_for_backward(N, x_SD)
+        keep = _keep_for_backward(N, x_SD, w_up_EHD, w_down_EDF)
         swiglu = gated and activation == "silu"
         scatter = num_out is not None
         dev = x_SD.device.type
@@ -269,14 +269,15 @@ class _null:
 BLOCK_BYTES = 64 << 20
 
 
-#: Below this size of the gathered input ``[N, D]`` (bytes), the forward keeps the gathered rows and the
-#: activations for backward instead of gathering and recomputing them (small inputs, where every pass
-#: counts); above it only ``h_NH`` is kept.
-KEEP_GATHERED_MAX_BYTES = 16 << 20
+#: Below this many bytes of activations to keep (``[N, D + H + 3F]``: the gathered rows, ``h``, ``silu(gate)``
+#: and the activation with and without the routing weight), the forward keeps them for backward instead of
+#: gathering and recomputing them (small inputs, where every pass counts); above it only ``h_NH`` is kept.
+KEEP_GATHERED_MAX_BYTES = 64 << 20
 
 
-def _keep_for_backward(N: int, x_SD: Tensor) -> bool:
-    return N * x_SD.shape[1] * x_SD.element_size() <= KEEP_GATHERED_MAX_BYTES
+def _keep_for_backward(N: int, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
+    width = x_SD.shape[1] + w_up_EHD.shape[1] + 3 * w_down_EDF.shape[2]
+    return N * width * x_SD.element_size() <= KEEP_GATHERED_MAX_BYTES
 
 
 def gather_rows(x_SD: Tensor, rows_N: Tensor) -> Tensor:
