@@ -117,7 +117,8 @@ class GroupedGLU(torch.autograd.Function):
                 rows_b = rows_N[b.r0:b.r1] if rows_N is not None else None
                 x_b = gather_rows(x_SD, rows_b) if rows_b is not None else x_SD[b.r0:b.r1]
                 h_b = _mm_rows(x_b, w_up_EHD[b.e0:b.e1], b.plan, transpose=True)
-                silu_b, a_b = _swiglu(h_b) if swiglu else (None, _act_fwd(h_b, activation, gated))
+                # silu(gate) is kept for backward only with the rest; otherwise act in place, one temporary
+                silu_b, a_b = _swiglu(h_b) if swiglu and keep else (None, _act_fwd(h_b, activation, gated))
                 aw_b = a_b
                 if weight_N is not None:
                     w_b = weight_N[b.r0:b.r1].to(a_b.dtype).unsqueeze(1)
