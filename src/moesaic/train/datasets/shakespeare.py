@@ -50,15 +50,22 @@ def play_files() -> dict[str, Path]:
 
 
 @dataclasses.dataclass
-class ShakespeareConfig(DataConfig):
-    kind: str = "shakespeare"
+class PlayTextConfig(DataConfig):
+    """What every dataset read from the plays has: the tokenizer, its size and the cache of
+    :func:`tokenize_plays`."""
+
     tokenizer: Literal["bpe", "char"] = "bpe"
     vocab_size: int = rule(1024, ge=260, doc="BPE vocabulary size (ignored for char)")
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass
+class ShakespeareConfig(PlayTextConfig):
+    kind: str = "shakespeare"
     seq_len: int = rule(128, ge=2)
     val_plays: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "twelfth_night", "julius_caesar"])
     train_plays: list[str] | None = None  # None: every other play
     eval_windows: int = rule(64, ge=1, doc="validation windows of seq_len tokens used by eval")
-    cache_dir: str | None = None
 
     def validate(self, path: str) -> None:
         known = play_files()

@@ -31,8 +31,7 @@ from torch import Tensor
 from moesaic.config import require, rule
 from moesaic.errors import ConfigError
 from moesaic.registry import DATASETS
-from moesaic.train.datasets.base import DataConfig
-from moesaic.train.datasets.shakespeare import play_files, tokenize_plays
+from moesaic.train.datasets.shakespeare import PlayTextConfig, play_files, tokenize_plays
 from moesaic.train.example_loader import ExampleLoader
 
 GENRES = ("comedy", "history", "tragedy")
@@ -68,10 +67,8 @@ def plays_by_genre() -> dict[str, list[str]]:
 
 
 @dataclasses.dataclass
-class ShakespeareGenreConfig(DataConfig):
+class ShakespeareGenreConfig(PlayTextConfig):
     kind: str = "shakespeare_genre"
-    tokenizer: Literal["bpe", "char"] = "bpe"
-    vocab_size: int = rule(1024, ge=260, doc="BPE vocabulary size (ignored for char)")
     seq_len: int = rule(64, ge=1, doc="tokens per example window")
     val_plays: list[str] | None = None  # None: val_per_class plays per genre drawn with split_seed
     val_per_class: int = rule(2, ge=1)
@@ -79,7 +76,6 @@ class ShakespeareGenreConfig(DataConfig):
     windows_per_play: int | None = rule(None, ge=1, doc="cap on training windows per play (evenly spaced)")
     balance: Literal["oversample", "none"] = "oversample"
     eval_windows_per_play: int = rule(64, ge=1)
-    cache_dir: str | None = None
 
     def validate(self, path: str) -> None:
         by_genre = plays_by_genre()
