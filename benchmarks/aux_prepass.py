@@ -1,7 +1,7 @@
 """Cost of exact aux accumulation (``train.aux_accumulation: exact``): the step time of the demo LM with
 gradient accumulation, exact vs ``micro_batch``, measured side by side in one process (steps alternate
 between two identical trainers, so load from other processes hits both equally), and the time of the
-no-grad pre-pass itself inside the exact steps (moesaic.routing.global_aux).
+no-grad pre-pass itself inside the exact steps (moesaic.train.global_aux).
 
 Usage: ``python benchmarks/aux_prepass.py [configs/demo.yaml] [--grad-accum 4] [--steps 24] [--threads 1]
 [--set k=v ...] [--json out.json]``
@@ -15,8 +15,8 @@ import statistics
 import tempfile
 import time
 
-from moesaic.routing import global_aux
-from moesaic.run_config import load_run_config
+from moesaic.moe.routing import global_aux
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 

@@ -19,7 +19,7 @@ import torch
 
 import moesaic
 from moesaic.analysis.recorder import RoutingRecorder
-from moesaic.parallel import placement as P
+from moesaic.distributed import placement as P
 
 
 def traces(model, batches) -> list[torch.Tensor]:

@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from moesaic.parallel.check import Case, ep_worker
-from moesaic.parallel.launch import spawn
+from moesaic.distributed.equivalence import Case, ep_worker
+from moesaic.distributed.launch import spawn
 
 
 def main(argv: list[str] | None = None) -> int:

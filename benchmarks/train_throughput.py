@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import moesaic
 from moesaic.examples.demo import count_params, dense_twin
-from moesaic.run_config import load_run_config
 from moesaic.train.optim import build_adamw
+from moesaic.train.run_config import load_run_config
 
 Run = tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # model, ids -> loss
 

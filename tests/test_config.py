@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moesaic.config import (
+from moesaic.core.config import (
     Section,
     apply_overrides,
     dump_yaml,
@@ -18,10 +18,10 @@ from moesaic.config import (
     to_dict,
     validate_tree,
 )
-from moesaic.errors import ConfigError
-from moesaic.layers.moe import MoEConfig
-from moesaic.registry import ROUTERS
-from moesaic.run_config import RunConfig, load_run_config
+from moesaic.core.errors import ConfigError
+from moesaic.core.registry import ROUTERS
+from moesaic.moe.layer import MoEConfig
+from moesaic.train.run_config import RunConfig, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Schedules (src/moesaic/schedules.py): SMoE-Dropout k modes (routing.md §5), EvoMoE temperature (§10)."""
+"""Schedules (src/moesaic/core/schedules.py): SMoE-Dropout k modes (routing.md §5), EvoMoE temperature (§10)."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.config import parse, validate_tree
-from moesaic.errors import ConfigError
-from moesaic.registry import SCHEDULES
-from moesaic.schedules import ScheduleConfig, schedule
+from moesaic.core.config import parse, validate_tree
+from moesaic.core.errors import ConfigError
+from moesaic.core.registry import SCHEDULES
+from moesaic.core.schedules import ScheduleConfig, schedule
 
 
 def _smoe_reference(mode, s, S, lo, hi):

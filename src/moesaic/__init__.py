@@ -4,8 +4,7 @@ Public names (stable, design §5): :class:`MoELayer`, :class:`RoutingDecision`, 
 :func:`moe_layer`, :func:`load`, and the subpackages ``interop.hf`` (``from_hf``/``to_hf``).
 """
 
-from moesaic.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
-from moesaic.errors import (
+from moesaic.core.errors import (
     CausalityError,
     CheckpointCorruptError,
     CheckpointError,
@@ -14,8 +13,9 @@ from moesaic.errors import (
     MoesaicError,
     NonFiniteInputError,
 )
-from moesaic.layers.moe import MoEConfig, MoELayer
-from moesaic.types import RoutingDecision
+from moesaic.core.types import RoutingDecision
+from moesaic.moe.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
+from moesaic.moe.layer import MoEConfig, MoELayer
 
 __version__ = "0.1.0"
 

@@ -25,8 +25,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.g
 
 HARNESS = r"""
 import json, os, runpy, sys, tempfile, traceback
-import moesaic.cli, moesaic.run_config  # noqa: F401  (the expensive imports, once)
-from moesaic.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS
+import moesaic.cli, moesaic.train.run_config  # noqa: F401  (the expensive imports, once)
+from moesaic.core.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS
 for reg in (ROUTERS, DISPATCHERS, EXPERTS, MODELS, DATASETS):
     reg.names()
 results = []
@@ -227,7 +227,7 @@ def test_bad_command_lines_are_one_line_errors(results):
 def test_list_shows_every_router_with_a_description(results):
     rc, out, err = results["list"]
     assert rc == 0 and err == ""
-    from moesaic.registry import ROUTERS
+    from moesaic.core.registry import ROUTERS
 
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     for name in ROUTERS.names():

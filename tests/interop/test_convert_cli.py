@@ -63,13 +63,13 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
 
 def test_export_of_a_trained_style_checkpoint_names_the_missing_feature(tmp_path, capsys):
     """A DeepSeekMoE-style model (ungated shared experts, plain attention) has no HF architecture."""
-    from moesaic.config import dump_yaml
+    from moesaic.core.config import dump_yaml
     from moesaic.train.checkpoint import gather_model_state, save_checkpoint
 
     data = {"model": {"kind": "decoder_lm", "vocab_size": 32, "d_model": 16, "num_layers": 2, "d_ff": 32,
                       "attention": {"num_heads": 2},
                       "moe": {"d_ff": 16, "num_experts": 4, "top_k": 2, "shared_experts": {"num": 1}}}}
-    from moesaic.run_config import load_run_config
+    from moesaic.train.run_config import load_run_config
 
     model = load_run_config(data=data).model.build()
     save_checkpoint(tmp_path / "ckpt", 1, config_yaml=dump_yaml(data), model_state=gather_model_state(model))

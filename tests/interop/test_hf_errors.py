@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moesaic.errors import ConversionError, MoesaicError
+from moesaic.core.errors import ConversionError, MoesaicError
 from moesaic.interop.hf import from_hf
 
 from .conftest import build_hf

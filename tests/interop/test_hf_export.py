@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moesaic.config import parse, validate_tree
-from moesaic.errors import ConversionError
+from moesaic.core.config import parse, validate_tree
+from moesaic.core.errors import ConversionError
 from moesaic.interop.hf import choose_arch, from_hf, to_hf
 from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 

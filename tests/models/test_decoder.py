@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.layers.ffn import DenseFFN
-from moesaic.layers.moe import MoELayer
-from moesaic.run_config import load_run_config
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.layer import MoELayer
+from moesaic.train.run_config import load_run_config
 
 V = 40
 

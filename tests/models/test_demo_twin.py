@@ -1,7 +1,7 @@
 """The demo's dense baseline has the MoE model's active parameters (routers excepted)."""
 
 from moesaic.examples.demo import active_ffn_width, count_params, dense_twin
-from moesaic.run_config import load_run_config
+from moesaic.train.run_config import load_run_config
 
 
 def test_dense_twin_matches_active_parameters():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moesaic.config import parse, validate_tree
+from moesaic.core.config import parse, validate_tree
 from moesaic.models.cache import KVCache
 from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 
@@ -79,7 +79,7 @@ def test_matches_float64_reference():
 
 
 def test_mla_config_rules():
-    from moesaic.errors import ConfigError
+    from moesaic.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qk_rope_head_dim = 3: must be even"):
         validate_tree(parse(DecoderLMConfig, {"kind": "decoder_lm", "vocab_size": 8,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.convert.evomoe import spawn_experts_
-from moesaic.errors import ConversionError
-from moesaic.layers.ffn import DenseFFN
-from moesaic.routing.dts import dts_aux_loss
+from moesaic.core.errors import ConversionError
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.routing.dts import dts_aux_loss
+from moesaic.transforms.evomoe_spawn import spawn_experts_
 
 D, F, E = 16, 32, 4
 

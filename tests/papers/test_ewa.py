@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.convert.ewa import MergedFFN, merge_experts_, merge_layer
-from moesaic.errors import ConfigError, ConversionError
-from moesaic.experts.ewa import ewa_average_
-from moesaic.layers.ffn import DenseFFN
+from moesaic.core.errors import ConfigError, ConversionError
 from moesaic.models.regression import RegressionModel, RegressionModelConfig
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.experts.ewa import ewa_average_
+from moesaic.transforms.ewa_merge import MergedFFN, merge_experts_, merge_layer
 
 D, F, E = 16, 32, 4
 
@@ -111,7 +111,7 @@ def test_merging_equal_experts_returns_that_ffn_exactly(gated):
 
 
 def test_merge_equals_averaged_experts_in_a_model():
-    model_cfg = moesaic.config.parse(RegressionModelConfig, {
+    model_cfg = moesaic.core.config.parse(RegressionModelConfig, {
         "d_in": 8, "d_model": D, "moe": {"d_ff": F, "num_experts": E, "top_k": 1,
                                          "router": {"kind": "random_partition"}, "experts": {"kind": "ewa"}}}, "model")
     model = RegressionModel(model_cfg).double()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.errors import ConfigError, RoutingInputError
-from moesaic.routing.hash import balanced_table
+from moesaic.core.errors import ConfigError, RoutingInputError
+from moesaic.moe.routing.hash import balanced_table
 
 
 def _layer(**router):

@@ -5,8 +5,8 @@ import torch
 from scipy.stats import norm
 
 import moesaic
-from moesaic.errors import ConfigError
-from moesaic.routing.latency_aware import latency_balance, prob_in_topk
+from moesaic.core.errors import ConfigError
+from moesaic.moe.routing.latency_aware import latency_balance, prob_in_topk
 
 D, F = 16, 32
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import moesaic
-from moesaic.errors import ConfigError, MoesaicError
-from moesaic.routing import losses
-from moesaic.routing.moepp import hetero_balance, hetero_capacity, link_gating_residuals
+from moesaic.core.errors import ConfigError, MoesaicError
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.moepp import hetero_balance, hetero_capacity, link_gating_residuals
 
 D, F, E = 16, 32, 8  # 4 FFN + 2 constant + copy + zero
 
@@ -246,8 +246,8 @@ def test_trains_and_sends_some_tokens_to_zero_computation_experts():
 
 
 def test_decoder_lm_links_gating_residuals_at_build():
-    from moesaic.config import parse, validate_tree
-    from moesaic.registry import MODELS
+    from moesaic.core.config import parse, validate_tree
+    from moesaic.core.registry import MODELS
 
     cfg = validate_tree(parse(MODELS.get("decoder_lm").Config, {
         "vocab_size": 32, "d_model": D, "num_layers": 3, "d_ff": F, "max_seq_len": 16,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from moesaic.examples import paper_toys
-from moesaic.run_config import load_run_config
+from moesaic.train.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["top_p", "smoe_dropout", "thor", "hash", "soft_moe", "m3vit_task_gates", "domain_routing"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moesaic.run_config import load_run_config
+from moesaic.train.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

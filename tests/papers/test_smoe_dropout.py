@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.errors import ConfigError
-from moesaic.routing.smoe_dropout import set_top_k
+from moesaic.core.errors import ConfigError
+from moesaic.moe.routing.smoe_dropout import set_top_k
 
 SCHED = {"kind": "linear_increase", "min_value": 1, "max_value": 4, "total_steps": 30, "integer": True}
 

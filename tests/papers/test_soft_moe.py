@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.dispatch.soft import soft_weights
-from moesaic.errors import CausalityError, ConfigError
+from moesaic.core.errors import CausalityError, ConfigError
+from moesaic.moe.dispatch.soft import soft_weights
 
 
 def _layer(E=3, p=2, **router):

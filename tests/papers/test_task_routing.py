@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.errors import ConfigError, RoutingInputError
-from moesaic.routing.task_prune import prune_to_task, used_experts
+from moesaic.core.errors import ConfigError, RoutingInputError
+from moesaic.transforms.task_prune import prune_to_task, used_experts
 
 
 def _layer(E=8, k=2, **router):

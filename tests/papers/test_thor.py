@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import moesaic
-from moesaic.errors import ConfigError
-from moesaic.routing.thor import thor_consistency_loss
+from moesaic.core.errors import ConfigError
+from moesaic.moe.routing.thor import thor_consistency_loss
 from moesaic.train.thor import thor_step
 
 V = 11

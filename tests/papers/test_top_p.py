@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moesaic
-from moesaic.errors import ConfigError
-from moesaic.routing.top_p import top_p_select
+from moesaic.core.errors import ConfigError
+from moesaic.moe.routing.top_p import top_p_select
 
 
 def _layer(thr=0.4, E=6, **router):

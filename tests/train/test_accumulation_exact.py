@@ -1,7 +1,7 @@
 """Exact aux accumulation (reliability.md U14, §3.1): with ``train.aux_accumulation: exact`` (the default),
 gradient accumulation 4 x 2 equals batch 8 in float64 (step loss, aux loss and every parameter gradient
 within 1e-12) for batch-statistic balance losses too, with unequal valid tokens per micro-batch. The
-definition is in moesaic/train/loss.py, the mechanism in moesaic/routing/global_aux.py."""
+definition is in moesaic/train/loss.py, the mechanism in moesaic/train/global_aux.py."""
 
 import copy
 
@@ -10,10 +10,10 @@ import torch
 
 import moesaic
 from lm_fixtures import accumulate_grads, padded_lm_batch
-from moesaic.errors import ConfigError
-from moesaic.routing import losses
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import ConfigError
+from moesaic.moe.routing import losses
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 ROUTERS = {
@@ -123,7 +123,7 @@ def test_thor_two_passes_exact(tiny_data, data_cache, tmp_path):
 def test_stochastic_router_prepass_keeps_rng_stream(tiny_data, data_cache, tmp_path):
     """Noisy top-k with noise: the pre-pass must not move the RNG. Reference: the same four micro-batch
     forwards from the same RNG state, the importance CV^2 of the *summed* gates (brute force, no
-    moesaic.routing.aux_stats), LM loss / N and token-weighted z-loss; the RNG after the step equals the
+    moesaic.moe.routing.aux_stats), LM loss / N and token-weighted z-loss; the RNG after the step equals the
     micro_batch mode's (no draw consumed twice), and reruns are bitwise equal."""
     router = {"kind": "noisy_topk", "importance_coef": 0.1, "load_coef": 0.0, "init_std": 0.5, "z_loss_coef": 0.01}
     t4 = _trainer(tiny_data, tmp_path / "noisy", 4, router)
@@ -171,7 +171,7 @@ def test_stochastic_router_prepass_keeps_rng_stream(tiny_data, data_cache, tmp_p
 def test_unsplittable_batch_loss_is_rejected(tiny_data, data_cache, tmp_path, monkeypatch):
     """A router whose batch-statistic loss declares no additive statistics: ConfigError at construction in
     exact mode with grad_accum > 1, naming the router and the way out; fine with micro_batch or grad_accum 1."""
-    from moesaic.routing.topk import TopKRouter
+    from moesaic.moe.routing.topk import TopKRouter
 
     monkeypatch.setattr(TopKRouter, "stat_losses", frozenset({"device_balance"}))  # "balance" undeclared
     router, k = ROUTERS["topk_switch_z"]
@@ -185,7 +185,7 @@ def test_unsplittable_batch_loss_is_rejected(tiny_data, data_cache, tmp_path, mo
 
 def _ep_worker(rank, world, tiny_data, root, names):
     """Expert parallelism 2 x gradient accumulation 2 (DistributedTrainer) on gloo: one step's gradients."""
-    from moesaic.parallel.trainer import DistributedTrainer
+    from moesaic.train.distributed_trainer import DistributedTrainer
 
     out = {}
     for name in names:
@@ -209,7 +209,7 @@ def _ep_worker(rank, world, tiny_data, root, names):
 def test_ep2_times_ga2_equals_one_process_batch_8(tiny_data, data_cache, tmp_path):
     """EP + GA: the pre-pass totals are all-reduced over the ranks once; every rank's dense gradients and its
     expert shard's gradients equal one process at batch 8 (1e-12)."""
-    from moesaic.parallel.launch import spawn
+    from moesaic.distributed.launch import spawn
 
     names = ["topk_switch_z", "noisy_topk_cv2", "topk_sequence"]
     res = spawn(_ep_worker, 2, tiny_data, str(tmp_path / "ep"), names)

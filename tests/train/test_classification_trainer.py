@@ -12,9 +12,9 @@ import yaml
 import moesaic
 from genre_fixtures import tiny_genre
 from moesaic.cli import main
-from moesaic.errors import ConfigError
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import ConfigError
 from moesaic.train.loss import IGNORE_INDEX
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from moesaic.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from moesaic.train import checkpoint as ckpt
+from moesaic.train.run_config import load_run_config
 from moesaic.train.tokenizer import CharTokenizer
 
 MODEL = {"kind": "decoder_lm", "vocab_size": 12, "d_model": 8, "num_layers": 1, "d_ff": 8,
@@ -29,7 +29,7 @@ def _save(out, step, model, cfg_yaml):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from moesaic.config import dump_yaml
+    from moesaic.core.config import dump_yaml
 
     cfg = load_run_config(data={"model": MODEL})
     out = tmp_path_factory.mktemp("run")
@@ -126,7 +126,7 @@ def test_mismatched_model_rejected(run_dir):
 
 
 def test_keep_last_never_deletes_newest_valid(tmp_path):
-    from moesaic.config import dump_yaml
+    from moesaic.core.config import dump_yaml
 
     cfg = load_run_config(data={"model": MODEL})
     model = cfg.model.build()

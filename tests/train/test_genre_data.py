@@ -4,11 +4,11 @@ play-disjoint stratified splits, deterministic examples cut from the right play,
 import pytest
 import torch
 
-from moesaic.errors import CheckpointMismatchError, ConfigError
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import CheckpointMismatchError, ConfigError
 from moesaic.train.datasets.shakespeare import play_files
 from moesaic.train.datasets.shakespeare_genre import FOLIO_GENRE, GENRES, plays_by_genre, split_plays
 from moesaic.train.example_loader import ExampleLoader
+from moesaic.train.run_config import load_run_config
 
 DATA = {"kind": "shakespeare_genre", "tokenizer": "char", "seq_len": 16, "val_per_class": 1,
         "windows_per_play": 8, "eval_windows_per_play": 4}

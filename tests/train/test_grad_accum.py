@@ -7,8 +7,8 @@ import torch
 
 import moesaic
 from lm_fixtures import accumulate_grads, padded_lm_batch
-from moesaic.run_config import load_run_config
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 

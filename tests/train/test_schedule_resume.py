@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from moesaic.run_config import load_run_config
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 ROUTERS = {

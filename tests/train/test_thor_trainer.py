@@ -5,8 +5,8 @@ import copy
 
 import torch
 
-from moesaic.run_config import load_run_config
 from moesaic.train.loss import IGNORE_INDEX
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 

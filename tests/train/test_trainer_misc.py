@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from moesaic.errors import ConfigError
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import ConfigError
 from moesaic.train.config import TrainConfig
-from moesaic.train.schedule import lr_factor
+from moesaic.train.lr_schedule import lr_factor
+from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.layers.moe import MoELayer
+from moesaic.moe.layer import MoELayer
 
 
 class RoutingRecorder:

@@ -33,8 +33,8 @@ def model_bytes(T: int, k: int, D: int, E: int, W: int, dtype: str) -> dict[str,
 def _worker(rank: int, world: int, T: int, k: int, D: int, E: int, dtype: str, reps: int) -> dict[str, float]:
     import torch.distributed as dist
 
-    from moesaic.dispatch.all_to_all import AllToAllDispatcher
-    from moesaic.types import RoutingDecision
+    from moesaic.core.types import RoutingDecision
+    from moesaic.moe.dispatch.all_to_all import AllToAllDispatcher
 
     disp = AllToAllDispatcher(AllToAllDispatcher.Config(), E, k, group=dist.group.WORLD)
     g = torch.Generator().manual_seed(rank)
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, T: int, k: int, D: int, E: int, dtype: str, r
 
 
 def measure(T: int, k: int, D: int, E: int, W: int, dtype: str, reps: int = 20) -> dict[str, float]:
-    from moesaic.parallel.launch import spawn
+    from moesaic.distributed.launch import spawn
 
     res = spawn(_worker, W, T, k, D, E, dtype, reps)
     return {"ms": max(r["ms"] for r in res), "sent_bytes": statistics.mean(r["sent_bytes"] for r in res)}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import moesaic
-from moesaic.experts.backends import BACKENDS
+from moesaic.moe.experts.backends import BACKENDS
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ import torch
 
 from moesaic.bench.impls import Impl, floor_impls, moesaic_impls, peer_impls
 from moesaic.bench.measure import peak_growth, saved_bytes, time_interleaved
-from moesaic.errors import MoesaicError
+from moesaic.core.errors import MoesaicError
 
 TARGET = "layer"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,7 +35,7 @@ def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool 
                 extra: Callable[[list[Impl]], list[Impl]] | None = None) -> tuple[list[Impl], list[str]]:
     """Implementations for one size whose name contains one of ``names`` (all when empty; floors always),
     plus each needed family reference (untimed); ``extra(impls)`` may add more."""
-    from moesaic.experts.backends import BACKENDS
+    from moesaic.moe.experts.backends import BACKENDS
 
     wanted = (lambda n: any(n == s[1:] if s.startswith("=") else s in n for s in names)) if names else (lambda n: True)
     fams = {"mixtral": "", "olmoe": " (olmoe)", "qwen2": " (qwen2)"}

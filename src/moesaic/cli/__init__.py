@@ -11,7 +11,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from moesaic.errors import MoesaicError
+from moesaic.core.errors import MoesaicError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,7 +14,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.run_config import load_run_config
+    from moesaic.train.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     print(f"ok: {args.config} (model {cfg.model.kind}, data {cfg.data.kind})")

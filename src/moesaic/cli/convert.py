@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def hf_import(args: argparse.Namespace) -> int:
-    from moesaic.config import dump_yaml, to_dict
+    from moesaic.core.config import dump_yaml, to_dict
     from moesaic.interop.hf import TOKENIZER_FILES, from_hf
     from moesaic.train.checkpoint import gather_model_state, save_checkpoint
 

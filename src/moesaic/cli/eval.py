@@ -17,12 +17,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import moesaic
-    from moesaic.config import apply_overrides, loads_yaml
-    from moesaic.run_config import load_run_config
+    from moesaic.core.config import apply_overrides, loads_yaml
+    from moesaic.train.run_config import load_run_config
     from moesaic.train.task import eval_batch_size, evaluate, select_task
 
     model = moesaic.load(args.checkpoint)
-    raw = apply_overrides(loads_yaml(moesaic.config.dump_yaml(model.run_config)), args.overrides)
+    raw = apply_overrides(loads_yaml(moesaic.core.config.dump_yaml(model.run_config)), args.overrides)
     cfg = load_run_config(data=raw)
     data = cfg.data.build()
     task = select_task(cfg, data)

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import moesaic
-    from moesaic.errors import CheckpointMismatchError, ConfigError
+    from moesaic.core.errors import CheckpointMismatchError, ConfigError
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 1")

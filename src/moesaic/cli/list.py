@@ -10,8 +10,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.experts.backends import BACKENDS
-    from moesaic.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS, SCHEDULES
+    from moesaic.core.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS, SCHEDULES
+    from moesaic.moe.experts.backends import BACKENDS
 
     for title, reg in (("routers", ROUTERS), ("dispatchers", DISPATCHERS), ("experts", EXPERTS),
                        ("models", MODELS), ("datasets", DATASETS), ("schedules", SCHEDULES)):

@@ -23,15 +23,15 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from moesaic.errors import ConfigError
-    from moesaic.run_config import load_run_config
+    from moesaic.core.errors import ConfigError
+    from moesaic.train.run_config import load_run_config
     from moesaic.train.trainer import Trainer
 
     cfg = load_run_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-        from moesaic.parallel.launch import torchrun
+        from moesaic.distributed.launch import torchrun
 
         if args.nproc < 1 or args.nproc % cfg.parallel.ep_size:
             raise ConfigError("--nproc", args.nproc, f"must be a positive multiple of parallel.ep_size "
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, f"needs at least that many processes (got "
                                                                      f"{world}); use --nproc N or torchrun")
     if world > 1:
-        from moesaic.parallel.groups import init_process_group
-        from moesaic.parallel.trainer import DistributedTrainer
+        from moesaic.distributed.groups import init_process_group
+        from moesaic.train.distributed_trainer import DistributedTrainer
 
         init_process_group()
         trainer = DistributedTrainer(cfg, out, resume=args.resume)

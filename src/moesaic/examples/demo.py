@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from moesaic.config import to_dict
-from moesaic.errors import MoesaicError
-from moesaic.run_config import RunConfig, load_run_config
+from moesaic.core.config import to_dict
+from moesaic.core.errors import MoesaicError
+from moesaic.train.run_config import RunConfig, load_run_config
 
 
 def active_ffn_width(moe) -> int:
@@ -44,7 +44,7 @@ def dense_twin(cfg: RunConfig) -> RunConfig:
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(total, active per token) parameters; active counts only top-k routed experts of each MoE layer."""
-    from moesaic.api import moe_layers
+    from moesaic.moe.api import moe_layers
 
     total = sum(p.numel() for p in model.parameters())
     inactive = 0

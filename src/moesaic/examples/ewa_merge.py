@@ -14,8 +14,8 @@ import sys
 import torch
 
 import moesaic
-from moesaic.convert.ewa import merge_experts_
 from moesaic.examples.toy_regression import load_config, train
+from moesaic.transforms.ewa_merge import merge_experts_
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 import moesaic
-from moesaic.errors import MoesaicError
-from moesaic.registry import ROUTERS
-from moesaic.routing.base import RouterConfig
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import MoesaicError
+from moesaic.core.registry import ROUTERS
+from moesaic.moe.routing.base import RouterConfig
+from moesaic.train.run_config import load_run_config
 
 GROUP = 16  # tokens per sequence: inputs are reshaped to [n / 16, 16, d_in] (Soft MoE mixes within one)
 
@@ -86,13 +86,13 @@ def train_eval(cfg: Any, alpha: float, label: str) -> dict[str, float]:
         s = model.moe.last_stats
         res["experts_per_token"] = s["assignments"] / max(s["tokens"], 1)
         if kind == "smoe_dropout":
-            from moesaic.routing.smoe_dropout import set_top_k
+            from moesaic.moe.routing.smoe_dropout import set_top_k
 
             for k in (1, 2, model.moe.num_experts):
                 set_top_k(model, k)
                 res[f"mse_k{k}"] = nn.functional.mse_loss(model(xg).reshape(y.shape), y).item()
         if kind == "task_gates":
-            from moesaic.routing.task_prune import prune_to_task, used_experts
+            from moesaic.transforms.task_prune import prune_to_task, used_experts
 
             sel = torch.cdist(x, data.centres).argmin(-1) == 0
             h = model.inp(x[sel])

@@ -11,8 +11,8 @@ import sys
 import torch
 
 import moesaic
-from moesaic.errors import MoesaicError
-from moesaic.run_config import load_run_config
+from moesaic.core.errors import MoesaicError
+from moesaic.train.run_config import load_run_config
 
 
 def load_config(argv: list[str] | None, description: str | None):

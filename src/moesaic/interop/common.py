@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from moesaic.errors import ConversionError
+from moesaic.core.errors import ConversionError
 from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy
 
 #: Expert weight layouts on disk. ``per_expert``: one ``[out, in]`` matrix per expert and projection, the

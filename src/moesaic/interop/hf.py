@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.config import ConfigError, parse, validate_tree
-from moesaic.errors import ConversionError
+from moesaic.core.config import ConfigError, parse, validate_tree
+from moesaic.core.errors import ConversionError
 from moesaic.interop.common import EXPERT_LAYOUTS, Arch
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from moesaic.errors import ConversionError
+from moesaic.core.errors import ConversionError
 from moesaic.interop.safetensors_io import WeightReader, short_list
 
 #: Metadata tag that moesaic writes into every safetensors file it exports and checks on import: matrices

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moesaic.errors import ConversionError
+from moesaic.core.errors import ConversionError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -16,13 +16,13 @@ from typing import Any, ClassVar, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moesaic.config import ComponentConfig, require, rule
+from moesaic.core.config import ComponentConfig, require, rule
+from moesaic.core.registry import Registry
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
 from moesaic.models.rope_scaling import RopeScalingConfig
-from moesaic.registry import Registry
 
 #: Attention kinds; modules of ``moesaic.models`` are imported on first lookup.
 ATTENTIONS: Registry[Any] = Registry("attention", "moesaic.models")

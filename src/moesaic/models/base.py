@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from moesaic.config import ComponentConfig
-from moesaic.registry import MODELS
+from moesaic.core.config import ComponentConfig
+from moesaic.core.registry import MODELS
 
 
 @dataclasses.dataclass

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.api import collect_aux_losses, name_layers
+from moesaic.core.registry import MODELS
 from moesaic.models.cache import KVCache
 from moesaic.models.generation import generate
 from moesaic.models.transformer import TransformerBody, TransformerConfig, init_weights
-from moesaic.registry import MODELS
+from moesaic.moe.api import collect_aux_losses, name_layers
 
 
 @dataclasses.dataclass

@@ -12,11 +12,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from moesaic.api import collect_aux_losses, name_layers
-from moesaic.config import rule
+from moesaic.core.config import rule
+from moesaic.core.registry import MODELS
 from moesaic.models.decoder import LMOutput
 from moesaic.models.transformer import TransformerBody, TransformerConfig, init_weights
-from moesaic.registry import MODELS
+from moesaic.moe.api import collect_aux_losses, name_layers
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moesaic.errors import ConfigError
+from moesaic.core.errors import ConfigError
 from moesaic.models.cache import KVCache
 
 

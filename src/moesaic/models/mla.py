@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moesaic.config import require, rule
+from moesaic.core.config import require, rule
 from moesaic.models.attention import ATTENTIONS, AttentionConfig
 from moesaic.models.cache import KVCache
 from moesaic.models.norms import RMSNorm

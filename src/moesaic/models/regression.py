@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from moesaic.api import name_layers
-from moesaic.config import rule
-from moesaic.layers.moe import MoEConfig
+from moesaic.core.config import rule
+from moesaic.core.registry import MODELS
 from moesaic.models.base import ModelConfig
-from moesaic.registry import MODELS
+from moesaic.moe.api import name_layers
+from moesaic.moe.layer import MoEConfig
 
 
 @dataclasses.dataclass

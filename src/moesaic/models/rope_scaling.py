@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moesaic.config import Section, require, rule
+from moesaic.core.config import Section, require, rule
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 ``TransformerBody`` = ``embed_tokens`` -> ``layers.N`` (``input_layernorm``, ``self_attn``,
 ``post_attention_layernorm``, ``mlp``) -> ``norm``. ``mlp`` is a dense FFN (``gate_proj``/``up_proj``/
-``down_proj``) or an :class:`~moesaic.layers.moe.MoELayer`, chosen per layer by ``moe``/``moe_every``/
+``down_proj``) or an :class:`~moesaic.moe.layer.MoELayer`, chosen per layer by ``moe``/``moe_every``/
 ``moe_offset``/``first_k_dense`` and ``layer_overrides`` (pre-norm residual blocks, Xiong et al. 2020).
 """
 
@@ -13,15 +13,15 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from moesaic.activations import Activation
-from moesaic.config import ConfigError, Section, require, rule
-from moesaic.layers.ffn import DenseFFN
-from moesaic.layers.moe import MoEConfig, MoELayer
+from moesaic.core.activations import Activation
+from moesaic.core.config import ConfigError, Section, require, rule
 from moesaic.models.attention import AttentionConfig
 from moesaic.models.base import ModelConfig
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import attention_mask_4d, positions_from_mask
 from moesaic.models.norms import RMSNorm
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.layer import MoEConfig, MoELayer
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 ``exact`` (default): the aux loss of a step is the one of the whole step batch (:mod:`moesaic.train.loss`);
 when ``grad_accum > 1`` and some router has a batch-statistic loss with a non-zero coefficient, every step
-runs a no-grad pre-pass over its micro-batches (:class:`moesaic.routing.global_aux.GlobalAux`). A router
+runs a no-grad pre-pass over its micro-batches (:class:`moesaic.train.global_aux.GlobalAux`). A router
 loss that is neither a token mean nor declared as additive statistics is rejected here, at trainer
 construction (reliability.md §3.1). ``micro_batch``: each micro-batch's own statistics, weighted by its
 routed tokens (no pre-pass; the convention of Megatron-LM and transformers).
@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from moesaic.errors import ConfigError
-from moesaic.layers.moe import MoELayer
-from moesaic.routing.global_aux import ATTR, GlobalAux, _group_size, batch_stat_losses, unsplittable_losses
+from moesaic.core.errors import ConfigError
+from moesaic.moe.layer import MoELayer
+from moesaic.train.global_aux import ATTR, GlobalAux, _group_size, batch_stat_losses, unsplittable_losses
 
 
 class AuxAccumulation:

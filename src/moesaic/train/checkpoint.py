@@ -35,13 +35,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from moesaic.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 REQUIRED = ("config.yaml", "model.safetensors")
 TRAINING = ("optimizer.pt", "trainer_state.json", "rng.pt")
-#: Stacked expert weights are [E, out, in] (see moesaic.experts): a square shape cannot hide a transpose.
+#: Stacked expert weights are [E, out, in] (see moesaic.moe.experts): a square shape cannot hide a transpose.
 EXPERT_LAYOUT = "w_up_EHD:E,out,in;w_down_EDF:E,out,in"
 
 
@@ -306,10 +306,10 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
     """``moesaic.load(dir)``: build the model from ``config.yaml`` and load ``model.safetensors`` (hashes
     checked). Returns the model in eval mode; ``model.tokenizer`` holds the tokenizer when saved and
     ``model.label_names`` a classifier's class names (from its dataset; None otherwise)."""
-    from moesaic.config import loads_yaml
-    from moesaic.errors import ConfigError
-    from moesaic.registry import DATASETS
-    from moesaic.run_config import load_run_config
+    from moesaic.core.config import loads_yaml
+    from moesaic.core.errors import ConfigError
+    from moesaic.core.registry import DATASETS
+    from moesaic.train.run_config import load_run_config
     from moesaic.train.tokenizer import TextTokenizer
 
     files = load_files(checkpoint_dir)

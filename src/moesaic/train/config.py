@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from moesaic.config import Section, require, rule
+from moesaic.core.config import Section, require, rule
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.errors import ConfigError
+from moesaic.core.errors import ConfigError
 from moesaic.train.loader import EpochPosition
 
 Balance = Literal["oversample", "none"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moesaic.errors import CheckpointMismatchError, ConfigError
+from moesaic.core.errors import CheckpointMismatchError, ConfigError
 
 
 class EpochPosition:

@@ -18,8 +18,8 @@ How. Micro-batch ``m``'s forward reports its *share* ``aux_m`` of ``AUX`` with `
 ``sum_m d aux_m = d AUX``, and the trainer adds ``CE_sum_m / N + aux_m`` (no further weighting). Token
 means (z-loss, entropy) have share ``(t_m / T) * mean_m``; a batch-statistic loss ``L(S)`` of additive
 statistics ``S = sum_m S_m`` has the linearised share ``(t_m/T) L(S) + g . (S_m - (t_m/T) S)``,
-``g = dL/dS`` (:mod:`moesaic.routing.aux_stats`); the step totals ``S`` come from a no-grad **pre-pass**
-over the step's micro-batches (:mod:`moesaic.routing.global_aux`: RNG and MoE buffers restored, so the
+``g = dL/dS`` (:mod:`moesaic.moe.routing.aux_stats`); the step totals ``S`` come from a no-grad **pre-pass**
+over the step's micro-batches (:mod:`moesaic.train.global_aux`: RNG and MoE buffers restored, so the
 real pass routes identically; it stops each micro-batch's forward after the last router). The pre-pass
 runs only when ``grad_accum > 1`` and a router has a batch-statistic loss with a non-zero coefficient;
 on the demo config with ``grad_accum: 4`` it adds about 30% to the step time (docs/training.md).

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moesaic.api import moe_layers
+from moesaic.moe.api import moe_layers
 
 
 class RoutingStats:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moesaic.errors import ConfigError
+from moesaic.core.errors import ConfigError
 from moesaic.train.loss import IGNORE_INDEX, count_tokens, lm_loss_sum
 
 

@@ -1,7 +1,7 @@
 """The THOR training step: two stochastic passes and the consistency regulariser (routing.md §4).
 
 ``L = CE(pass 1) + CE(pass 2) + alpha * CR`` with ``CR`` from
-:func:`moesaic.routing.thor.thor_consistency_loss` (Zuo et al. 2022; ``thor/translation_thor.py``).
+:func:`moesaic.moe.routing.thor.thor_consistency_loss` (Zuo et al. 2022; ``thor/translation_thor.py``).
 The code's IWSLT'14 script uses ``alpha = 5`` and label smoothing 0.1; the config default is 1.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from moesaic.api import collect_aux_losses
-from moesaic.routing.thor import thor_consistency_loss
+from moesaic.moe.api import collect_aux_losses
+from moesaic.moe.routing.thor import thor_consistency_loss
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 
 #: ``loss_fn(model, batch) -> (ce, logits, mask)``: one forward pass; ``mask`` may be None.

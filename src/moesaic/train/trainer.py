@@ -21,14 +21,14 @@ from typing import Any
 import torch
 
 import moesaic
-from moesaic.config import dump_yaml, loads_yaml, parse, to_dict
-from moesaic.errors import CheckpointMismatchError, ConfigError
+from moesaic.core.config import dump_yaml, loads_yaml, parse, to_dict
+from moesaic.core.errors import CheckpointMismatchError, ConfigError
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.aux_accumulation import AuxAccumulation
 from moesaic.train.loss import count_tokens, count_valid
+from moesaic.train.lr_schedule import lr_factor
 from moesaic.train.metrics import MetricsWriter, RoutingStats
 from moesaic.train.optim import build_adamw
-from moesaic.train.schedule import lr_factor
 from moesaic.train.task import eval_batch_size, evaluate, select_task
 from moesaic.train.thor import thor_lm_step
 
@@ -61,7 +61,7 @@ def check_writable(out: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Any = None):
-        from moesaic.run_config import RunConfig
+        from moesaic.train.run_config import RunConfig
 
         self.out = Path(out_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -148,7 +148,7 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
-        from moesaic.run_config import RunConfig
+        from moesaic.train.run_config import RunConfig
 
         files = ckpt.load_files(path, training=True)
         saved = parse(RunConfig, loads_yaml(files["config_yaml"], "config.yaml"), "")

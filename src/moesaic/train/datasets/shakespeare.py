@@ -20,9 +20,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from moesaic.config import require, rule
-from moesaic.errors import ConfigError
-from moesaic.registry import DATASETS
+from moesaic.core.config import require, rule
+from moesaic.core.errors import ConfigError
+from moesaic.core.registry import DATASETS
 from moesaic.train.datasets.base import DataConfig
 from moesaic.train.loader import PackedLoader, eval_windows
 from moesaic.train.tokenizer import BPETokenizer, CharTokenizer, TextTokenizer

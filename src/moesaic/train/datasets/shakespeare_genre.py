@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moesaic.config import require, rule
-from moesaic.errors import ConfigError
-from moesaic.registry import DATASETS
+from moesaic.core.config import require, rule
+from moesaic.core.errors import ConfigError
+from moesaic.core.registry import DATASETS
 from moesaic.train.datasets.shakespeare import PlayTextConfig, play_files, tokenize_plays
 from moesaic.train.example_loader import ExampleLoader
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moesaic.config import rule
-from moesaic.registry import DATASETS
+from moesaic.core.config import rule
+from moesaic.core.registry import DATASETS
 from moesaic.train.datasets.base import DataConfig
 
 

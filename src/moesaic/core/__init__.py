@@ -1,0 +1,1 @@
+"""The bottom layer: shared types (RoutingDecision, DispatchPlan), typed configs, the registry, errors."""

@@ -1,5 +1,0 @@
-"""Dispatchers group token copies by expert and scatter the results back, weighted."""
-
-from moesaic.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
-
-__all__ = ["Dispatcher", "DispatcherConfig", "DispatchState"]

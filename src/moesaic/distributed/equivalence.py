@@ -1,0 +1,192 @@
+"""Equivalence harness: train a tiny MoE model in one process and under expert parallelism on the same
+global batch, and record what must agree (reliability.md §4.2 D1-D5, D7; used by the tests and by
+``benchmarks/soak_ep.py``).
+
+The global batch of ``batch`` sequences is split by sequence over the ranks. The objective is the
+one-process one: the mean squared error over the *valid* tokens of the global batch plus the aux losses
+(see :mod:`moesaic.distributed.expert_parallel` for how each rank computes its share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import moesaic
+from moesaic.distributed.collectives import all_reduce_sum
+from moesaic.distributed.expert_parallel import apply_expert_parallel_, global_count, is_expert_param, sync_gradients
+from moesaic.distributed.groups import ParallelGroups
+from moesaic.models.regression import RegressionModel, RegressionModelConfig
+
+
+@dataclasses.dataclass
+class Case:
+    dtype: str = "float64"
+    steps: int = 50
+    d_in: int = 4
+    d_model: int = 16
+    d_ff: int = 32
+    num_experts: int = 4
+    top_k: int = 2
+    batch: int = 8  # sequences in the global batch
+    seq: int = 8
+    lr: float = 1e-2
+    seed: int = 0
+    router: dict = dataclasses.field(default_factory=dict)
+    valid_per_rank: list[int] | None = None  # valid tokens of each batch chunk (one chunk per rank)
+    zero_router: bool = False  # all scores tie: every token goes to experts 0..k-1
+    random_loads: bool = False  # adversarial: router biased by a fresh Dirichlet(0.1) draw every step
+    record_grads: bool = True
+    backend: str = "loop"  # experts backend (``auto`` picks ``active`` for ranks that receive no rows)
+
+
+def build_model(case: Case) -> RegressionModel:
+    cfg = RegressionModelConfig(d_in=case.d_in, d_model=case.d_model, d_out=1)
+    cfg.moe = moesaic.core.config.parse(type(cfg.moe), {
+        "d_ff": case.d_ff, "num_experts": case.num_experts, "top_k": case.top_k,
+        "router": {"kind": "topk", "aux_loss_coef": 0.01, **case.router},
+        "experts": {"kind": "glu", "backend": case.backend}}, "model.moe")
+    moesaic.core.config.validate_tree(cfg, "model")
+    torch.manual_seed(case.seed)  # after parsing: the first registry lookup imports modules that draw
+    model = RegressionModel(cfg).to(getattr(torch, case.dtype))
+    if case.zero_router:
+        with torch.no_grad():
+            model.moe.router.weight.zero_()
+    return model
+
+
+def global_batch(case: Case, step: int, world: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1000 * case.seed + step)
+    dt = getattr(torch, case.dtype)
+    x = torch.randn(case.batch, case.seq, case.d_in, generator=g, dtype=torch.float64).to(dt)
+    y = (x.sum(-1, keepdim=True).sin() + 0.1 * torch.randn(case.batch, case.seq, 1, generator=g,
+                                                            dtype=torch.float64)).to(dt)
+    mask = torch.ones(case.batch, case.seq, dtype=torch.bool)
+    if case.valid_per_rank:
+        per = case.batch // len(case.valid_per_rank)
+        for r, n in enumerate(case.valid_per_rank):
+            m = torch.zeros(per * case.seq, dtype=torch.bool)
+            m[:n] = True
+            mask[r * per:(r + 1) * per] = m.view(per, case.seq)
+    return x, y, mask
+
+
+def _adversarial_hook(case: Case, rank: int, step_ref: list[int]):
+    """Replace the router's choices by draws from Dirichlet(0.1) expert loads, fresh every step (the same
+    load vector on every rank, different tokens): many experts get zero tokens, some get almost all."""
+
+    def hook(router, args, decision):
+        step = step_ref[0]
+        with torch.random.fork_rng():
+            torch.manual_seed(50_000 + step)
+            p_E = torch.distributions.Dirichlet(torch.full((case.num_experts,), 0.1)).sample()
+        p_E = (p_E + 1e-9) / (p_E + 1e-9).sum()
+        g = torch.Generator().manual_seed(90_000 + 1000 * step + rank)
+        T, k = decision.num_tokens, case.top_k
+        ids_TK = torch.multinomial(p_E.expand(T, -1), k, replacement=False, generator=g) if T else \
+            torch.zeros(0, k, dtype=torch.long)
+        tok = decision.token_idx_N
+        choice = decision.choice_N if decision.choice_N is not None else torch.zeros_like(tok)
+        return decision.replace(expert_idx_N=ids_TK[tok, choice].to(decision.expert_idx_N.device))
+
+    return hook
+
+
+def _random_mask(case: Case, step: int, world: int) -> Tensor:
+    g = torch.Generator().manual_seed(70_000 + step)
+    per = case.batch // world
+    mask = torch.zeros(case.batch, case.seq, dtype=torch.bool)
+    for r in range(world):
+        n = 0 if torch.rand(1, generator=g).item() < 0.3 else int(torch.randint(0, per * case.seq + 1, (1,),
+                                                                                 generator=g))
+        m = torch.zeros(per * case.seq, dtype=torch.bool)
+        m[:n] = True
+        mask[r * per:(r + 1) * per] = m.view(per, case.seq)
+    return mask
+
+
+def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
+    """Train ``case.steps`` steps; one process when ``groups`` is None. Returns per-step records."""
+    groups = groups or ParallelGroups()
+    W, r = groups.world_size, groups.rank
+    model = build_model(case)
+    if groups.world_size > 1:
+        apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
+    opt = torch.optim.AdamW(model.parameters(), lr=case.lr)
+    kinds = is_expert_param(model)
+    out: dict[str, Any] = {"loss": [], "aux": [], "counts": [], "nonfinite": 0}
+    per = case.batch // W
+    step_ref = [0]
+    if case.random_loads:
+        model.moe.router.register_forward_hook(_adversarial_hook(case, r, step_ref))
+    for step in range(case.steps):
+        step_ref[0] = step
+        x, y, mask = global_batch(case, step, W)
+        if case.random_loads:
+            mask = _random_mask(case, step, W)
+        x, y, mask = x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], mask[r * per:(r + 1) * per]
+        pred = model(x, mask=mask)
+        n_glob = global_count(int(mask.sum()), groups.dp)
+        task = (((pred - y) ** 2).squeeze(-1) * mask).sum() / max(n_glob, 1.0)
+        aux = moesaic.collect_aux_losses(model)
+        loss = task + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        names = sync_gradients(model, groups)
+        if step == 0:
+            out["reduced"] = names
+            if case.record_grads:
+                out["pred0"] = pred.detach().clone()
+                out["grads0"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        moesaic.on_optimizer_step(model, step + 1)
+        logged = torch.stack([loss.detach(), aux.detach()]).to(torch.float64)
+        all_reduce_sum(logged, groups.dp)
+        out["loss"].append(float(logged[0]))
+        out["aux"].append(float(logged[1]))
+        out["counts"].append(model.moe.last_stats["tokens_per_expert"].clone())
+        out["nonfinite"] += int(not torch.isfinite(logged).all())
+    shard = getattr(model.moe.experts, "ep_shard", None)
+    out["shard"] = None if shard is None else (shard.offset, shard.num_local)
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["expert_names"] = sorted(n for n, k in kinds.items() if k)
+    if hasattr(model.moe.router, "expert_bias"):
+        out["expert_bias"] = model.moe.router.expert_bias.clone()
+    return out
+
+
+def ep_worker(rank: int, world: int, jobs: dict[tuple[int, str], Case]) -> dict[tuple[int, str], Any]:
+    """Run every job ``(ep_size, name) -> case`` under expert parallelism. A size below the world size
+    runs in independent sub-worlds of consecutive ranks (each sub-world reruns the same case in other
+    processes). Names starting with ``indivisible`` only apply EP and return the error text (or None)."""
+    from moesaic.core.errors import ConfigError
+    from moesaic.distributed.groups import build_groups, split_groups
+
+    out: dict[tuple[int, str], Any] = {}
+    groups_by_size: dict[int, Any] = {}
+    for (size, name), case in jobs.items():
+        if size not in groups_by_size:
+            groups_by_size[size] = build_groups(world) if size == world else split_groups(size)
+        groups = groups_by_size[size]
+        if name.startswith("indivisible"):
+            model = build_model(case)
+            try:
+                apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
+                out[size, name] = None
+            except ConfigError as e:
+                out[size, name] = str(e)
+            continue
+        if name.startswith("emulated"):  # the all-gather fallback of the exchange (systems.md §0)
+            from moesaic.distributed import collectives
+
+            collectives.FORCE_EMULATION = True
+            try:
+                out[size, name] = run(case, groups)
+            finally:
+                collectives.FORCE_EMULATION = False
+            continue
+        out[size, name] = run(case, groups)
+    return out

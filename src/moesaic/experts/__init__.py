@@ -1,5 +1,0 @@
-"""Expert collections with stacked per-expert weights and named compute backends."""
-
-from moesaic.experts.base import Experts, ExpertsConfig
-
-__all__ = ["Experts", "ExpertsConfig"]

@@ -1,0 +1,108 @@
+"""FFN experts with stacked weights: gated (SwiGLU, GeGLU; Shazeer 2020) and plain MLP (GELU, ReLU, SiLU).
+
+``w_up_EHD`` is ``[E, H, D]`` with ``H = 2F`` for gated experts (gate rows, then up rows: the layout of
+Hugging Face's fused ``gate_up_proj``) and ``H = F`` for plain ones; ``w_down_EDF`` is ``[E, D, F]``.
+Fine-grained segmentation (DeepSeekMoE) is a layer option: it builds m times more experts of width F/m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.core.activations import Activation
+from moesaic.core.config import rule
+from moesaic.core.registry import EXPERTS
+from moesaic.moe.experts.backends import BACKENDS, choose_backend, resolve_backend
+from moesaic.moe.experts.base import Experts, ExpertsConfig
+from moesaic.moe.experts.grouped_glu import grouped_glu
+
+
+@dataclasses.dataclass
+class GLUExpertsConfig(ExpertsConfig):
+    kind: str = "glu"
+    activation: Activation = "silu"
+    backend: str = "auto"
+    init_std: float | None = rule(None, gt=0.0)
+
+    def validate(self, path: str) -> None:
+        from moesaic.core.config import require
+
+        require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
+                f"must be auto or one of {', '.join(sorted(BACKENDS))}")
+
+
+@dataclasses.dataclass
+class MLPExpertsConfig(GLUExpertsConfig):
+    kind: str = "mlp"
+    activation: Activation = "gelu"
+
+
+def add_stacked_ffn(module: nn.Module, num_experts: int, d_model: int, d_ff: int, gated: bool) -> None:
+    """Create ``module.w_up_EHD`` ``[E, H, D]`` and ``module.w_down_EDF`` ``[E, D, F]`` (uninitialised)."""
+    H = 2 * d_ff if gated else d_ff
+    module.w_up_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
+    module.w_down_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+
+
+def init_stacked_ffn(module: nn.Module, init_std: float | None) -> tuple[float, float]:
+    """Normal init with std ``init_std`` or 1/sqrt(fan_in) per projection; returns the two stds."""
+    std_in = init_std or 1.0 / math.sqrt(module.w_up_EHD.shape[-1])
+    std_out = init_std or 1.0 / math.sqrt(module.w_down_EDF.shape[-1])
+    nn.init.normal_(module.w_up_EHD, std=std_in)
+    nn.init.normal_(module.w_down_EDF, std=std_out)
+    return std_in, std_out
+
+
+class FFNExperts(Experts):
+    gated = True
+
+    def __init__(self, cfg: GLUExpertsConfig, d_model: int, d_ff: int, num_experts: int, **kw: Any):
+        super().__init__(cfg, d_model, d_ff, num_experts)
+        add_stacked_ffn(self, num_experts, d_model, d_ff, self.gated)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_stacked_ffn(self, self.cfg.init_std)
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
+        name = choose_backend(backend or self.cfg.backend, x_ND, self.w_up_EHD, self.w_down_EDF)
+        return BACKENDS[name](x_ND, counts_E, self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
+
+    def fuses(self, num_rows: int) -> bool:
+        """True when the backend for ``num_rows`` rows is ``fused``: the layer then calls
+        :meth:`forward_fused` with the token indices instead of gathered rows. Subclasses that override
+        :meth:`forward` keep the plain path unless they override this too."""
+        if type(self).forward is not FFNExperts.forward:
+            return False
+        return resolve_backend(self.cfg.backend, num_rows, self.num_experts) == "fused"
+
+    def forward_fused(self, x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor, counts_E: Tensor,
+                      num_tokens: int) -> Tensor:
+        """Gather -> experts -> weighted scatter in one autograd function; rows grouped by expert."""
+        return grouped_glu(x_TD, self.w_up_EHD, self.w_down_EDF, counts_E, self.cfg.activation, self.gated,
+                           rows_N=token_idx_N, weight_N=weight_N, num_out=num_tokens)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.cfg.activation}, gated={self.gated}, backend={self.cfg.backend}")
+
+
+@EXPERTS.register("glu")
+class GLUExperts(FFNExperts):
+    """Gated FFN experts: act(x W_gate) * (x W_up) W_down; SwiGLU (silu) or GeGLU (gelu)."""
+
+    Config = GLUExpertsConfig
+    gated = True
+
+
+@EXPERTS.register("mlp")
+class MLPExperts(FFNExperts):
+    """Plain FFN experts: act(x W_up) W_down with GELU, ReLU or SiLU."""
+
+    Config = MLPExpertsConfig
+    gated = False

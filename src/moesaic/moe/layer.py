@@ -1,0 +1,170 @@
+"""The MoE layer: router -> dispatcher -> experts -> combine (+ shared experts). Composition only.
+
+``forward(x, mask=None, **ctx)`` takes ``[T, D]`` or ``[B, S, D]`` and returns the same shape, so the
+layer drops into any model in place of an FFN. ``mask`` (same leading shape, True = real token) removes
+padding from routing, capacity and every statistic; padding rows get output 0. ``ctx`` carries extra
+routing inputs (``token_ids`` for hash routing, ``task_id`` for task routing).
+
+After each forward the layer holds ``aux_losses`` (weighted by the router's coefficients; summed over
+the model by :func:`moesaic.collect_aux_losses`) and ``last_stats`` (detached counts for logging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.core.config import Section, require, rule
+from moesaic.core.errors import RoutingInputError
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.dispatch.base import DispatcherConfig
+from moesaic.moe.experts.base import ExpertsConfig
+from moesaic.moe.routing.base import RouterConfig
+
+
+@dataclasses.dataclass
+class SharedExpertsConfig(Section):
+    """Always-active experts (DeepSeekMoE shared-expert isolation; Qwen2-MoE's sigmoid-gated expert).
+
+    ``num`` shared experts of width ``d_ff`` (default: the routed expert width) are built as one FFN of
+    width ``num * d_ff`` (equal to their sum). ``gate: sigmoid`` scales the output by
+    ``sigmoid(x w_g)`` (Qwen2-MoE); ``combine: average`` returns ``(routed + shared) / 2`` (GNT-MOVE).
+    ``bias: true`` gives the shared FFN biases (GNT-MOVE's permanent expert is a ReLU MLP with biases).
+    """
+
+    num: int = rule(0, ge=0)
+    d_ff: int | None = rule(None, ge=1)
+    activation: str = "silu"
+    gated: bool = True
+    gate: Literal["none", "sigmoid"] = "none"
+    combine: Literal["sum", "average"] = "sum"
+    bias: bool = False
+
+
+@dataclasses.dataclass
+class MoEConfig(Section):
+    """One MoE layer. ``num_experts``/``top_k``/``d_ff`` describe the routed experts before fine-grained
+    segmentation: ``granularity: m`` builds ``m * num_experts`` experts of width ``d_ff / m`` with
+    ``m * top_k`` active (DeepSeekMoE §3.1), keeping FLOPs and parameters."""
+
+    d_ff: int = rule(64, ge=1)
+    num_experts: int = rule(8, ge=1)
+    top_k: int = rule(2, ge=1)
+    granularity: int = rule(1, ge=1)
+    router: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig.registry.get("topk").Config())
+    dispatcher: DispatcherConfig = dataclasses.field(
+        default_factory=lambda: DispatcherConfig.registry.get("sort").Config())
+    experts: ExpertsConfig = dataclasses.field(default_factory=lambda: ExpertsConfig.registry.get("glu").Config())
+    shared_experts: SharedExpertsConfig = dataclasses.field(default_factory=SharedExpertsConfig)
+    mask_padding: bool = True
+
+    @property
+    def routed_experts(self) -> int:
+        return self.num_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.top_k * self.granularity
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.d_ff // self.granularity
+
+    def validate(self, path: str) -> None:
+        require(self.top_k <= self.num_experts, f"{path}.top_k", self.top_k,
+                f"must be <= num_experts ({self.num_experts})")
+        require(self.d_ff % self.granularity == 0, f"{path}.granularity", self.granularity,
+                f"must divide d_ff ({self.d_ff})")
+        self.router.validate_moe(f"{path}.router", self.routed_experts, self.routed_top_k)
+        self.dispatcher.validate_moe(f"{path}.dispatcher", self.routed_experts, self.routed_top_k)
+        need = self.router.registry.get(self.router.kind).requires_dispatcher
+        require(need is None or self.dispatcher.kind == need, f"{path}.dispatcher.kind", self.dispatcher.kind,
+                f"router {self.router.kind!r} needs dispatcher {need!r}")
+        experts_rules = getattr(self.experts, "validate_moe", None)  # experts whose rules involve the layer
+        if experts_rules is not None:
+            experts_rules(f"{path}.experts", self)
+
+    def build(self, d_model: int, *, causal: bool = False) -> MoELayer:
+        return MoELayer(self, d_model, causal=causal)
+
+
+class MoELayer(nn.Module):
+    """Sparse MoE layer (Shazeer et al. 2017; Lepikhin et al. 2020; Fedus et al. 2021): pure composition."""
+
+    def __init__(self, cfg: MoEConfig, d_model: int, *, causal: bool = False):
+        super().__init__()
+        self.cfg, self.d_model = cfg, d_model
+        E, k, F = cfg.routed_experts, cfg.routed_top_k, cfg.expert_d_ff
+        self.num_experts, self.top_k = E, k
+        self.router = cfg.router.build(d_model, E, k, causal=causal)
+        self.dispatcher = cfg.dispatcher.build(E, k)
+        self.experts = cfg.experts.build(d_model, F, E)
+        sh = cfg.shared_experts
+        self.shared_experts = (DenseFFN(d_model, sh.num * (sh.d_ff or F), sh.activation, sh.gated, sh.bias)
+                               if sh.num > 0 else None)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if sh.num > 0 and sh.gate == "sigmoid" else None
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Any] = {}
+
+    @property
+    def layer_name(self) -> str:
+        return self.router.layer_name
+
+    @layer_name.setter
+    def layer_name(self, name: str) -> None:
+        self.router.layer_name = name
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, self.d_model)
+        mask_T = mask.reshape(-1).to(torch.bool) if mask is not None else None
+        if mask_T is not None and mask_T.numel() != x_TD.shape[0]:
+            raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
+                                    f"the input of shape {tuple(shape)} (one entry per token)")
+        if x.dim() == 3 and "seq_ids_T" not in ctx:
+            ctx["seq_ids_T"] = torch.arange(shape[0], device=x.device).repeat_interleave(shape[1])
+        ctx = {k: (v.reshape(-1) if isinstance(v, Tensor) and k.endswith("_ids") and v.dim() > 1 else v)
+               for k, v in ctx.items()}
+
+        decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
+        if self.dispatcher.index_dispatch and getattr(self.experts, "fuses", lambda n: False)(
+                decision.num_assignments):
+            # Fused path (experts/grouped_glu.py): gather, experts and weighted combine in one function.
+            tok_N, counts_E, state = self.dispatcher.dispatch_indices(decision)
+            y_TD = self.experts.forward_fused(x_TD, tok_N, state.weight_N, counts_E, state.num_tokens)
+        else:
+            x_ND, counts_E, state = self.dispatcher.dispatch(x_TD, decision)
+            y_ND = self.experts(x_ND, counts_E)
+            y_TD = self.dispatcher.combine(y_ND, state)
+
+        if self.shared_experts is not None:
+            x_sh = x_TD
+            if mask_T is not None and self.cfg.mask_padding:  # padding may hold anything, NaN included
+                x_sh = x_TD.masked_fill(~mask_T.unsqueeze(1), 0.0)
+            s_TD = self.shared_experts(x_sh)
+            if self.shared_gate is not None:
+                s_TD = torch.sigmoid(self.shared_gate(x_sh)) * s_TD
+            y_TD = (y_TD + s_TD) / 2 if self.cfg.shared_experts.combine == "average" else y_TD + s_TD
+            if mask_T is not None and self.cfg.mask_padding:
+                y_TD = y_TD * mask_T.unsqueeze(1).to(y_TD.dtype)
+
+        coefs = self.router.loss_coefs()
+        self.aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
+        self._record(decision, counts_E, state.dropped)
+        return y_TD.reshape(shape)
+
+    @torch.no_grad()
+    def _record(self, decision: Any, counts_E: Tensor, dropped: int) -> None:
+        stats: dict[str, Any] = {"tokens_per_expert": counts_E.detach(), "dropped": int(dropped),
+                                 "assignments": decision.num_assignments, "tokens": decision.valid_tokens}
+        if decision.probs_TE is not None and decision.probs_TE.shape[0]:
+            p = decision.probs_TE.detach()
+            s_T = p.sum(-1, keepdim=True)
+            valid_T = (s_T.squeeze(-1) > 0).to(p.dtype)  # padding rows are all zero; no boolean indexing
+            p = p / torch.where(s_T > 0, s_T, torch.ones_like(s_T))
+            ent_T = -(p * p.clamp_min(1e-30).log()).sum(-1)
+            stats["entropy"] = (ent_T * valid_T).sum() / valid_T.sum()  # tensor: no device sync
+        self.last_stats = stats

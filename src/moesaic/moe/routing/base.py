@@ -1,0 +1,176 @@
+"""The router interface: score tokens, pick experts, return a :class:`~moesaic.core.types.RoutingDecision`.
+
+A router owns its balance losses (named, unweighted in the decision; coefficients in its config) and
+any balancing state (aux-loss-free bias, schedules). Padding is handled here once for every router:
+only valid rows reach :meth:`Router.route`, so padding never touches a statistic or a capacity slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.core.config import ComponentConfig, require, rule
+from moesaic.core.errors import CausalityError, NonFiniteInputError
+from moesaic.core.registry import ROUTERS
+from moesaic.core.types import RoutingDecision
+
+
+@dataclasses.dataclass
+class RouterConfig(ComponentConfig):
+    """Fields every router has. ``aux_loss_coef`` weighs the router's balance loss, ``z_loss_coef``
+    the ST-MoE router z-loss; a coefficient of 0 skips the loss (exactly zero gradient)."""
+
+    registry: ClassVar = ROUTERS
+    kind: str = "topk"
+    aux_loss_coef: float = rule(0.0, ge=0.0)
+    z_loss_coef: float = rule(0.0, ge=0.0)
+    init_std: float = rule(0.02, ge=0.0)
+
+    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
+        """Rules that involve the layer's expert count and k. Override and call super()."""
+        k_path = path.rsplit(".", 1)[0] + ".top_k"
+        require(1 <= top_k <= num_experts, k_path, top_k, f"must be in [1, num_experts] = [1, {num_experts}]")
+        fixed = getattr(self.registry.get(self.kind), "required_top_k", None) if self.kind in self.registry else None
+        if fixed is not None:
+            require(top_k == fixed, k_path, top_k,
+                    f"router {self.kind!r} routes exactly top-{fixed}; set top_k: {fixed}")
+
+
+def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along the last dim with ties broken by the lower index (routing.md §0).
+
+    On CPU (where the checks below cost no device sync):
+
+    * ``k <= 4``: ``k`` rounds of ``max`` (which returns the first of equal maxima), each masking its pick
+      with ``-inf``: exactly the stable order, and 1.2-1.8x faster than the ``torch.topk`` path below for
+      router shapes (2048 x 32, k = 4: 0.99 vs 1.22 ms; 2048 x 16, k = 2: 0.39 vs 0.69 ms; 1 thread). A pick
+      that is NaN or ``-inf`` (where a masked entry could be picked again) falls back to the stable sort.
+    * larger ``k``: ``torch.topk`` (about 2.5x faster than a full stable sort) orders equal values
+      arbitrarily, so it is used when the best ``k + 1`` values hold no tie (then selection and order are
+      unique).
+
+    Otherwise, and on other devices, a stable sort decides.
+    """
+    E = scores_TE.shape[-1]
+    if scores_TE.device.type == "cpu" and 0 < k < E and scores_TE.numel():
+        if k <= 4:
+            work = scores_TE.detach().clone()
+            vals, idx = [], []
+            for _ in range(k):
+                v, i = work.max(-1, keepdim=True)
+                work.scatter_(-1, i, float("-inf"))
+                vals.append(v)
+                idx.append(i)
+            v_TK, i_TK = torch.cat(vals, -1), torch.cat(idx, -1)
+            if not bool(v_TK.isnan().any() or v_TK.isneginf().any()):
+                return (scores_TE.gather(-1, i_TK) if scores_TE.requires_grad else v_TK), i_TK
+        else:
+            vals, idx = torch.topk(scores_TE, k + 1, dim=-1)
+            if not bool((vals[..., 1:] == vals[..., :-1]).any() or vals.isnan().any()):
+                return vals[..., :k], idx[..., :k]
+    vals, idx = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
+
+
+def router_dtype(x: Tensor) -> torch.dtype:
+    """Routers run in fp32, or fp64 when the input is fp64 (exactness tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement :meth:`route` on valid tokens only."""
+
+    Config: ClassVar[type[RouterConfig]] = RouterConfig
+    #: False for routers that look at every token of the group (expert choice, Soft MoE).
+    causal_ok: ClassVar[bool] = True
+    #: False for routers without trainable scoring weights (hash, random partition, THOR).
+    has_weight: ClassVar[bool] = True
+    #: Appended to the CausalityError message (e.g. how to opt into a fallback).
+    causal_hint: ClassVar[str] = ""
+    #: Set by routers defined for one k only (Switch: 1, GShard: 2); the config check enforces it.
+    required_top_k: ClassVar[int | None] = None
+    #: Dispatcher kind this router's decisions need (Soft MoE's slot mixing); None = any COO dispatcher.
+    requires_dispatcher: ClassVar[str | None] = None
+    #: True for routers whose eval-mode routing is random by design (THOR); reproducible under a seed.
+    stochastic_eval: ClassVar[bool] = False
+    #: Aux losses that are means over the routed tokens: the share of a part of a split batch (micro-batch,
+    #: rank) is ``value * t_part / T`` (exact). See :mod:`moesaic.train.global_aux`.
+    token_mean_losses: ClassVar[frozenset[str]] = frozenset({"z"})
+    #: Aux losses built from batch statistics that :meth:`route` declares in ``RoutingDecision.aux_stats``
+    #: (:mod:`moesaic.moe.routing.aux_stats`), so split batches get exact shares. A loss in neither set cannot be
+    #: split exactly (exact gradient accumulation rejects it).
+    stat_losses: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def causal_allowed(cls, cfg: RouterConfig) -> bool:
+        """Whether this router may be built with ``causal=True``; override for an opt-in fallback."""
+        return cls.causal_ok
+
+    @classmethod
+    def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Extra routing inputs a test needs to call this router on ``num_tokens`` tokens.
+
+        The contract tests (``tests/routing/test_contract.py``) call every registered router with
+        ``**Router.example_ctx(T)``. Routers that need context (``token_ids`` for hash routing, ``task_id``
+        for task routing) override this; tensors whose first dim is ``num_tokens`` are per-token and are
+        sliced together with the tokens, anything else is passed as is. Default: no context.
+        """
+        return {}
+
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, *, causal: bool = False):
+        super().__init__()
+        if causal and not self.causal_allowed(cfg):
+            raise CausalityError(
+                f"router {cfg.kind!r} selects tokens using the whole group, including future positions; "
+                f"it cannot be used in a causal (autoregressive) model{self.causal_hint}")
+        self.cfg, self.d_model, self.num_experts, self.top_k, self.causal = cfg, d_model, num_experts, top_k, causal
+        self.layer_name = "moe"
+        if self.has_weight:
+            self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], like nn.Linear / HF gate
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.has_weight:
+            nn.init.normal_(self.weight, std=self.cfg.init_std)
+
+    # -------------------------------------------------------------------------------- public API
+    def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
+        T = x_TD.shape[0]
+        all_valid = mask_T is None or bool(mask_T.all())
+        rows_V = None if all_valid else mask_T.reshape(-1).nonzero().squeeze(1)
+        x_VD = x_TD if rows_V is None else x_TD[rows_V]
+        # padding content is ignored, NaN there included. A finite sum proves every entry finite (NaN and
+        # inf propagate through a sum); only a non-finite sum (or an overflow) needs the elementwise check.
+        if not torch.isfinite(x_VD.sum()) and not torch.isfinite(x_VD).all():
+            raise NonFiniteInputError(
+                f"{self.layer_name}: router input holds NaN or inf "
+                f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} valid tokens)")
+        if rows_V is None:
+            d = self.route(x_TD, **ctx)
+            return d if d.num_valid_tokens is not None else d.replace(num_valid_tokens=T)
+        sub = {k: (v[rows_V] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == T else v)
+               for k, v in ctx.items()}
+        return self.route(x_VD, **sub).expand_tokens(rows_V, T)
+
+    def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
+        raise NotImplementedError  # abstract: every registered router implements it
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits ``[T, E]`` computed in fp32 (fp64 for fp64 input), outside autocast."""
+        dt = router_dtype(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return nn.functional.linear(x_TD.to(dt), self.weight.to(dt))
+
+    def loss_coefs(self) -> dict[str, float]:
+        """Coefficient per aux-loss name; names absent here are reported but not added to the loss."""
+        return {"balance": self.cfg.aux_loss_coef, "z": self.cfg.z_loss_coef}
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called once after every optimizer step with the new global step (balancing, schedules)."""
+
+    def extra_repr(self) -> str:
+        return f"kind={self.cfg.kind}, d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
