@@ -4,6 +4,10 @@ Public names (stable, design §5): :class:`MoELayer`, :class:`RoutingDecision`, 
 :func:`moe_layer`, :func:`load`, and the subpackages ``interop.hf`` (``from_hf``/``to_hf``).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from moesaic.core.errors import (
     CausalityError,
     CheckpointCorruptError,
@@ -17,10 +21,15 @@ from moesaic.core.types import RoutingDecision
 from moesaic.moe.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
 from moesaic.moe.layer import MoEConfig, MoELayer
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
 __version__ = "0.1.0"
 
 
-def load(checkpoint_dir, **kwargs):
+def load(checkpoint_dir: str | Path, **kwargs: Any) -> nn.Module:
     """Load a model from a checkpoint directory (``config.yaml`` + ``model.safetensors``)."""
     from moesaic.train.checkpoint import load_model
 

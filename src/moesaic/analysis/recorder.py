@@ -9,6 +9,7 @@ inter-layer affinity (ExFlow, systems.md §6.1). Hooks are removed on exit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,8 +36,8 @@ class RoutingRecorder:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):
-        def hook(router: nn.Module, args: tuple, decision: Any) -> None:
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(router: nn.Module, args: tuple[Any, ...], decision: Any) -> None:
             ids_TK, w_TK = decision.to_topk(self.top_k or router.top_k)
             self.records[name].append((ids_TK.detach().cpu(), w_TK.detach().cpu()))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 
 import moesaic
 from moesaic.moe.experts.backends import BACKENDS
+from moesaic.moe.layer import MoELayer
 
 
 @dataclasses.dataclass
@@ -35,8 +37,8 @@ class Impl:
     timed: bool = True  # False: built only as the reference of its family's output check
 
 
-def moesaic_layer(D: int, Fd: int, E: int, k: int, backend: str, family: str = "mixtral") -> nn.Module:
-    opts: dict = {"experts": {"kind": "glu", "backend": backend},
+def moesaic_layer(D: int, Fd: int, E: int, k: int, backend: str, family: str = "mixtral") -> MoELayer:
+    opts: dict[str, Any] = {"experts": {"kind": "glu", "backend": backend},
                   "router": {"kind": "topk", "normalization": "renorm" if family == "mixtral" else "none",
                              "aux_loss_coef": 0.0}}
     if family == "qwen2":
@@ -44,7 +46,8 @@ def moesaic_layer(D: int, Fd: int, E: int, k: int, backend: str, family: str = "
     return moesaic.moe_layer(D, Fd, E, k, **opts)
 
 
-def moesaic_impls(D, Fd, E, k, backends=None, family="mixtral", seed=0) -> list[Impl]:
+def moesaic_impls(D: int, Fd: int, E: int, k: int, backends: list[str] | None = None, family: str = "mixtral",
+                  seed: int = 0) -> list[Impl]:
     """The family's ``loop`` layer first (the reference; ``timed`` only if listed), then ``backends``."""
     torch.manual_seed(seed)
     ref = moesaic_layer(D, Fd, E, k, "loop", family)
@@ -60,7 +63,7 @@ def moesaic_impls(D, Fd, E, k, backends=None, family="mixtral", seed=0) -> list[
     return out
 
 
-def floor_impls(D, Fd, E, k, T) -> list[Impl]:
+def floor_impls(D: int, Fd: int, E: int, k: int, T: int) -> list[Impl]:
     """The limit and the balanced floor; their input is a fixed ``[T*k, D]`` leaf, not ``x_TD``."""
     torch.manual_seed(1)
     w_up = nn.Parameter(torch.randn(E, 2 * Fd, D) / D**0.5)
@@ -71,15 +74,15 @@ def floor_impls(D, Fd, E, k, T) -> list[Impl]:
 
     up0, down0 = nn.Parameter(w_up.detach()[0].clone()), nn.Parameter(w_down.detach()[0].clone())
 
-    def ffn(x, up, down):
+    def ffn(x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         g, u = F.linear(x, up).chunk(2, dim=-1)
         return F.linear(F.silu(g) * u, down)
 
-    def limit(x_TD):
+    def limit(x_TD: Tensor) -> Tensor:
         x = rows.to(x_TD.dtype).requires_grad_(x_TD.requires_grad)
         return ffn(x, up0, down0)
 
-    def balanced(x_TD):
+    def balanced(x_TD: Tensor) -> Tensor:
         x = rows.to(x_TD.dtype).requires_grad_(x_TD.requires_grad)
         # unbind/split once: indexing w[e] or slicing x per expert would allocate a full-size zero
         # gradient per expert in backward (E^2 memory traffic)
@@ -91,18 +94,21 @@ def floor_impls(D, Fd, E, k, T) -> list[Impl]:
             Impl("balanced floor", "floor", balanced, [w_up, w_down], "E FFNs on balanced sorted slices")]
 
 
-def _copy_into_hf(block: nn.Module, layer: nn.Module) -> None:
+def _copy_into_hf(block: Any, layer: MoELayer) -> None:
+    """``block``: one of the transformers MoE blocks below (they share no base class naming these parts)."""
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
         block.experts.gate_up_proj.copy_(layer.experts.w_up_EHD)
         block.experts.down_proj.copy_(layer.experts.w_down_EDF)
         if hasattr(block, "shared_expert"):
+            assert layer.shared_gate is not None  # the qwen2 family's moesaic layer has a sigmoid-gated shared expert
             for n in ("gate_proj", "up_proj", "down_proj"):
                 getattr(block.shared_expert, n).weight.copy_(getattr(layer.shared_experts, n).weight)
             block.shared_expert_gate.weight.copy_(layer.shared_gate.weight)
 
 
-def peer_impls(D, Fd, E, k, refs: dict[str, nn.Module], wanted=lambda name: True) -> tuple[list[Impl], str]:
+def peer_impls(D: int, Fd: int, E: int, k: int, refs: dict[str, MoELayer],
+               wanted: Callable[[str], bool] = lambda name: True) -> tuple[list[Impl], str]:
     """transformers' Mixtral (eager and grouped_mm experts), Qwen2-MoE and OLMoE blocks (those ``wanted``), with
     the weights of the matching moesaic layer. Returns ``([], reason)`` when transformers is not installed."""
     try:
@@ -112,7 +118,7 @@ def peer_impls(D, Fd, E, k, refs: dict[str, nn.Module], wanted=lambda name: True
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     except ImportError as e:  # the `bench` extra is not installed
         return [], f"transformers peers skipped: {e}"
-    common = dict(hidden_size=D, num_experts_per_tok=k, hidden_act="silu")
+    common: dict[str, Any] = dict(hidden_size=D, num_experts_per_tok=k, hidden_act="silu")
     specs = [
         ("mixtral", "eager", MixtralSparseMoeBlock,
          MixtralConfig(intermediate_size=Fd, num_local_experts=E, router_jitter_noise=0.0, **common)),

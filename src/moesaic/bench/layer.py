@@ -16,12 +16,15 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
 from moesaic.bench.impls import Impl, floor_impls, moesaic_impls, peer_impls
 from moesaic.bench.measure import peak_growth, saved_bytes, time_interleaved
 from moesaic.core.errors import MoesaicError
+from moesaic.moe.layer import MoELayer
 
 TARGET = "layer"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +34,7 @@ class BenchMismatchError(MoesaicError):
     """An implementation's output differs from its family's reference on identical weights."""
 
 
-def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool = True,
+def build_impls(D: int, Fd: int, E: int, k: int, T: int, names: Sequence[str] | None = None, peers: bool = True,
                 extra: Callable[[list[Impl]], list[Impl]] | None = None) -> tuple[list[Impl], list[str]]:
     """Implementations for one size whose name contains one of ``names`` (all when empty; floors always),
     plus each needed family reference (untimed); ``extra(impls)`` may add more."""
@@ -41,7 +44,7 @@ def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool 
     fams = {"mixtral": "", "olmoe": " (olmoe)", "qwen2": " (qwen2)"}
     peer_fam = {"mixtral": "Mixtral", "olmoe": "OLMoE", "qwen2": "Qwen2-MoE"}
     impls: list[Impl] = []
-    refs = {}
+    refs: dict[str, MoELayer] = {}
     notes: list[str] = []
     for fam, suffix in fams.items():
         all_b = ["auto", *sorted(BACKENDS)] if fam == "mixtral" else ["loop", "auto"]
@@ -50,7 +53,9 @@ def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool 
         if not (backends or (peers and any(map(wanted, peer_names))) or (extra and fam == "mixtral")):
             continue
         fam_impls = moesaic_impls(D, Fd, E, k, backends=backends, family=fam)
-        refs[fam] = fam_impls[0].run
+        ref = fam_impls[0].run
+        assert isinstance(ref, MoELayer)  # moesaic_impls lists the family's loop layer first
+        refs[fam] = ref
         impls += fam_impls
     if peers:
         p, why = peer_impls(D, Fd, E, k, refs, wanted=lambda n: wanted(n) and any(f in n for f in (
@@ -65,7 +70,7 @@ def build_impls(D, Fd, E, k, T, names: Sequence[str] | None = None, peers: bool 
 def check_outputs(impls: Sequence[Impl], x_TD: torch.Tensor, atol: float) -> dict[str, float]:
     """Max abs difference of every routed implementation against its family's moesaic ``loop``."""
     refs: dict[str, torch.Tensor] = {}
-    diffs = {}
+    diffs: dict[str, float] = {}
     with torch.no_grad():
         outs = {i.name: i.run(x_TD) for i in impls if i.family != "floor"}
     for i in impls:
@@ -88,14 +93,16 @@ def _clear(i: Impl) -> None:
         p.grad = None
 
 
-def _autocast(dtype: torch.dtype, device: torch.device):
+def _autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager[object]:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True, memory=True, atol=1e-4,
-                 extra=None, device=None, backward=True, clock="wall") -> tuple[list[dict], list[str]]:
+def bench_config(T: int, E: int, k: int, D: int, Fd: int, dtypes: Sequence[str], repeats: int, warmup: int,
+                 names: Sequence[str] | None = None, peers: bool = True, memory: bool = True, atol: float = 1e-4,
+                 extra: Callable[[list[Impl]], list[Impl]] | None = None, device: torch.device | None = None,
+                 backward: bool = True, clock: str = "wall") -> tuple[list[dict[str, Any]], list[str]]:
     device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
     checked = impls
@@ -108,15 +115,15 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
     g = torch.Generator().manual_seed(T * 1000 + E)
     x_TD = torch.randn(T, D, generator=g).to(device)
     diffs = check_outputs(checked, x_TD, atol)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for dname in dtypes:
         dtype = DTYPES[dname]
 
-        def fwd(i=None, dtype=dtype):
+        def fwd(i: Impl, dtype: torch.dtype = dtype) -> torch.Tensor:
             with torch.no_grad(), _autocast(dtype, device):
                 return i.run(x_TD)
 
-        def fwd_bwd(i=None, clear=True, dtype=dtype):
+        def fwd_bwd(i: Impl, clear: bool = True, dtype: torch.dtype = dtype) -> None:
             if clear:
                 _clear(i)
             x = x_TD.detach().requires_grad_()
@@ -124,29 +131,31 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
                 y = i.run(x)
             y.backward(torch.ones_like(y))
 
-        t_f = t_fb = {}
+        t_f: dict[str, float] = {}
+        t_fb: dict[str, float] = {}
         if repeats > 0:  # --repeats 0: memory only
-            t_f = time_interleaved({i.name: (lambda i=i: fwd(i)) for i in impls}, repeats, warmup, device,
+            t_f = time_interleaved({i.name: partial(fwd, i) for i in impls}, repeats, warmup, device,
                                    clock=clock)
             if backward:
-                t_fb = time_interleaved({i.name: (lambda i=i: fwd_bwd(i)) for i in impls}, repeats, warmup, device,
+                t_fb = time_interleaved({i.name: partial(fwd_bwd, i) for i in impls}, repeats, warmup, device,
                                         clock=clock)
-        mem = {}
+        mem: dict[str, tuple[int, int]] = {}
         if memory:
             for i in impls:
                 grads = sum(p.numel() * p.element_size() for p in i.params if p.requires_grad)
                 _clear(i)
-                peak = peak_growth(lambda i=i: fwd_bwd(i, clear=False), device) - grads
+                peak = peak_growth(partial(fwd_bwd, i, clear=False), device) - grads
                 _clear(i)
                 x = x_TD.detach().requires_grad_()
                 with _autocast(dtype, device):
-                    sb, _ = saved_bytes(lambda i=i, x=x: i.run(x))
+                    sb, _ = saved_bytes(partial(i.run, x))
                 mem[i.name] = (peak, sb)
         for i in impls:
-            row = {"T": T, "E": E, "k": k, "D": D, "F": Fd, "dtype": dname, "impl": i.name, "family": i.family,
-                   "fwd_ms": 1e3 * t_f[i.name] if t_f else None,
-                   "fwd_bwd_ms": 1e3 * t_fb[i.name] if t_fb else None,
-                   "max_abs_diff_fp32": diffs.get(i.name)}
+            row: dict[str, Any] = {
+                "T": T, "E": E, "k": k, "D": D, "F": Fd, "dtype": dname, "impl": i.name, "family": i.family,
+                "fwd_ms": 1e3 * t_f[i.name] if t_f else None,
+                "fwd_bwd_ms": 1e3 * t_fb[i.name] if t_fb else None,
+                "max_abs_diff_fp32": diffs.get(i.name)}
             if i.name in mem:
                 row["peak_MB"], row["saved_MB"] = mem[i.name][0] / 2**20, mem[i.name][1] / 2**20
             rows.append(row)
@@ -164,7 +173,7 @@ def bench_config(T, E, k, D, Fd, dtypes, repeats, warmup, names=None, peers=True
     return rows, notes
 
 
-def markdown(rows: Sequence[dict]) -> str:
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
     cols = [("T", "T"), ("E", "E"), ("k", "k"), ("dtype", "dtype"), ("impl", "implementation"),
             ("fwd_ms", "fwd ms"), ("fwd_vs_limit", "fwd / limit"), ("fwd_bwd_ms", "fwd+bwd ms"),
             ("fwd_bwd_vs_limit", "fwd+bwd / limit"),
@@ -220,7 +229,8 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
         if d not in DTYPES:
             raise MoesaicError(f"bench layer: --dtype {d!r} must be one of {', '.join(DTYPES)}")
     names = [n for n in args.impl.split(",") if n]
-    rows, notes = [], []
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
     for E, k in args.E:
         for T in args.T:
             r, n = bench_config(T, E, k, args.D, args.F, dtypes, args.repeats, args.warmup, names,

@@ -62,7 +62,7 @@ def saved_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:
     """Bytes of distinct storages saved for backward by ``fn()`` (exact activation memory)."""
     seen: dict[int, int] = {}
 
-    def pack(t: Tensor):
+    def pack(t: Tensor) -> Tensor:
         try:
             s = t.untyped_storage()
             seen.setdefault(s.data_ptr(), s.nbytes())

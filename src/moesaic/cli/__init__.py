@@ -10,12 +10,17 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn, TypeAlias
 
 from moesaic.core.errors import MoesaicError
 
+#: What every command module's ``add_parser(sub)`` receives (``argparse``'s private action class is the
+#: only name the standard library gives it; a string, since it is not subscriptable at run time).
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 

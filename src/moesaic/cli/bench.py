@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import types
+
+from moesaic.cli import SubParsers
 
 
-def targets() -> dict[str, object]:
+def targets() -> dict[str, types.ModuleType]:
     import moesaic.bench as pkg
 
-    out = {}
+    out: dict[str, types.ModuleType] = {}
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
         if hasattr(mod, "TARGET") and hasattr(mod, "run"):
@@ -22,7 +25,7 @@ def targets() -> dict[str, object]:
     return out
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: " + ", ".join(targets()))
     tsub = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
     tsub.required = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from moesaic.cli import SubParsers
 
-def add_parser(sub) -> argparse.ArgumentParser:
+
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a YAML config (exit 0, or 2 with one error line)")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

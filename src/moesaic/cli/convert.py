@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+from moesaic.cli import SubParsers
+
 HF_PREFIX = "hf."
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face transformers")
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION", parser_class=type(p))
     conv.required = True

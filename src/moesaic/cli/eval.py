@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from moesaic.cli import SubParsers
 
-def add_parser(sub) -> argparse.ArgumentParser:
+
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss / perplexity (LM) or accuracy (classifier) of a checkpoint "
                                     "(a step dir or a run dir)")
     p.add_argument("checkpoint")
@@ -17,12 +19,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import moesaic
-    from moesaic.core.config import apply_overrides, loads_yaml
+    from moesaic.core.config import apply_overrides, dump_yaml, loads_yaml
     from moesaic.train.run_config import load_run_config
     from moesaic.train.task import eval_batch_size, evaluate, select_task
 
     model = moesaic.load(args.checkpoint)
-    raw = apply_overrides(loads_yaml(moesaic.core.config.dump_yaml(model.run_config)), args.overrides)
+    raw = apply_overrides(loads_yaml(dump_yaml(model.run_config)), args.overrides)
     cfg = load_run_config(data=raw)
     data = cfg.data.build()
     task = select_task(cfg, data)

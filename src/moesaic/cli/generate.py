@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from moesaic.cli import SubParsers
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache; greedy when --temperature 0)")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
@@ -21,15 +24,17 @@ def run(args: argparse.Namespace) -> int:
 
     import moesaic
     from moesaic.core.errors import CheckpointMismatchError, ConfigError
+    from moesaic.models.decoder import DecoderLM
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 1")
     model = moesaic.load(args.checkpoint)
     tok = getattr(model, "tokenizer", None)
-    if hasattr(getattr(model, "cfg", None), "num_labels"):
-        raise CheckpointMismatchError(f"{args.checkpoint}: model.kind {model.cfg.kind} is a classifier, not a "
+    cfg: Any = getattr(model, "cfg", None)  # any model config; a classifier's has num_labels
+    if hasattr(cfg, "num_labels"):
+        raise CheckpointMismatchError(f"{args.checkpoint}: model.kind {cfg.kind} is a classifier, not a "
                                       "language model; use `moesaic eval` for its accuracy")
-    if tok is None or not hasattr(model, "generate"):
+    if tok is None or not isinstance(model, DecoderLM):  # the one model kind with `generate`
         raise CheckpointMismatchError(f"{args.checkpoint}: not a language model with a tokenizer")
     ids = tok.encode(args.prompt)
     if not ids:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from moesaic.cli import SubParsers
 
-def add_parser(sub) -> argparse.ArgumentParser:
+
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     return sub.add_parser("list", help="list registered routers, dispatchers, experts, backends, models, datasets")
 
 

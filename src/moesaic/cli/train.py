@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from moesaic.cli import SubParsers
 
-def add_parser(sub) -> argparse.ArgumentParser:
+
+def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config (checkpoints and metrics in --out)")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.parallel.ep_size > world:
         raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, f"needs at least that many processes (got "
                                                                      f"{world}); use --nproc N or torchrun")
+    trainer: Trainer
     if world > 1:
         from moesaic.distributed.groups import init_process_group
         from moesaic.train.distributed_trainer import DistributedTrainer

@@ -38,7 +38,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig, require, rule
 from moesaic.core.registry import SCHEDULES
@@ -59,6 +59,7 @@ class Schedule(nn.Module):
     """A schedule bound to the training step. ``value()`` is the value at the current step."""
 
     Config: ClassVar[type[ScheduleConfig]] = ScheduleConfig
+    step: Tensor
 
     def __init__(self, cfg: ScheduleConfig):
         super().__init__()
@@ -156,7 +157,7 @@ for _name in ("linear_increase", "linear_decrease", "cosine_increase", "cosine_d
     # One Config class per name keeps `kind` defaults right when a YAML entry omits nothing but kind.
     _register(_name, dataclasses.make_dataclass(
         "".join(p.title() for p in _name.split("_")) + "ScheduleConfig", [("kind", str, _name)],
-        bases=(RampScheduleConfig,), namespace={"__doc__": RampScheduleConfig.__doc__.replace(
+        bases=(RampScheduleConfig,), namespace={"__doc__": (RampScheduleConfig.__doc__ or "").replace(
             "Moves", _name.replace("_", " ").capitalize() + ":", 1), "__module__": __name__}))
 
 
@@ -245,4 +246,5 @@ def schedule(kind: str, **fields: Any) -> Schedule:
     min_value=2, max_value=16, total_steps=1000, integer=True)``."""
     from moesaic.core.config import parse, validate_tree
 
-    return validate_tree(parse(ScheduleConfig, {"kind": kind, **fields}, "schedule"), "schedule").build()
+    sched: Schedule = validate_tree(parse(ScheduleConfig, {"kind": kind, **fields}, "schedule"), "schedule").build()
+    return sched

@@ -48,7 +48,7 @@ class RoutingDecision:
 
     # ------------------------------------------------------------------------------------ building
     @staticmethod
-    def from_topk(ids_TK: Tensor, w_TK: Tensor, num_experts: int, **kwargs) -> RoutingDecision:
+    def from_topk(ids_TK: Tensor, w_TK: Tensor, num_experts: int, **kwargs: Any) -> RoutingDecision:
         """From dense top-k ids and weights; ids < 0 mean "no expert" (variable k)."""
         T, K = ids_TK.shape
         token_idx_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
@@ -63,7 +63,7 @@ class RoutingDecision:
             expert_idx_N, weight_N = expert_idx_N[keep], weight_N[keep]
         return RoutingDecision(token_idx_N, expert_idx_N, weight_N, T, num_experts, choice_N=choice_N, **kwargs)
 
-    def replace(self, **changes) -> RoutingDecision:
+    def replace(self, **changes: Any) -> RoutingDecision:
         return dataclasses.replace(self, **changes)
 
     def select(self, keep_N: Tensor) -> RoutingDecision:

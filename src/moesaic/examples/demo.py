@@ -12,16 +12,20 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moesaic.core.config import to_dict
 from moesaic.core.errors import MoesaicError
+from moesaic.models.transformer import TransformerConfig
+from moesaic.moe.layer import MoEConfig
 from moesaic.train.run_config import RunConfig, load_run_config
 
 
-def active_ffn_width(moe) -> int:
+def active_ffn_width(moe: MoEConfig) -> int:
     """Width of the dense FFN with the MoE layer's active parameters: routed ``top_k`` experts plus shared."""
     sh = moe.shared_experts
     return moe.routed_top_k * moe.expert_d_ff + sh.num * (sh.d_ff or moe.expert_d_ff)
@@ -32,6 +36,8 @@ def dense_twin(cfg: RunConfig) -> RunConfig:
     active width (routers excepted: E*D parameters per layer, <1% here)."""
     raw = copy.deepcopy(to_dict(cfg))
     m = cfg.model
+    if not isinstance(m, TransformerConfig):
+        raise MoesaicError(f"the demo needs a transformer model (decoder_lm or encoder_classifier), not {m.kind!r}")
     if m.moe is None:
         raise MoesaicError("the demo config must have model.moe set")
     width = active_ffn_width(m.moe)
@@ -54,7 +60,7 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, total - inactive
 
 
-def train_one(name: str, cfg: RunConfig, out: Path, log) -> dict:
+def train_one(name: str, cfg: RunConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from moesaic.train.trainer import Trainer
 
     t0 = time.perf_counter()
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_classification(cfg: RunConfig, moe: dict, den: dict, wall_s: float, out: Path) -> int:
+def _print_classification(cfg: RunConfig, moe: dict[str, Any], den: dict[str, Any], wall_s: float, out: Path) -> int:
     """The MoE/dense table of a classifier (e.g. ``configs/encoder_genre.yaml``): val accuracy, not a sample."""
     data = moe["trainer"].data
     base = data.majority_baseline() if hasattr(data, "majority_baseline") else float("nan")

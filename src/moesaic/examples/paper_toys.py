@@ -25,14 +25,15 @@ from torch import Tensor, nn
 import moesaic
 from moesaic.core.errors import MoesaicError
 from moesaic.core.registry import ROUTERS
+from moesaic.models.regression import RegressionModelConfig
 from moesaic.moe.routing.base import RouterConfig
 from moesaic.train.run_config import load_run_config
 
 GROUP = 16  # tokens per sequence: inputs are reshaped to [n / 16, 16, d_in] (Soft MoE mixes within one)
 
 
-def _ctx(model: nn.Module, data: Any, x: Tensor) -> dict[str, Tensor]:
-    keys = ROUTERS.get(model.cfg.moe.router.kind).example_ctx(1).keys()
+def _ctx(router_kind: str, data: Any, x: Tensor) -> dict[str, Tensor]:
+    keys = ROUTERS.get(router_kind).example_ctx(1).keys()
     if not keys:
         return {}
     cluster = torch.cdist(x, data.centres).argmin(-1)
@@ -48,11 +49,11 @@ def train_eval(cfg: Any, alpha: float, label: str) -> dict[str, float]:
     edges = torch.quantile(big_y, torch.linspace(0, 1, n_cls + 1)[1:-1]) if n_cls > 1 else None
     if kind == "hash" and model.moe.router.cfg.variant == "balanced":
         xs = data.batch(4096, torch.Generator().manual_seed(98))[0]
-        model.moe.router.fit_balanced(_ctx(model, data, xs)["token_ids"])
+        model.moe.router.fit_balanced(_ctx(kind, data, xs)["token_ids"])
 
     def loss_fn(m: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, None]:
         x, y = batch
-        out = m(x.view(-1, GROUP, x.shape[-1]), **_ctx(m, data, x)).reshape(x.shape[0], -1)
+        out = m(x.view(-1, GROUP, x.shape[-1]), **_ctx(kind, data, x)).reshape(x.shape[0], -1)
         if edges is None:
             return nn.functional.mse_loss(out, y), out, None
         return nn.functional.cross_entropy(out, torch.bucketize(y.squeeze(-1), edges)), out, None
@@ -78,7 +79,7 @@ def train_eval(cfg: Any, alpha: float, label: str) -> dict[str, float]:
         x, y = data.batch(4096, torch.Generator().manual_seed(12345))
         torch.manual_seed(0)
         xg = x.view(-1, GROUP, x.shape[-1])
-        out = model(xg, **_ctx(model, data, x)).reshape(x.shape[0], -1)
+        out = model(xg, **_ctx(kind, data, x)).reshape(x.shape[0], -1)
         if edges is None:
             res["mse"] = nn.functional.mse_loss(out, y).item()
         else:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoesaicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.model.kind != "moe_regression":
+    if not isinstance(cfg.model, RegressionModelConfig):
         print(f"error: model.kind = {cfg.model.kind!r}: paper_toys needs moe_regression", file=sys.stderr)
         return 2
     train_eval(cfg, args.alpha, cfg.model.moe.router.kind)

@@ -12,10 +12,11 @@ import torch
 
 import moesaic
 from moesaic.core.errors import MoesaicError
-from moesaic.train.run_config import load_run_config
+from moesaic.train.datasets.toy import ToyRegression
+from moesaic.train.run_config import RunConfig, load_run_config
 
 
-def load_config(argv: list[str] | None, description: str | None):
+def load_config(argv: list[str] | None, description: str | None) -> RunConfig | None:
     """Parse ``CONFIG [--set k=v ...]``; returns the run config, or None after printing a one-line error."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("config")
@@ -28,7 +29,7 @@ def load_config(argv: list[str] | None, description: str | None):
         return None
 
 
-def train(cfg, log: bool = False) -> tuple[torch.nn.Module, object]:
+def train(cfg: RunConfig, log: bool = False) -> tuple[torch.nn.Module, ToyRegression]:
     """Train ``cfg.model`` on ``cfg.data`` with AdamW (MSE + aux losses); returns (model, dataset)."""
     torch.manual_seed(cfg.train.seed)
     model = cfg.model.build()

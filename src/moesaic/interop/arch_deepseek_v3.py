@@ -44,7 +44,7 @@ from moesaic.interop.mapping import Layout, copy
 NAME = "deepseek_v3"
 
 
-def to_moesaic(hf: Any) -> dict:
+def to_moesaic(hf: Any) -> dict[str, Any]:
     if not g(hf, "n_shared_experts"):
         refuse(NAME, "n_shared_experts", g(hf, "n_shared_experts"), "DeepSeek-V3 blocks need >= 1 shared expert")
     cfg = base_model(hf, NAME)
@@ -87,7 +87,7 @@ def unsupported(cfg: Any) -> list[str]:
     return out
 
 
-def to_hf(cfg: Any) -> dict:
+def to_hf(cfg: Any) -> dict[str, Any]:
     m, a = cfg.moe, cfg.attention
     out = base_hf(cfg)
     out.pop("head_dim")

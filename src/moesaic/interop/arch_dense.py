@@ -33,7 +33,7 @@ from moesaic.interop.mapping import Layout
 IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
-def _to_moesaic(hf: Any, name: str) -> dict:
+def _to_moesaic(hf: Any, name: str) -> dict[str, Any]:
     cfg = base_model(hf, name)
     if name == "llama":
         if g(hf, "mlp_bias", False):
@@ -64,7 +64,7 @@ def _unsupported(cfg: Any, name: str) -> list[str]:
     return out
 
 
-def _to_hf(cfg: Any, name: str) -> dict:
+def _to_hf(cfg: Any, name: str) -> dict[str, Any]:
     out = base_hf(cfg)
     if name == "llama":
         out.update(attention_bias=cfg.attention.bias, mlp_bias=False)

@@ -36,7 +36,7 @@ NAME = "mixtral"
 IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
-def to_moesaic(hf: Any) -> dict:
+def to_moesaic(hf: Any) -> dict[str, Any]:
     if g(hf, "router_jitter_noise", 0.0):
         refuse(NAME, "router_jitter_noise", hf.router_jitter_noise, "moesaic routers have no multiplicative jitter")
     cfg = base_model(hf, NAME)
@@ -59,7 +59,7 @@ def unsupported(cfg: Any) -> list[str]:
     return out
 
 
-def to_hf(cfg: Any) -> dict:
+def to_hf(cfg: Any) -> dict[str, Any]:
     m = cfg.moe
     return {**base_hf(cfg), "intermediate_size": m.d_ff, "num_local_experts": m.num_experts,
             "num_experts_per_tok": m.top_k, "sliding_window": cfg.attention.sliding_window,

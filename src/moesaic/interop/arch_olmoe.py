@@ -36,7 +36,7 @@ NAME = "olmoe"
 IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
-def to_moesaic(hf: Any) -> dict:
+def to_moesaic(hf: Any) -> dict[str, Any]:
     if g(hf, "clip_qkv") is not None:
         refuse(NAME, "clip_qkv", hf.clip_qkv, "moesaic attention does not clamp q/k/v")
     cfg = base_model(hf, NAME)
@@ -62,7 +62,7 @@ def unsupported(cfg: Any) -> list[str]:
     return out
 
 
-def to_hf(cfg: Any) -> dict:
+def to_hf(cfg: Any) -> dict[str, Any]:
     m = cfg.moe
     return {**base_hf(cfg), "intermediate_size": m.d_ff, "num_experts": m.num_experts,
             "num_experts_per_tok": m.top_k, "norm_topk_prob": m.router.normalization != "none",

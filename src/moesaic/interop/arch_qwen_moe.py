@@ -50,7 +50,7 @@ def hf_moe_layers(hf: Any) -> list[int]:
             if i not in only and hf.num_experts > 0 and (i + 1) % step == 0]
 
 
-def _to_moesaic(hf: Any, name: str, qwen3: bool) -> dict:
+def _to_moesaic(hf: Any, name: str, qwen3: bool) -> dict[str, Any]:
     if g(hf, "use_sliding_window", False) and not qwen3:
         refuse(name, "use_sliding_window", True, "per-layer sliding windows (layer_types) are not supported")
     cfg = base_model(hf, name)
@@ -101,7 +101,7 @@ def _unsupported(cfg: Any, name: str, qwen3: bool) -> list[str]:
     return out
 
 
-def _to_hf(cfg: Any, qwen3: bool) -> dict:
+def _to_hf(cfg: Any, qwen3: bool) -> dict[str, Any]:
     m, a = cfg.moe, cfg.attention
     moe_set = set(moe_layers(cfg))
     step = cfg.moe_every if cfg.first_k_dense == 0 and cfg.moe_offset == cfg.moe_every - 1 else 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from moesaic.core.errors import ConversionError
 from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy
@@ -32,15 +32,15 @@ class Arch:
     name: str
     model_type: str
     hf_class: str
-    to_moesaic: Callable[[Any], dict]
-    to_hf: Callable[[Any], dict]
+    to_moesaic: Callable[[Any], dict[str, Any]]
+    to_hf: Callable[[Any], dict[str, Any]]
     unsupported: Callable[[Any], list[str]]
     layout: Callable[[Any, str], Layout]
     #: Preference when several architectures can hold a model (lower first).
     rank: int = 50
 
 
-def refuse(arch: str, field: str, value: Any, why: str) -> None:
+def refuse(arch: str, field: str, value: Any, why: str) -> NoReturn:
     raise ConversionError(f"{arch}: config field {field} = {value!r} is not supported: {why}")
 
 
@@ -62,7 +62,7 @@ def rope_theta(hf: Any, arch: str) -> float:
     return float(theta)
 
 
-def rope_scaling(hf: Any, arch: str) -> dict | None:
+def rope_scaling(hf: Any, arch: str) -> dict[str, Any] | None:
     """``attention.rope_scaling`` for the config's ``rope_parameters`` (None for plain RoPE)."""
     rp = dict(g(hf, "rope_parameters") or {})
     rtype = rp.get("rope_type", rp.get("type", "default"))
@@ -70,7 +70,7 @@ def rope_scaling(hf: Any, arch: str) -> dict | None:
         refuse(arch, "rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "partial RoPE")
     if rtype == "default":
         return None
-    if rtype not in _SCALING_KEYS:
+    if not isinstance(rtype, str) or rtype not in _SCALING_KEYS:
         refuse(arch, "rope_parameters.rope_type", rtype, f"supported: default, {', '.join(_SCALING_KEYS)}")
     out = {"type": rtype, **{k: rp[k] for k in _SCALING_KEYS[rtype] if rp.get(k) is not None}}
     if rtype == "yarn" and out.get("factor") is None:
@@ -82,7 +82,7 @@ def rope_scaling(hf: Any, arch: str) -> dict | None:
     return out
 
 
-def rope_parameters(a: Any) -> dict:
+def rope_parameters(a: Any) -> dict[str, Any]:
     """HF ``rope_parameters`` of a moesaic attention config."""
     sc = a.rope_scaling
     if sc is None or sc.type == "none":
@@ -103,7 +103,7 @@ def head_dim(hf: Any) -> int:
     return g(hf, "head_dim") or hf.hidden_size // hf.num_attention_heads
 
 
-def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict:
+def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict[str, Any]:
     """The decoder fields every Llama-family config has."""
     if g(hf, "attention_dropout", 0.0):
         pass  # dropout does not change inference; training with it is the trainer's choice
@@ -117,14 +117,14 @@ def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict:
     }
 
 
-def mha(hf: Any, arch: str, **extra: Any) -> dict:
+def mha(hf: Any, arch: str, **extra: Any) -> dict[str, Any]:
     return {"kind": "mha", "num_heads": hf.num_attention_heads,
             "num_key_value_heads": g(hf, "num_key_value_heads") or hf.num_attention_heads,
             "head_dim": head_dim(hf), "rope_theta": rope_theta(hf, arch), "rope_scaling": rope_scaling(hf, arch),
             **extra}
 
 
-def base_hf(cfg: Any) -> dict:
+def base_hf(cfg: Any) -> dict[str, Any]:
     """HF config fields of the Llama family from a moesaic decoder config."""
     a = cfg.attention
     return {

@@ -23,8 +23,9 @@ import json
 import os
 import pkgutil
 import shutil
+import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,9 @@ from moesaic.core.errors import ConversionError
 from moesaic.interop.common import EXPERT_LAYOUTS, Arch
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
+
+if TYPE_CHECKING:
+    from moesaic.models.decoder import DecoderLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -53,7 +57,7 @@ def architectures() -> dict[str, Arch]:
     return dict(sorted(out.items(), key=lambda kv: (kv[1].rank, kv[0])))
 
 
-def _transformers():
+def _transformers() -> types.ModuleType:
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - the hf extra is part of `all`
@@ -108,8 +112,8 @@ def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None
     return max(scored, key=lambda s: s[0])[1]  # no exact match: import_weights lists every difference
 
 
-def from_hf(path_or_model: str | os.PathLike | nn.Module, *, expert_layout: str | None = None,
-            dtype: torch.dtype | None = None) -> nn.Module:
+def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout: str | None = None,
+            dtype: torch.dtype | None = None) -> DecoderLM:
     """A moesaic ``decoder_lm`` with the weights and outputs of a Hugging Face causal LM (a folder with
     ``config.json`` and safetensors, or a loaded ``PreTrainedModel``). Returns it in eval mode and
     float32 unless ``dtype`` is given; ``model.hf_info`` records the source, architecture and layout."""
@@ -209,7 +213,7 @@ def _check_against_transformers(model: nn.Module, a: Arch, hf_cfg: Any) -> None:
                               f"; unexpected {short_list(set(got) - set(want))}; shapes {short_list(bad)}")
 
 
-def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+def copy_tokenizer(src: str | os.PathLike[str] | None, dst: str | os.PathLike[str]) -> list[str]:
     """Copy the tokenizer (and generation config) files found in ``src`` to ``dst``."""
     if src is None or not Path(src).is_dir():
         return []
@@ -222,8 +226,8 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) -> lis
     return copied
 
 
-def to_hf(model: nn.Module, out_dir: str | os.PathLike, arch: str | None = None, *,
-          expert_layout: str = "per_expert", tokenizer_dir: str | os.PathLike | None = None,
+def to_hf(model: nn.Module, out_dir: str | os.PathLike[str], arch: str | None = None, *,
+          expert_layout: str = "per_expert", tokenizer_dir: str | os.PathLike[str] | None = None,
           max_shard_bytes: int = 5 * 2**30) -> Any:
     """Export ``model`` to ``out_dir`` as a Hugging Face checkpoint; returns the transformers config."""
     if expert_layout not in EXPERT_LAYOUTS:

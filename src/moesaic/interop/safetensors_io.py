@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from safetensors import safe_open
@@ -23,7 +24,7 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def short_list(keys, n: int = 12) -> str:
+def short_list(keys: Iterable[str], n: int = 12) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -32,7 +33,7 @@ def short_list(keys, n: int = 12) -> str:
 class WeightReader:
     """Read-only view of the tensors of a safetensors folder (single file or index + shards)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike[str]):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConversionError(f"{self.folder}: not a directory")
@@ -47,7 +48,7 @@ class WeightReader:
             why = (f"only pickle weights found ({', '.join(pickles)}); convert them to safetensors first, "
                    "pickle is never loaded" if pickles else f"no {SINGLE} or {INDEX}")
             raise ConversionError(f"{self.folder}: {why}")
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, safe_open] = {}
 
     def _scan(self, fname: str) -> set[str]:
         path = self.folder / fname
@@ -99,13 +100,13 @@ class WeightReader:
     def file_metadata(self, key: str) -> dict[str, str]:
         return self.metadata.get(self.key_file[key], {})
 
-    def _handle(self, fname: str):
+    def _handle(self, fname: str) -> safe_open:
         if fname not in self._handles:
             self._handles[fname] = safe_open(str(self.folder / fname), "pt")
         return self._handles[fname]
 
 
-def write_sharded(tensors: dict[str, Tensor], folder: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+def write_sharded(tensors: dict[str, Tensor], folder: str | os.PathLike[str], *, max_shard_bytes: int = 5 * 2**30,
                   metadata: dict[str, str] | None = None) -> list[str]:
     """Write ``tensors`` as one file or as shards plus an index, in key order. Returns the file names."""
     folder = Path(folder)

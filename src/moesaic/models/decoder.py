@@ -44,6 +44,8 @@ class DecoderLM(nn.Module):
     """Causal decoder LM: RMSNorm, RoPE, MHA/GQA via SDPA, dense or MoE FFNs, KV-cache generation."""
 
     Config = DecoderLMConfig
+    #: Where an imported model came from (set by ``interop.hf.from_hf`` and ``moesaic convert``).
+    hf_info: dict[str, Any]
 
     def __init__(self, cfg: DecoderLMConfig, **kw: Any):
         super().__init__()

@@ -15,6 +15,7 @@ released weights; ``false`` rotates halves like Llama.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class MultiHeadLatentAttention(nn.Module):
     Config = MLAConfig
 
     def __init__(self, cfg: MLAConfig, d_model: int, layer_idx: int = 0, *, causal: bool = True,
-                 norm_eps: float = 1e-6, **kw):
+                 norm_eps: float = 1e-6, **kw: Any):
         super().__init__()
         self.cfg, self.layer_idx, self.causal = cfg, layer_idx, causal
         H = self.num_heads = cfg.num_heads

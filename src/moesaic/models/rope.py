@@ -27,6 +27,8 @@ def apply_rotary(x_BHSd: Tensor, cos_BSd: Tensor, sin_BSd: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Computes ``cos``/``sin`` ``[B, S, dim]`` for integer ``position_ids`` ``[B, S]`` in fp32."""
 
+    inv_freq: Tensor
+
     def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None):
         super().__init__()
         if dim % 2:

@@ -155,8 +155,9 @@ def init_weights(model: nn.Module, std: float) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(m, MoELayer) and getattr(m.experts.cfg, "init_std", 1) is None:
             for p in m.experts.parameters():
                 nn.init.normal_(p, std=std)

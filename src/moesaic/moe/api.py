@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +35,20 @@ def name_layers(model: nn.Module) -> None:
             m.layer_name = name or "moe"
     # Components that chain across layers (MoE++ gating residuals) get their predecessor of the same
     # class in module order (= layer order for the models here); the first one gets None.
-    previous: dict[type, nn.Module] = {}
+    previous: dict[type[nn.Module], nn.Module] = {}
     for m in model.modules():
         link = getattr(m, "link_previous", None)
         if callable(link):
             link(previous.get(type(m)))
             previous[type(m)] = m
+
+
+@overload
+def collect_aux_losses(model: nn.Module, by_name: Literal[False] = False) -> Tensor: ...
+@overload
+def collect_aux_losses(model: nn.Module, by_name: Literal[True]) -> dict[str, Tensor]: ...
+@overload
+def collect_aux_losses(model: nn.Module, by_name: bool) -> Tensor | dict[str, Tensor]: ...
 
 
 def collect_aux_losses(model: nn.Module, by_name: bool = False) -> Tensor | dict[str, Tensor]:

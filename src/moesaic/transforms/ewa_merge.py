@@ -28,7 +28,7 @@ class MergedFFN(DenseFFN):
     """A :class:`DenseFFN` that accepts the MoE layer's call signature (``mask`` and routing context),
     so it replaces the layer in place; padding rows get output 0 like in the MoE layer."""
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
         y = super().forward(x)
         if mask is not None:
             y = y * mask.reshape(*y.shape[:-1], 1).to(y.dtype)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # runtime import would be circular (the router registry impor
 class TaskPrunedRouter(nn.Module):
     """One task's gate of a :class:`TaskGatesRouter`, with expert ids mapped to the kept experts."""
 
+    local_E: Tensor
+
     def __init__(self, router: TaskGatesRouter, task: int, keep_E: list[int]):
         super().__init__()
         self.router, self.task = router, task
@@ -94,7 +96,12 @@ def prune_to_task(layer: MoELayer, task_id: int, experts: list[int] | None = Non
         with torch.no_grad():
             task_router.weight_XED = nn.Parameter(router.weight_XED[task_id:task_id + 1].clone())
         start, end = router.window(task_id)
-        task_router.window = lambda _t, _s=start, _e=end: (_s, _e)  # type: ignore[method-assign]
+
+        def fixed_window(_task: int, _s: int = start, _e: int = end) -> tuple[int, int]:
+            return _s, _e
+
+        # The copy's only gate keeps the original task's expert window (an instance override on purpose).
+        task_router.window = fixed_window  # type: ignore[method-assign,assignment]
         local_task = 0
     pruned.router = TaskPrunedRouter(task_router, local_task, keep)
     experts_mod = layer.cfg.experts.build(layer.d_model, layer.experts.d_ff, len(keep))
