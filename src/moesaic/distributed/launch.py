@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from moesaic.distributed.groups import init_process_group
 
 
-def _entry(rank: int, fn: Callable, nprocs: int, tmp: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., Any], nprocs: int, tmp: str, args: tuple[Any, ...]) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=nprocs)
@@ -35,7 +35,7 @@ def _entry(rank: int, fn: Callable, nprocs: int, tmp: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
+def spawn(fn: Callable[..., Any], nprocs: int, *args: Any) -> list[Any]:
     """Run ``fn(rank, nprocs, *args)`` on ``nprocs`` gloo processes; return the per-rank results."""
     with tempfile.TemporaryDirectory(prefix="moesaic_spawn_") as tmp:
         old = os.environ.get("OMP_NUM_THREADS")

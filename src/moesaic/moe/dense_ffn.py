@@ -20,4 +20,5 @@ class DenseFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
         h = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))
-        return self.down_proj(h)
+        y: Tensor = self.down_proj(h)
+        return y

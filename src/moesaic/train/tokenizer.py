@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 EOS = "<|eos|>"
 
@@ -77,7 +81,7 @@ class BPETokenizer(TextTokenizer):
 
     kind = "bpe"
 
-    def __init__(self, tok):  # tok: tokenizers.Tokenizer
+    def __init__(self, tok: Tokenizer):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
         self.eos_id = tok.token_to_id(EOS)
