@@ -8,7 +8,7 @@ import torch
 import moesaic
 from moesaic.core.errors import ConversionError
 from moesaic.moe.dense_ffn import DenseFFN
-from moesaic.moe.routing.dts import dts_aux_loss
+from moesaic.moe.routing.dts import GateUsageBalance
 from moesaic.transforms.evomoe_spawn import spawn_experts_
 
 D, F, E = 16, 32, 4
@@ -93,12 +93,12 @@ def test_soft_weights_are_thresholded_gumbel_softmax_without_renorm():
 def test_aux_loss_golden_values():
     # uniform top-1 with weight 1: me = ce = 1/E -> E^2 * mean(1/E^2) = 1
     sel = torch.eye(E, dtype=torch.bool).repeat(3, 1)
-    assert dts_aux_loss(sel.double(), sel).item() == pytest.approx(1.0)
+    assert GateUsageBalance(sel.double(), sel).value().item() == pytest.approx(1.0)
     dense = torch.full((8, E), 1.0 / E, dtype=torch.float64)
-    assert dts_aux_loss(dense, torch.ones(8, E, dtype=torch.bool)).item() == pytest.approx(E)
+    assert GateUsageBalance(dense, torch.ones(8, E, dtype=torch.bool)).value().item() == pytest.approx(E)
     w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
     # me = (0.35, 0.65, 0, 0), ce = (0.5, 1, 0, 0): E * (0.175 + 0.65) = 3.3
-    assert dts_aux_loss(w, w > 0).item() == pytest.approx(3.3)
+    assert GateUsageBalance(w, w > 0).value().item() == pytest.approx(3.3)
 
 
 def test_eval_is_deterministic_top1_on_logits_without_drops():

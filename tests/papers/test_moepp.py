@@ -9,7 +9,7 @@ from torch import nn
 import moesaic
 from moesaic.core.errors import ConfigError, MoesaicError
 from moesaic.moe.routing import losses
-from moesaic.moe.routing.moepp import hetero_balance, hetero_capacity, link_gating_residuals
+from moesaic.moe.routing.moepp import HeteroBalance, hetero_capacity, link_gating_residuals
 
 D, F, E = 16, 32, 8  # 4 FFN + 2 constant + copy + zero
 
@@ -158,15 +158,15 @@ def test_hetero_balance_golden_and_tau_one_is_switch_over_e():
     counts = torch.tensor([1, 1, 0])  # top-1: token 0 -> 0, token 1 -> 1
     eta = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
     # f = (0.5, 0.5, 0), P = (0.3, 0.45, 0.25): 0.5*0.3 + 0.5*0.45 + 0.5*0*0.25
-    assert hetero_balance(probs, counts, 2, eta).item() == pytest.approx(0.375)
+    assert HeteroBalance(probs, counts, eta).value().item() == pytest.approx(0.375)
     ones = torch.ones(3, dtype=torch.float64)
-    switch = losses.switch_balance(probs, counts).item()
-    assert hetero_balance(probs, counts, 2, ones).item() == pytest.approx(switch / 3)
+    switch = losses.SwitchBalance(probs, counts).value().item()
+    assert HeteroBalance(probs, counts, ones).value().item() == pytest.approx(switch / 3)
     for k in (1, 2):
         lyr = layer(k=k, router={"tau": 1.0, "gating_residual": False})
         x = torch.randn(32, D, dtype=torch.float64)
         d = lyr.router(x)
-        sw = losses.switch_balance(d.probs_TE, d.tokens_per_expert())
+        sw = losses.SwitchBalance(d.probs_TE, d.tokens_per_expert()).value()
         assert d.aux_losses["balance"].item() == pytest.approx(k / E * sw.item(), rel=1e-12)
 
 

@@ -7,11 +7,25 @@ or 2F (gated), E experts, K top-k, N assignments (token, expert) pairs, C capaci
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class AuxStatistic(Protocol):
+    """An aux loss as a function of statistics that add over disjoint parts of a batch (micro-batches,
+    ranks): ``value() == fn(stats())``. Implemented by :class:`moesaic.moe.routing.aux_stats.AuxStat`;
+    docs/design.md, Balance statistics."""
+
+    def stats(self) -> dict[str, Tensor]: ...
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor: ...
+
+    def value(self) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -24,9 +38,9 @@ class RoutingDecision:
     the rank of that choice for its token (0 = best); capacity dispatchers fill first choices first.
 
     ``probs_TE``/``logits_TE`` hold the router's scores for all ``num_tokens`` rows (padding rows are 0)
-    where the router has them. ``aux_losses`` are the router's named, *unweighted* losses over the valid
-    tokens; the owning layer applies the coefficients. ``dropped`` counts assignments removed by a
-    capacity limit.
+    where the router has them. ``aux_stats`` are the router's named aux losses as statistics
+    (:class:`AuxStatistic`), ``aux_losses`` their *unweighted* values over the valid tokens; the owning layer
+    applies the coefficients. ``dropped`` counts assignments removed by a capacity limit.
     """
 
     token_idx_N: Tensor
@@ -37,14 +51,18 @@ class RoutingDecision:
     choice_N: Tensor | None = None
     probs_TE: Tensor | None = None
     logits_TE: Tensor | None = None
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
     dropped: int = 0
     num_valid_tokens: int | None = None  # tokens that were routed (padding excluded); None = all
     #: Payload for a paired dispatcher that is not plain COO (Soft MoE: slot logits, mask, sequence ids).
     extra: dict[str, Tensor] = field(default_factory=dict)
-    #: Batch-statistic aux losses as functions of additive statistics (name -> ``AuxStat``,
-    #: :mod:`moesaic.moe.routing.aux_stats`), so a batch split over micro-batches or ranks gets exact shares.
-    aux_stats: dict[str, Any] = field(default_factory=dict)
+    #: The router's aux losses by name, each a statistic whose value is the loss, so a batch split over
+    #: micro-batches or ranks gets exact shares (docs/design.md, Balance statistics).
+    aux_stats: dict[str, AuxStatistic] = field(default_factory=dict)
+
+    @functools.cached_property
+    def aux_losses(self) -> dict[str, Tensor]:
+        """The unweighted aux losses ``{name: aux_stats[name].value()}``, computed once per decision."""
+        return {n: s.value() for n, s in self.aux_stats.items()}
 
     # ------------------------------------------------------------------------------------ building
     @staticmethod

@@ -194,6 +194,38 @@ def test_non_finite_input_names_the_layer(name, bad):
         layer(x, **ctx_for(name, T))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ROUTER_NAMES)
+def test_non_finite_padding_is_ignored(name, bad):
+    """Padding may hold anything: NaN or inf only in masked rows raises nothing and changes no real output,
+    aux loss or parameter gradient (compared with zero padding); padding rows get output 0."""
+    layer = make_layer(name).train()
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    ctx = ctx_for(name, 12)
+    results = []
+    for fill in (0.0, bad):
+        inp = x.clone()
+        inp[0, 4:] = fill
+        layer.zero_grad()
+        torch.manual_seed(7)
+        y = layer(inp, mask=mask, **ctx)
+        aux = {k: v.detach() for k, v in layer.aux_losses.items()}
+        (y[mask].square().sum() + sum(layer.aux_losses.values(), torch.zeros((), dtype=y.dtype))).backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), aux, grads))
+    (y0, aux0, g0), (y1, aux1, g1) = results
+    assert torch.equal(y1[~mask], torch.zeros_like(y1[~mask])), "padding must get MoE output 0"
+    torch.testing.assert_close(y1[mask], y0[mask], rtol=0, atol=1e-12)
+    assert aux1.keys() == aux0.keys()
+    for k in aux0:
+        torch.testing.assert_close(aux1[k], aux0[k], rtol=0, atol=1e-12, msg=f"aux {k}")
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-12, msg=n)
+
+
 @pytest.mark.parametrize("name", ROUTER_NAMES)
 def test_causal_contract(name):
     cls = ROUTERS.get(name)

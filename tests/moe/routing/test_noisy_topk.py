@@ -1,11 +1,11 @@
-"""Noisy top-k gating (routing.md §1.1): variant C gates, importance and smooth-load CV^2 losses."""
+"""Noisy top-k gating (Shazeer et al. 2017): variant C gates, importance and smooth-load CV^2 losses."""
 
 from __future__ import annotations
 
 import torch
 
 from moesaic.moe.routing import losses
-from moesaic.moe.routing.noisy_topk import NoisyTopKRouter, NoisyTopKRouterConfig
+from moesaic.moe.routing.noisy_topk import NoisyTopKRouter, NoisyTopKRouterConfig, smooth_load_prob
 
 D, E, T, K = 16, 6, 32, 2
 
@@ -56,7 +56,7 @@ def test_training_noise_matches_the_formula():
     top = H.topk(K, -1)
     G = torch.zeros_like(H).scatter(1, top.indices, top.values.softmax(-1))
     torch.testing.assert_close(d.dense(), G, rtol=0, atol=1e-12)
-    P = losses.noisy_topk_load_prob(clean, H, sigma, K)
+    P = smooth_load_prob(clean, H, sigma, K)
     torch.testing.assert_close(d.aux_losses["importance"], losses.cv_squared(G.sum(0)), rtol=0, atol=1e-12)
     torch.testing.assert_close(d.aux_losses["load"], losses.cv_squared(P.sum(0)), rtol=0, atol=1e-12)
 
@@ -67,7 +67,7 @@ def test_smooth_load_against_monte_carlo():
     clean = torch.randn(4, E, dtype=torch.float64, generator=g)
     sigma = 0.5 + torch.rand(4, E, dtype=torch.float64, generator=g)
     noisy = clean + torch.randn(4, E, dtype=torch.float64, generator=g) * sigma
-    P = losses.noisy_topk_load_prob(clean, noisy, sigma, K)
+    P = smooth_load_prob(clean, noisy, sigma, K)
     assert bool(((P > 0) & (P < 1)).all())
     S = 10_000
     for t in range(4):

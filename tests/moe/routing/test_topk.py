@@ -1,4 +1,4 @@
-"""Token-choice top-k (routing.md §0, §1.5, §7.3): A/B/C weights, ties, DeepSeek-V3 groups, bias and scaling."""
+"""Token-choice top-k: A/B/C weights, ties, DeepSeek-V3 groups, bias, scaling and the sequence-wise loss."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_sequence_loss_uses_unbiased_topk_and_per_sequence_stats():
 
     s = (xs.reshape(-1, D) @ layer.router.weight.t()).sigmoid()
     ids = stable_topk(s, 2)[1]
-    ref = losses.sequence_balance(s, ids, torch.arange(3).repeat_interleave(10))
+    ref = losses.SequenceBalance(s, ids, torch.arange(3).repeat_interleave(10)).value()
     torch.testing.assert_close(layer.aux_losses["balance"], ref, rtol=0, atol=1e-12)
 
 
@@ -156,3 +156,26 @@ def test_top1_variant_A_gets_a_nonzero_gradient():
     r = router(1, normalization="none")
     r(x()).weight_N.square().sum().backward()
     assert float(r.weight.grad.norm()) > 0
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_sequence_loss_counts_f_over_the_unbiased_topk_of_all_experts_with_groups(bias):
+    """DeepSeek-V3 (arXiv 2412.19437) Eq. 18: f_i counts 1(s_i,t in TopK({s_j,t}, K_r)) over ALL routed experts,
+    whatever selects them (the group limit, the bias). Hand-derived in float64: 4 experts in 2 groups, 1 group
+    kept, K = 2, sigmoid scores s_1 = (0.9, 0.1, 0.8, 0.7), s_2 = (0.2, 0.6, 0.5, 0.3) of one sequence.
+    s' = s / sum s: (0.36, 0.04, 0.32, 0.28) and (0.125, 0.375, 0.3125, 0.1875), so P = (0.2425, 0.2075,
+    0.31625, 0.23375). Plain top-2: {0, 2} and {1, 2}, f = 4 / (2 * 2) * (1, 1, 2, 0) = (1, 1, 2, 0), so
+    L = 0.2425 + 0.2075 + 2 * 0.31625 = 1.0825. Counting the routed (group-limited) choices instead would give
+    f = (2, 2, 0, 0) and 0.9 without the bias, (0, 0, 2, 2) and 1.1 with it."""
+    s = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.2, 0.6, 0.5, 0.3]], dtype=torch.float64)
+    cfg = TopKRouterConfig(score_func="sigmoid", normalization="renorm", n_groups=2, topk_groups=1,
+                           expert_bias=bias, balance_loss="sequence", aux_loss_coef=1.0)
+    r = TopKRouter(cfg, 4, 4, 2).double().eval()
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(4, dtype=torch.float64))  # logits = x, so x = logit(s) gives scores s
+        if bias:
+            r.expert_bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))  # routes both tokens to group 1
+    d = r(torch.log(s / (1 - s)))
+    routed = {frozenset(d.expert_idx_N[d.token_idx_N == t].tolist()) for t in range(2)}
+    assert routed == ({frozenset({2, 3})} if bias else {frozenset({0, 1})})  # the group limit did bind
+    assert abs(float(d.aux_losses["balance"].detach()) - 1.0825) < 1e-12

@@ -66,7 +66,8 @@ class SoftDispatcher(Dispatcher):
             M = int(per_b.max()) if B else 0
         L_BMS = L_TS.new_zeros(B, M, S).index_put((b_L, pos_L), L_TS[rows])
         mask_BM = torch.zeros(B, M, dtype=torch.bool, device=x_TD.device).index_put((b_L, pos_L), mask_T[rows])
-        x_BMD = x_TD.new_zeros(B, M, D_).index_put((b_L, pos_L), x_TD[rows])
+        # masked rows get dispatch weight 0, but 0 * NaN is NaN: padding may hold anything, so zero it
+        x_BMD = x_TD.new_zeros(B, M, D_).index_put((b_L, pos_L), x_TD[rows].masked_fill(~mask_T[rows, None], 0.0))
         disp_BMS, comb_BMS = soft_weights(L_BMS, mask_BM)
         xs_BSD = torch.einsum("bms,bmd->bsd", disp_BMS.to(x_TD.dtype), x_BMD)
         x_ND = xs_BSD.view(B, n, p, D_).transpose(0, 1).reshape(n * B * p, D_)  # grouped by expert

@@ -1,156 +1,114 @@
-"""Batch-statistic aux losses as functions of additive statistics, and their exact shares of a split batch.
+"""Aux losses as statistics: each loss is written once, and is exact on any split of a batch.
 
-A balance loss such as Switch's ``E * sum_e f_e P_e`` is not a mean over tokens: its value on a batch is
-not the token-weighted mean of its values on the parts of the batch (micro-batches of gradient
-accumulation, ranks of data/expert parallelism). It is, however, a function ``L(S)`` of statistics that
-*add* over the parts: ``S = sum_m S_m`` (expert counts, sums of router probabilities or gates, token and
-sequence counts). A router declares each such loss as an :class:`AuxStat` (``stats`` thunk + ``fn``) in
-``RoutingDecision.aux_stats``; given the batch totals ``S`` (a no-grad pre-pass, an all-reduce, or both;
-:mod:`moesaic.train.global_aux`), part ``m`` contributes the share
+A router's aux loss (a balance loss, the router z-loss, an entropy term) is an :class:`AuxStat`:
 
-    share_m = w_m L(S) + g . (S_m - w_m S),    g = dL/dS at S (no grad),    sum_m w_m = 1
+* ``stats()``: tensors that ADD over disjoint parts of a batch (micro-batches of gradient accumulation,
+  data- or expert-parallel ranks): expert counts, sums of router probabilities, token counts;
+* ``fn(stats)``: the loss of given totals, the only place its formula is written;
+* ``value() = fn(stats())``: the loss of the local batch. ``RoutingDecision.aux_losses`` is derived from it,
+  so the local loss, the accumulated loss and the global-batch loss all evaluate the same ``fn``.
 
-linearised in the statistics that carry a gradient (the no-grad ones, such as the counts behind ``f``,
-enter through ``L(S)`` only). The shares' values sum to ``L(S)`` and their gradients to
-``g . sum_m dS_m = dL(S)``: exactly the loss and gradient of the whole batch. For a loss linear in its
-gradient statistics (Switch: ``P_e = psum_e / T``) the share is the familiar
-``E * sum_e f_e(S) * psum_m_e / T``; for nonlinear ones (CV^2 of the importance, Shazeer et al. 2017) it
-is the first-order term around the batch value. We use ``w_m = t_m / T`` (routed tokens).
+A balance loss such as Switch's ``E * sum_e f_e P_e`` is not a mean over tokens, so its value on a batch is
+not the token-weighted mean of its values on the parts; it is, however, ``L(S)`` of statistics that add,
+``S = sum_m S_m``. Given the totals ``S`` (a no-grad pre-pass over the micro-batches, an all-reduce over
+ranks, or both), part ``m`` contributes the share (:meth:`AuxStat.share`)
+
+    share_m = w_m L(S) + g . (S_m - w_m S),    g = dL/dS at S (no grad),    sum_m w_m = 1,
+
+linearised in the statistics that carry a gradient (no-grad ones, such as the counts behind ``f``, enter
+through ``L(S)`` only). The shares' values sum to ``L(S)`` and their gradients to ``g . sum_m dS_m = dL(S)``:
+exactly the loss and gradient of the whole batch, for any ``L`` (the CV^2 of Shazeer et al. 2017 is not
+linear in its statistics). A token mean is the statistic pair (sum, count), so its share is ``sum_m / T``
+and needs no special case. Callers use ``w_m = t_m / T`` (routed tokens).
+
+Writing a new loss: subclass :class:`AuxStat` with a ``stats`` and an ``fn``, or combine the ones here
+(:class:`Sum`, :class:`TokenMean`); nothing else changes (docs/design.md, Balance statistics).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import abc
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from moesaic.moe.routing import losses
 
+class AuxStat(abc.ABC):
+    """An aux loss as a function ``fn`` of statistics ``stats()`` that add over disjoint parts of a batch.
 
-@dataclasses.dataclass(frozen=True)
-class AuxStat:
-    """``loss = fn(stats())``; every entry of ``stats()`` adds over disjoint parts of a batch.
-
-    ``stats`` is a thunk so routers pay nothing unless a split batch needs it; it is called in the same
-    forward (the statistics keep their autograd graph).
+    ``stats()`` is evaluated when asked (in the same forward, so the statistics keep their autograd graph);
+    a router that builds a statistic pays for it only through ``value()`` or a split batch's ``share``.
     """
 
-    stats: Callable[[], dict[str, Tensor]]
-    fn: Callable[[dict[str, Tensor]], Tensor]
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Tensor]:
+        """Statistics of the local batch; each entry adds over disjoint parts of a batch."""
+
+    @abc.abstractmethod
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        """The loss of the statistics ``s`` (local ones, or totals over the parts of a batch)."""
 
     def value(self) -> Tensor:
+        """The loss of the local batch, ``fn(stats())``."""
         return self.fn(self.stats())
 
+    def share(self, local: Mapping[str, Tensor], total: Mapping[str, Tensor], w: float) -> Tensor:
+        """This part's share ``w L(S) + g . (S_m - w S)`` of ``fn(total)`` (module docstring); ``local`` are
+        this part's ``stats()`` (with their graph), ``total`` the detached sums over all parts."""
+        leaves = {k: v.detach().to(torch.float64).requires_grad_(True) for k, v in total.items()}
+        keys = [k for k, v in local.items() if v.requires_grad]
+        with torch.enable_grad():
+            L = self.fn(leaves)
+            grads: list[Tensor | None] = [None] * len(keys)
+            if keys and L.requires_grad:
+                grads = list(torch.autograd.grad(L, [leaves[k] for k in keys], allow_unused=True))
+        ref = next(iter(local.values()))
+        out = (w * L.detach()).to(ref.dtype)
+        for k, g in zip(keys, grads):
+            if g is not None:
+                v = local[k]
+                out = out + (g.to(v.dtype) * (v - w * total[k].to(v.device, v.dtype))).sum()
+        return out
 
-def _num(n: int, like: Tensor) -> Tensor:
+
+def share(stat: AuxStat, local: Mapping[str, Tensor], total: Mapping[str, Tensor], w: float) -> Tensor:
+    """:meth:`AuxStat.share` as a function."""
+    return stat.share(local, total, w)
+
+
+def count(n: int, like: Tensor) -> Tensor:
+    """A count statistic (tokens, sequences) as a 0-dim tensor of ``like``'s dtype and device."""
     return torch.tensor(float(n), dtype=like.dtype, device=like.device)
 
 
-def _counts(counts_E: Tensor, like: Tensor) -> Tensor:
-    return counts_E.detach().to(like.dtype)
+class TokenMean(AuxStat):
+    """``mean_t v_t`` of a per-token loss (router z-loss, entropy): statistics ``sum`` and ``count``, so a
+    part's share is exactly ``sum_m / T``. An empty batch gives 0 (with a graph)."""
+
+    def __init__(self, v_T: Tensor):
+        self.v_T = v_T
+
+    def stats(self) -> dict[str, Tensor]:
+        return {"sum": self.v_T.sum(), "count": count(self.v_T.shape[0], self.v_T)}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        return s["sum"] / s["count"].clamp_min(1)
 
 
-def switch(probs_TE: Tensor, counts_E: Tensor, scale_by_assignments: bool = False) -> AuxStat:
-    """:func:`losses.switch_balance` ``E * sum_e f_e P_e``; ``scale_by_assignments`` multiplies by
-    assignments per token (top-p's ``balance_normalization: tokens``)."""
-    E = probs_TE.shape[1]
+class Sum(AuxStat):
+    """The sum of several losses as one statistic (each part's statistics prefixed by its name)."""
 
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        c, T = s["counts_E"], s["T"].clamp_min(1)
-        out = E * (c / c.sum().clamp_min(1) * s["psum_E"] / T).sum()
-        return out * (c.sum() / T) if scale_by_assignments else out
+    def __init__(self, **parts: AuxStat):
+        self.parts = parts
 
-    return AuxStat(lambda: {"counts_E": _counts(counts_E, probs_TE), "psum_E": probs_TE.sum(0),
-                            "T": _num(probs_TE.shape[0], probs_TE)}, fn)
+    def stats(self) -> dict[str, Tensor]:
+        return {f"{p}.{k}": v for p, st in self.parts.items() for k, v in st.stats().items()}
 
-
-def device(probs_TE: Tensor, counts_E: Tensor, num_groups: int) -> AuxStat:
-    """:func:`losses.device_balance` (DeepSeekMoE device level)."""
-    E = probs_TE.shape[1]
-
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        c, T = s["counts_E"], s["T"].clamp_min(1)
-        f_G = (E * c / c.sum().clamp_min(1)).view(num_groups, -1).mean(1)
-        return (f_G * (s["psum_E"] / T).view(num_groups, -1).sum(1)).sum()
-
-    return AuxStat(lambda: {"counts_E": _counts(counts_E, probs_TE), "psum_E": probs_TE.sum(0),
-                            "T": _num(probs_TE.shape[0], probs_TE)}, fn)
-
-
-def sequence(scores_TE: Tensor, ids_TK: Tensor, seq_ids_T: Tensor) -> AuxStat:
-    """:func:`losses.sequence_balance`: a mean over sequences = (sum of per-sequence losses) / S. Sequences
-    must not straddle parts (true for micro-batches and ranks, which split by sequence)."""
-
-    def stats() -> dict[str, Tensor]:
-        S = int(torch.unique(seq_ids_T).numel()) if seq_ids_T.numel() else 0
-        return {"seq_sum": losses.sequence_balance(scores_TE, ids_TK, seq_ids_T) * S, "S": _num(S, scores_TE)}
-
-    return AuxStat(stats, lambda s: s["seq_sum"] / s["S"].clamp_min(1))
-
-
-def cv2(v_E: Tensor, unbiased: bool = False, weight_E: Tensor | None = None) -> AuxStat:
-    """:func:`losses.cv_squared` of a per-expert sum over tokens (importance = summed gates, load), times a
-    constant per-expert weight (latency-aware)."""
-
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        v = s["v_E"] if weight_E is None else s["v_E"] * weight_E.to(s["v_E"].dtype)
-        return losses.cv_squared(v, unbiased)
-
-    return AuxStat(lambda: {"v_E": v_E}, fn)
-
-
-def hetero(probs_TE: Tensor, counts_E: Tensor, eta_E: Tensor) -> AuxStat:
-    """MoE++ ``sum_i eta_i f_i P_i`` with ``f_i = counts_i / T`` (:func:`moesaic.moe.routing.moepp.hetero_balance`)."""
-
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        T = s["T"].clamp_min(1)
-        return (eta_E.to(T.dtype) * s["counts_E"] / T * s["psum_E"] / T).sum()
-
-    return AuxStat(lambda: {"counts_E": _counts(counts_E, probs_TE), "psum_E": probs_TE.sum(0),
-                            "T": _num(probs_TE.shape[0], probs_TE)}, fn)
-
-
-def gate_usage(w_TE: Tensor, sel_TE: Tensor) -> AuxStat:
-    """EvoMoE ``E^2 * mean_e(mean_t w * mean_t 1[selected])`` (:func:`moesaic.moe.routing.dts.dts_aux_loss`)."""
-    E = w_TE.shape[1]
-
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        T = s["T"].clamp_min(1)
-        return (s["wsum_E"] / T * s["selsum_E"] / T).mean() * E * E
-
-    return AuxStat(lambda: {"wsum_E": w_TE.sum(0), "selsum_E": sel_TE.detach().to(w_TE.dtype).sum(0),
-                            "T": _num(w_TE.shape[0], w_TE)}, fn)
-
-
-def combined(**parts: AuxStat) -> AuxStat:
-    """The sum of several losses as one :class:`AuxStat` (statistics prefixed by the part's name)."""
-
-    def stats() -> dict[str, Tensor]:
-        return {f"{p}.{k}": v for p, st in parts.items() for k, v in st.stats().items()}
-
-    def fn(s: dict[str, Tensor]) -> Tensor:
-        return sum(st.fn({k.split(".", 1)[1]: v for k, v in s.items() if k.split(".", 1)[0] == p})
-                   for p, st in parts.items())
-
-    return AuxStat(stats, fn)
-
-
-# ------------------------------------------------------------------------------------------ shares
-def share(stat: AuxStat, local: dict[str, Tensor], total: dict[str, Tensor], w: float) -> Tensor:
-    """This part's share of ``stat.fn(total)`` (module docstring): ``w L(S) + g . (S_m - w S)`` over the
-    statistics of ``local`` that require grad. ``total`` is detached (float64 is best)."""
-    leaves = {k: v.detach().to(torch.float64).requires_grad_(True) for k, v in total.items()}
-    keys = [k for k, v in local.items() if v.requires_grad]
-    with torch.enable_grad():
-        L = stat.fn(leaves)
-        grads = torch.autograd.grad(L, [leaves[k] for k in keys], allow_unused=True) if keys and L.requires_grad \
-            else [None] * len(keys)
-    ref = next(iter(local.values()))
-    out = (w * L.detach()).to(ref.dtype)
-    for k, g in zip(keys, grads):
-        if g is not None:
-            v = local[k]
-            out = out + (g.to(v.dtype) * (v - w * total[k].to(v.device, v.dtype))).sum()
-    return out
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        terms = [st.fn({k.split(".", 1)[1]: v for k, v in s.items() if k.split(".", 1)[0] == p})
+                 for p, st in self.parts.items()]
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        return out

@@ -1,8 +1,9 @@
 """The router interface: score tokens, pick experts, return a :class:`~moesaic.core.types.RoutingDecision`.
 
-A router owns its balance losses (named, unweighted in the decision; coefficients in its config) and
-any balancing state (aux-loss-free bias, schedules). Padding is handled here once for every router:
-only valid rows reach :meth:`Router.route`, so padding never touches a statistic or a capacity slot.
+A router owns its aux losses (named statistics whose values are the unweighted losses,
+:mod:`moesaic.moe.routing.aux_stats`; coefficients in its config) and any balancing state (aux-loss-free
+bias, schedules). Padding is handled here once for every router: only valid rows reach
+:meth:`Router.route`, so padding never touches a statistic or a capacity slot.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class RouterConfig(ComponentConfig):
 
 
 def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim with ties broken by the lower index (routing.md §0).
+    """Top-k along the last dim with ties broken by the lower index, so routing is reproducible across
+    devices and the contract tests can state exact expected choices.
 
     On CPU (where the checks below cost no device sync):
 
@@ -76,6 +78,18 @@ def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals[..., :k], idx[..., :k]
 
 
+def check_finite(x_VD: Tensor, layer_name: str) -> None:
+    """Raise :class:`NonFiniteInputError` naming the layer when a routed row holds NaN or inf.
+
+    A finite sum proves every entry finite (NaN and inf propagate through a sum), so only a non-finite sum
+    (or an overflow) pays for the elementwise check.
+    """
+    if not torch.isfinite(x_VD.sum()) and not torch.isfinite(x_VD).all():
+        raise NonFiniteInputError(
+            f"{layer_name}: router input holds NaN or inf "
+            f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} routed rows)")
+
+
 def router_dtype(x: Tensor) -> torch.dtype:
     """Routers run in fp32, or fp64 when the input is fp64 (exactness tests)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -97,13 +111,6 @@ class Router(nn.Module):
     requires_dispatcher: ClassVar[str | None] = None
     #: True for routers whose eval-mode routing is random by design (THOR); reproducible under a seed.
     stochastic_eval: ClassVar[bool] = False
-    #: Aux losses that are means over the routed tokens: the share of a part of a split batch (micro-batch,
-    #: rank) is ``value * t_part / T`` (exact). See :mod:`moesaic.train.global_aux`.
-    token_mean_losses: ClassVar[frozenset[str]] = frozenset({"z"})
-    #: Aux losses built from batch statistics that :meth:`route` declares in ``RoutingDecision.aux_stats``
-    #: (:mod:`moesaic.moe.routing.aux_stats`), so split batches get exact shares. A loss in neither set cannot be
-    #: split exactly (exact gradient accumulation rejects it).
-    stat_losses: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def causal_allowed(cls, cfg: RouterConfig) -> bool:
@@ -114,7 +121,7 @@ class Router(nn.Module):
     def example_ctx(cls, num_tokens: int, device: torch.device | str = "cpu") -> dict[str, Any]:
         """Extra routing inputs a test needs to call this router on ``num_tokens`` tokens.
 
-        The contract tests (``tests/routing/test_contract.py``) call every registered router with
+        The contract tests (``tests/moe/routing/test_contract.py``) call every registered router with
         ``**Router.example_ctx(T)``. Routers that need context (``token_ids`` for hash routing, ``task_id``
         for task routing) override this; tensors whose first dim is ``num_tokens`` are per-token and are
         sliced together with the tokens, anything else is passed as is. Default: no context.
@@ -143,12 +150,7 @@ class Router(nn.Module):
         all_valid = mask_T is None or bool(mask_T.all())
         rows_V = None if all_valid else mask_T.reshape(-1).nonzero().squeeze(1)
         x_VD = x_TD if rows_V is None else x_TD[rows_V]
-        # padding content is ignored, NaN there included. A finite sum proves every entry finite (NaN and
-        # inf propagate through a sum); only a non-finite sum (or an overflow) needs the elementwise check.
-        if not torch.isfinite(x_VD.sum()) and not torch.isfinite(x_VD).all():
-            raise NonFiniteInputError(
-                f"{self.layer_name}: router input holds NaN or inf "
-                f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} valid tokens)")
+        check_finite(x_VD, self.layer_name)  # padding may hold anything, NaN included
         if rows_V is None:
             d = self.route(x_TD, **ctx)
             return d if d.num_valid_tokens is not None else d.replace(num_valid_tokens=T)
@@ -168,6 +170,16 @@ class Router(nn.Module):
     def loss_coefs(self) -> dict[str, float]:
         """Coefficient per aux-loss name; names absent here are reported but not added to the loss."""
         return {"balance": self.cfg.aux_loss_coef, "z": self.cfg.z_loss_coef}
+
+    def needs_batch_totals(self) -> bool:
+        """Whether exact aux losses of a split batch (micro-batches, ranks) need the batch totals of this
+        router's statistics, i.e. a no-grad pre-pass or an all-reduce (docs/design.md, Balance statistics).
+
+        True when a loss other than the z-loss has a non-zero coefficient. The z-loss is a token mean, whose
+        share of a split batch is its local value times the part's token fraction without any totals; every
+        other loss, a new router's included, takes the exact path without declaring anything.
+        """
+        return any(c > 0 for n, c in self.loss_coefs().items() if n != "z")
 
     def on_optimizer_step(self, step: int) -> None:
         """Called once after every optimizer step with the new global step (balancing, schedules)."""

@@ -1,6 +1,6 @@
 """EvoMoE dense-to-sparse (DTS) Gumbel gate with a temperature schedule (Nie et al. 2021, arXiv 2112.14397).
 
-routing.md §10, from ``codecaution/EvoMoE fairseq/modules/moe/topkgate.py`` (``topkgating``):
+From the released code, ``codecaution/EvoMoE fairseq/modules/moe/topkgate.py`` (``topkgating``):
 
 * ``g = softmax((z + Gumbel(0, 1)) / tau)`` (``F.gumbel_softmax(z, tau, hard=False)``), ``z = x W``.
 * Soft phase: the selected set is ``S_t = {e : g[t, e] > threshold}`` (0.001), so the number of experts
@@ -11,11 +11,11 @@ routing.md §10, from ``codecaution/EvoMoE fairseq/modules/moe/topkgate.py`` (``
   means hard from step 0; here ``null`` (default) never switches and ``-1`` reproduces the code.
 * Eval: deterministic top-1 on ``z`` with weight ``softmax(z)`` at that expert and no drops (the
   code's ``top1gating`` with capacity factor E), unless ``dense_validate`` (the training gate).
-* Aux loss (``balance``): ``me_e = mean_t w[t, e]``, ``ce_e = mean_t 1[e in S_t]``,
+* Aux loss (``balance``, :class:`GateUsageBalance`): ``me_e = mean_t w[t, e]``, ``ce_e = mean_t 1[e in S_t]``,
   ``L = E^2 mean_e(me_e ce_e) = E sum_e me_e ce_e``; gradient through ``me``. It equals 1 at uniform
   top-1 routing with weight 1 and ``E`` when every token keeps every expert with weight ``1/E``.
-* [DECISION] when ``threshold >= max_e g`` (possible for ``E > 1/threshold``) the argmax is kept, so
-  no token is left without an expert (``keep_argmax``).
+* When ``threshold >= max_e g`` (possible for ``E > 1/threshold``) a token would have no expert;
+  ``keep_argmax`` (default) keeps its argmax, so every token reaches at least one expert.
 * Temperature: any step schedule (``moesaic.core.schedules``), default ``exp_decay`` from 2.0 to 0.3 (paper
   scale; the code's config defaults are 1.0 -> 0.5); it is a submodule whose step buffer is saved in
   the state dict and advanced by :func:`moesaic.on_optimizer_step`; the hard-phase switch reads the
@@ -32,6 +32,7 @@ should not be combined with it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ from moesaic.core.config import rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.schedules import ScheduleConfig
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat, count
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
@@ -62,14 +64,20 @@ class DTSRouterConfig(RouterConfig):
     aux_loss_coef: float = rule(0.01, ge=0.0)
 
 
-def dts_aux_loss(w_TE: Tensor, sel_TE: Tensor) -> Tensor:
-    """EvoMoE ``E^2 * mean_e(mean_t w * mean_t 1[selected])``."""
-    T, E = w_TE.shape
-    if T == 0:
-        return w_TE.sum() * 0.0
-    me_E = w_TE.mean(0)
-    ce_E = sel_TE.to(w_TE.dtype).mean(0)
-    return (me_E * ce_E).mean() * E * E
+class GateUsageBalance(AuxStat):
+    """EvoMoE balance ``E^2 * mean_e(mean_t w[t, e] * mean_t 1[e selected for t])`` (the code's ``me * ce``
+    loss). Statistics: the per-expert sums of the weights and of the selections, and the tokens."""
+
+    def __init__(self, w_TE: Tensor, sel_TE: Tensor):
+        self.w_TE, self.sel_TE = w_TE, sel_TE
+
+    def stats(self) -> dict[str, Tensor]:
+        w = self.w_TE
+        return {"wsum_E": w.sum(0), "selsum_E": self.sel_TE.detach().to(w.dtype).sum(0), "T": count(w.shape[0], w)}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        T, E = s["T"].clamp_min(1), s["wsum_E"].shape[-1]
+        return ((s["wsum_E"] / T) * (s["selsum_E"] / T)).mean() * E * E
 
 
 @ROUTERS.register("dts")
@@ -77,7 +85,6 @@ class DTSRouter(Router):
     """EvoMoE dense-to-sparse Gumbel gate: experts above a threshold, temperature annealed (Nie et al. 2021)."""
 
     Config = DTSRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: DTSRouterConfig
 
     def __init__(self, cfg: DTSRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -101,11 +108,11 @@ class DTSRouter(Router):
             # EvoMoE phase 1: one expert trained alone (experts kind evomoe diversifies it at that step)
             ids_T1 = torch.zeros(T, 1, dtype=torch.long, device=x_TD.device)
             return RoutingDecision.from_topk(ids_T1, probs_TE.new_ones(T, 1), E, probs_TE=probs_TE,
-                                             logits_TE=logits_TE, aux_losses=self._z(logits_TE))
+                                             logits_TE=logits_TE, aux_stats=self._z(logits_TE))
         if not self.training and not cfg.dense_validate:
             w_T1, ids_T1 = stable_topk(probs_TE, 1)
             return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE,
-                                             aux_losses=self._z(logits_TE))
+                                             aux_stats=self._z(logits_TE))
         u_TE = torch.rand_like(logits_TE).clamp(torch.finfo(logits_TE.dtype).tiny, 1.0)
         gumbel_TE = -torch.log(-torch.log(u_TE))
         g_TE = ((logits_TE + gumbel_TE) / self.tau).softmax(-1)
@@ -117,18 +124,16 @@ class DTSRouter(Router):
                 if cfg.keep_argmax and T:
                     sel_TE.scatter_(1, g_TE.argmax(-1, keepdim=True), True)
         w_TE = (g_TE if cfg.use_gumbel_gates else probs_TE) * sel_TE
-        aux = self._z(logits_TE)
-        stats = {}
+        stats = self._z(logits_TE)
         if cfg.aux_loss_coef > 0:
-            aux["balance"] = dts_aux_loss(w_TE, sel_TE)
-            stats["balance"] = aux_stats.gate_usage(w_TE, sel_TE)
+            stats["balance"] = GateUsageBalance(w_TE, sel_TE)
         tok_N, exp_N = sel_TE.nonzero(as_tuple=True)
         # choice rank: experts of a token ordered by g, best first
         rank_TE = torch.argsort(torch.argsort(-g_TE.detach(), dim=-1, stable=True), dim=-1)
         return RoutingDecision(tok_N, exp_N, w_TE[tok_N, exp_N], T, E, choice_N=rank_TE[tok_N, exp_N],
-                               probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux, aux_stats=stats)
+                               probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)
 
-    def _z(self, logits_TE: Tensor) -> dict[str, Tensor]:
+    def _z(self, logits_TE: Tensor) -> dict[str, AuxStat]:
         return {"z": losses.z_loss(logits_TE)} if self.cfg.z_loss_coef > 0 else {}
 
     def extra_repr(self) -> str:

@@ -1,6 +1,6 @@
 """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", arXiv 2202.09368).
 
-routing.md §2. Experts pick tokens instead of tokens picking experts. Over the n valid tokens of the group
+Experts pick tokens instead of tokens picking experts. Over the n valid tokens of the group
 (padding is removed by the base class, so it is never picked and does not change n):
 
 * ``S = softmax(x W, dim=-1)`` ``[n, E]`` (softmax over experts, as in the paper);
@@ -34,6 +34,7 @@ from moesaic.core.config import rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
@@ -69,17 +70,17 @@ class ExpertChoiceRouter(Router):
         cfg, E = self.cfg, self.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        aux: dict[str, Tensor] = {}
+        stats: dict[str, AuxStat] = {}
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
+            stats["z"] = losses.z_loss(logits_TE)
         if self.causal and not self.training:  # opt-in fallback: token choice on the same scores
             _, ids_TK = stable_topk(probs_TE.detach(), self.top_k)
             return RoutingDecision.from_topk(ids_TK, probs_TE.gather(1, ids_TK), E, probs_TE=probs_TE,
-                                             logits_TE=logits_TE, aux_losses=aux)
+                                             logits_TE=logits_TE, aux_stats=stats)
         T = x_TD.shape[0]
         k_c = expert_capacity(T, E, cfg.capacity_factor)
         _, tok_EC = stable_topk(probs_TE.detach().t(), k_c)  # [E, k_c] token indices
         w_EC = probs_TE.t().gather(1, tok_EC)
         expert_idx_N = torch.arange(E, device=x_TD.device).repeat_interleave(k_c)
         return RoutingDecision(tok_EC.reshape(-1), expert_idx_N, w_EC.reshape(-1), T, E, probs_TE=probs_TE,
-                               logits_TE=logits_TE, aux_losses=aux)
+                               logits_TE=logits_TE, aux_stats=stats)

@@ -1,4 +1,4 @@
-"""GShard top-2 gating (Lepikhin et al. 2020, arXiv 2006.16668), routing.md §1.3.
+"""GShard top-2 gating (Lepikhin et al. 2020, "GShard", arXiv 2006.16668).
 
 * ``p = softmax(z)``; ``e1 = argmax p``, ``e2 = argmax`` of p without e1 (ties: lower index).
 * Variant B weights ``g1 = p1 / (p1 + p2)``, ``g2 = p2 / (p1 + p2)``.
@@ -23,7 +23,8 @@ from torch import Tensor
 from moesaic.core.config import rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
@@ -41,7 +42,6 @@ class GShardRouter(Router):
     """GShard top-2 (Lepikhin et al. 2020): renormalised top-2, random 2nd expert, top-1 aux loss."""
 
     Config = GShardRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: GShardRouterConfig
     required_top_k = 2
 
@@ -63,13 +63,10 @@ class GShardRouter(Router):
         keep_T = self.keep_second(w_T2[:, 1])
         ids_T2 = torch.stack([ids_T2[:, 0], torch.where(keep_T, ids_T2[:, 1], -1)], dim=1)
 
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if cfg.aux_loss_coef > 0:
             counts_E = torch.bincount(ids_T2[:, 0], minlength=E)
-            aux["balance"] = losses.switch_balance(probs_TE, counts_E)
-            stats["balance"] = aux_stats.switch(probs_TE, counts_E)
+            stats["balance"] = losses.SwitchBalance(probs_TE, counts_E)
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_T2, w_T2, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
-                                         aux_stats=stats)
+            stats["z"] = losses.z_loss(logits_TE)
+        return RoutingDecision.from_topk(ids_T2, w_T2, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)

@@ -1,5 +1,5 @@
 """Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models"; reference code
-facebookresearch/ParlAI ``projects/params_vs_compute/hash_ladder``), routing.md §6 and Appendix C.6.
+facebookresearch/ParlAI ``projects/params_vs_compute/hash_ladder``).
 
 Each vocabulary id is tied to one expert by a fixed table chosen before training; the layer routes the
 *input token id* (``token_ids`` context, ``[B, S]`` or ``[T]``), even in deep layers. Weight 1, no gate,
@@ -8,9 +8,10 @@ default) and ``balanced`` (tokens sorted by corpus frequency, each greedily put 
 bucket; :meth:`HashRouter.fit_balanced` builds it from a corpus of ids, before fitting all frequencies
 count as equal, which gives ``id % E``) and ``bigram`` (the random table indexed by
 ``(prev_id * 1000003 + id) mod vocab_size``, ``prev_id`` the previous real token of the same sequence,
--1 for the first). Ids outside ``[0, vocab_size)`` map through ``id mod
-vocab_size`` [DECISION]. Padding is masked by the layer (the mask keeps it out of every expert). The
-table is a persistent buffer, so it is saved and restored with the model.
+-1 for the first). Ids outside ``[0, vocab_size)`` map through ``id mod vocab_size`` rather than
+raising, so a tokenizer with extra special ids still routes. Padding is masked by the layer (the mask
+keeps it out of every expert). The table is a persistent buffer, so it is saved and restored with the
+model.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """ShiftAddViT latency-aware load balancing for experts of different cost (You et al. 2023, ShiftAddViT).
 
-routing.md §12, from ``GATECH-EIC/ShiftAddViT pvt/fmoe_new.py::NoisyGate_V2`` and ``pvt/engine.py``:
+From the released code, ``GATECH-EIC/ShiftAddViT pvt/fmoe_new.py::NoisyGate_V2`` and ``pvt/engine.py``:
 
 * Gate (training): ``z = x W + N(0, noise_std^2)`` with ``noise_std = 1/E``; ``p = softmax(z)``; top-k
   with the gate values ``p`` (variant A, no renormalisation). No noise at eval.
 * Loss: ``Imp_e = lambda_e * sum_t G[t, e]`` (``G`` = the dense top-k gate values) and
   ``Load_e = lambda_e * sum_t P[t, e]`` where ``P`` is Shazeer's smooth probability of being in the
-  top-k under the gate noise (the hard count ``G > 0`` at eval or when ``k = E``);
+  top-k under the gate noise (:func:`~moesaic.moe.routing.noisy_topk.smooth_load_prob`; the hard count
+  ``G > 0`` at eval or when ``k = E``);
   ``L = CV^2(Imp) + CV^2(Load)``, coefficient 0.01. Minimising it equalises ``lambda_e * n_e``, so a
   slower expert receives fewer tokens. The released engine hard-sets the loss weight to 0; here the
   coefficient is ``aux_loss_coef``.
 * ``latency``: per-expert relative per-token latency ``lambda`` (ShiftAddViT hard-codes (6, 4) for the
-  (multiplication, shift) experts). [DECISION] any list of E positive numbers, e.g. measured by a
-  profiler; ``null`` means all equal, which gives the Shazeer importance + load loss. The loss is
+  (multiplication, shift) experts); here any list of E positive numbers, so latencies measured by a
+  profiler can be used; ``null`` means all equal, which gives the Shazeer importance + load loss. The loss is
   invariant to scaling ``lambda``. ``CV^2`` uses the unbiased variance like fastmoe (``unbiased_cv``).
 
 After each forward, ``shift_ratio`` holds the fraction of assignments to experts other than 0 (the
@@ -31,8 +32,10 @@ from torch import Tensor
 from moesaic.core.config import require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat, Sum
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
+from moesaic.moe.routing.noisy_topk import smooth_load_prob
 
 
 @dataclasses.dataclass
@@ -55,23 +58,11 @@ class LatencyAwareRouterConfig(RouterConfig):
                     f"must hold one latency per expert ({num_experts})")
 
 
-def prob_in_topk(clean_TE: Tensor, noisy_TE: Tensor, noise_std: float, k: int) -> Tensor:
-    """Shazeer et al. (2017) smooth load: ``P[t, e]`` = probability that expert e stays in the top-k of
-    token t when only its own noise is redrawn (needs ``k < E``)."""
-    top_TK1 = noisy_TE.topk(k + 1, dim=-1).values
-    thr_in_T1, thr_out_T1 = top_TK1[:, k:k + 1], top_TK1[:, k - 1:k]
-    is_in_TE = noisy_TE > thr_in_T1
-    p_in = torch.special.ndtr((clean_TE - thr_in_T1) / noise_std)
-    p_out = torch.special.ndtr((clean_TE - thr_out_T1) / noise_std)
-    return torch.where(is_in_TE, p_in, p_out)
-
-
-def latency_balance(gates_TE: Tensor, load_TE: Tensor, latency_E: Tensor | None, unbiased: bool = True) -> Tensor:
-    """``CV^2(lambda * sum_t G) + CV^2(lambda * sum_t P)`` (ShiftAddViT; Shazeer 2017 when lambda is constant)."""
-    imp_E, load_E = gates_TE.sum(0), load_TE.sum(0)
-    if latency_E is not None:
-        imp_E, load_E = imp_E * latency_E, load_E * latency_E
-    return losses.cv_squared(imp_E, unbiased) + losses.cv_squared(load_E, unbiased)
+def latency_balance(gates_TE: Tensor, load_TE: Tensor, latency_E: Tensor | None, unbiased: bool = True) -> Sum:
+    """``CV^2(lambda * sum_t G) + CV^2(lambda * sum_t P)`` (ShiftAddViT; Shazeer et al. 2017 when lambda is
+    constant) as a statistic: the per-expert sums of the gates and of the load."""
+    return Sum(imp=losses.CV2(gates_TE.sum(0), unbiased, latency_E),
+               load=losses.CV2(load_TE.sum(0), unbiased, latency_E))
 
 
 @ROUTERS.register("latency_aware")
@@ -79,7 +70,6 @@ class LatencyAwareRouter(Router):
     """ShiftAddViT noisy top-k with the latency-aware CV^2 balance loss for experts of different cost."""
 
     Config = LatencyAwareRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: LatencyAwareRouterConfig
 
     def __init__(self, cfg: LatencyAwareRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -99,21 +89,17 @@ class LatencyAwareRouter(Router):
         logits_TE = clean_TE + torch.randn_like(clean_TE) * self.noise_std if noisy else clean_TE
         probs_TE = logits_TE.softmax(-1)
         w_TK, ids_TK = stable_topk(probs_TE, k)
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if self.cfg.aux_loss_coef > 0:
             gates_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, w_TK)
             if noisy and k < E:
-                load_TE = prob_in_topk(clean_TE, logits_TE, self.noise_std, k)
+                load_TE = smooth_load_prob(clean_TE, logits_TE, self.noise_std, k)
             else:
                 load_TE = (gates_TE > 0).to(gates_TE.dtype)
-            aux["balance"] = latency_balance(gates_TE, load_TE, self.latency.to(gates_TE.dtype), self.cfg.unbiased_cv)
-            lat_E, ub = self.latency.to(gates_TE.dtype), self.cfg.unbiased_cv
-            stats["balance"] = aux_stats.combined(imp=aux_stats.cv2(gates_TE.sum(0), ub, lat_E),
-                                                  load=aux_stats.cv2(load_TE.sum(0), ub, lat_E))
+            lat_E = self.latency.to(gates_TE.dtype)
+            stats["balance"] = latency_balance(gates_TE, load_TE, lat_E, self.cfg.unbiased_cv)
         if self.cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
+            stats["z"] = losses.z_loss(logits_TE)
         with torch.no_grad():
             self.shift_ratio = (ids_TK != 0).double().mean() if ids_TK.numel() else None
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
-                                         aux_stats=stats)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)

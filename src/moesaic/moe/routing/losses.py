@@ -1,122 +1,138 @@
-"""Balance and regularisation losses as pure functions (routing.md §1, §7; ST-MoE; Shazeer 2017).
+"""The shared router losses, each defined once as an :class:`~moesaic.moe.routing.aux_stats.AuxStat`.
 
-Convention: every balance loss equals 1.0 under perfectly uniform routing (routing.md §0), so a
-coefficient means the same thing across losses. ``f`` terms are counts (no gradient); gradients flow
-through the probabilities only. All inputs cover valid tokens only: the router base class has already
-removed padding.
+Convention: every balance loss equals 1.0 under perfectly uniform routing, so a coefficient means the same
+thing across losses (the normalisation of Fedus et al. 2021, eq. 4; DeepSeekMoE and DeepSeek-V3 scale
+``f`` the same way). ``f`` terms are counts (no gradient); gradients flow through the probabilities only.
+Inputs cover valid tokens only: the router base class has removed padding. A batch without tokens gives
+exactly 0, with a graph. Losses that belong to one paper live next to its router (MoE++ in ``moepp.py``,
+EvoMoE in ``dts.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
+from moesaic.moe.routing.aux_stats import AuxStat, TokenMean, count
 
-def switch_balance(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
-    """Switch/GShard load balance ``E * sum_e f_e * P_e`` (Fedus et al. 2021, eq. 4).
 
-    ``f_e = counts_E[e] / sum(counts_E)`` (fraction of assignments; pass top-1 counts for the GShard/Switch
-    form, all k choices for the Mixtral/DeepSeek expert-level form) and ``P_e = mean_t probs_TE[t, e]``.
-    Equals 1 at uniform routing and E when every token goes to one expert with probability 1. The
-    DeepSeekMoE expert-level loss (``N'/(K'T) * count`` times ``P``) is the same quantity.
+class SwitchBalance(AuxStat):
+    """Switch/GShard load balance ``E * sum_e f_e P_e`` (Fedus et al. 2021, "Switch Transformers", eq. 4).
+
+    ``f_e = counts_E[e] / sum(counts_E)``, the fraction of assignments: pass the top-1 counts for the
+    GShard/Switch form, the counts of all k choices for the Mixtral form. With all K' choices it is also the
+    expert-level loss of DeepSeekMoE (Dai et al. 2024: ``f_i = N'/(K'T) count_i``, ``P_i`` the mean
+    score). ``P_e = mean_t probs_TE[t, e]``. 1 at uniform routing, E when every token goes to one expert
+    with probability 1. ``scale_by_assignments`` multiplies by the assignments per token (top-p's
+    ``balance_normalization: tokens``). Statistics: counts, summed probabilities, tokens.
     """
-    T, E = probs_TE.shape
-    if T == 0:
-        return probs_TE.sum() * 0.0
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
-    P_E = probs_TE.mean(0)
-    return E * (f_E.detach() * P_E).sum()
+
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor, scale_by_assignments: bool = False):
+        self.probs_TE, self.counts_E, self.scale_by_assignments = probs_TE, counts_E, scale_by_assignments
+
+    def stats(self) -> dict[str, Tensor]:
+        p = self.probs_TE
+        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        c_E, T = s["counts_E"], s["T"].clamp_min(1)
+        f_E = c_E / c_E.sum().clamp_min(1)
+        out = s["psum_E"].shape[-1] * (f_E * (s["psum_E"] / T)).sum()
+        return out * (c_E.sum() / T) if self.scale_by_assignments else out
 
 
-def device_balance(probs_TE: Tensor, counts_E: Tensor, num_groups: int) -> Tensor:
-    """DeepSeekMoE device-level balance: ``sum_d mean_{i in d}(f_i) * sum_{i in d}(P_i)``, 1 at uniform.
+class DeviceBalance(AuxStat):
+    """DeepSeekMoE device-level balance ``sum_d mean_{i in d}(f_i) * sum_{i in d}(P_i)`` (Dai et al. 2024,
+    "DeepSeekMoE"), 1 at uniform routing. Experts form ``num_groups`` contiguous groups (devices);
+    ``f_i = E * count_i / N``."""
 
-    Experts are split into ``num_groups`` contiguous groups (devices); ``f_i = E * count_i / N``.
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor, num_groups: int):
+        self.probs_TE, self.counts_E, self.num_groups = probs_TE, counts_E, num_groups
+
+    def stats(self) -> dict[str, Tensor]:
+        p = self.probs_TE
+        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        c_E, T, G = s["counts_E"], s["T"].clamp_min(1), self.num_groups
+        f_E = c_E.shape[-1] * c_E / c_E.sum().clamp_min(1)
+        f_G = f_E.view(G, -1).mean(1)
+        P_G = (s["psum_E"] / T).view(G, -1).sum(1)
+        return (f_G * P_G).sum()
+
+
+class SequenceBalance(AuxStat):
+    """DeepSeek-V3 complementary sequence-wise balance (DeepSeek-AI 2024, arXiv 2412.19437, eqs. 17-20), 1 at
+    uniform routing, averaged over the sequences of the batch.
+
+    Per sequence: ``s' = s / sum_j s_j``, ``P_i = mean_t s'_i``, ``f_i = N/(K T_seq) * #{t: i in TopK(s_t)}``,
+    loss ``sum_i f_i P_i``. ``ids_TK`` must be the top-K of the *unbiased* scores over all routed experts
+    (Eq. 18), whatever selected the experts (bias, group limit). The statistics are the sum of the
+    per-sequence losses and the number of sequences: exact as long as no sequence straddles two parts of a
+    batch (micro-batches and ranks split by sequence).
     """
-    T, E = probs_TE.shape
-    if T == 0:
-        return probs_TE.sum() * 0.0
-    f_E = E * counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
-    P_E = probs_TE.mean(0)
-    f_G = f_E.detach().view(num_groups, -1).mean(1)
-    P_G = P_E.view(num_groups, -1).sum(1)
-    return (f_G * P_G).sum()
 
+    def __init__(self, scores_TE: Tensor, ids_TK: Tensor, seq_ids_T: Tensor):
+        self.scores_TE, self.ids_TK, self.seq_ids_T = scores_TE, ids_TK, seq_ids_T
 
-def sequence_balance(scores_TE: Tensor, ids_TK: Tensor, seq_ids_T: Tensor) -> Tensor:
-    """DeepSeek-V3 complementary sequence-wise balance (arXiv 2412.19437 eqs. 17-20), 1 at uniform.
+    def stats(self) -> dict[str, Tensor]:
+        s_TE, ids_TK = self.scores_TE, self.ids_TK
+        T, E = s_TE.shape
+        if T == 0:
+            return {"seq_sum": s_TE.sum() * 0.0, "S": count(0, s_TE)}
+        K = ids_TK.shape[1]
+        norm_TE = s_TE / s_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(s_TE.dtype).tiny)
+        _, seq_T = torch.unique(self.seq_ids_T, return_inverse=True)
+        S = int(seq_T.max()) + 1
+        tok_S = torch.bincount(seq_T, minlength=S).to(s_TE.dtype)
+        P_SE = norm_TE.new_zeros(S, E).index_add(0, seq_T, norm_TE) / tok_S[:, None]
+        hits_SE = torch.zeros(S, E, dtype=s_TE.dtype, device=s_TE.device)
+        hits_SE.index_put_((seq_T[:, None].expand(-1, K).reshape(-1), ids_TK.reshape(-1)),
+                           torch.ones(T * K, dtype=s_TE.dtype, device=s_TE.device), accumulate=True)
+        f_SE = E / (K * tok_S[:, None]) * hits_SE
+        return {"seq_sum": (f_SE * P_SE).sum(1).sum(), "S": count(S, s_TE)}
 
-    Per sequence: ``s' = s / sum_j s_j``, ``P_i = mean_t s'``, ``f_i = N/(K*T_seq) * #{t: i in topK(s_t)}``;
-    the loss is ``sum_i f_i P_i`` averaged over the sequences. ``ids_TK`` must come from the unbiased
-    scores (Appendix C.1).
-    """
-    T, E = scores_TE.shape
-    if T == 0:
-        return scores_TE.sum() * 0.0
-    K = ids_TK.shape[1]
-    norm_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TE.dtype).tiny)
-    _, seq_T = torch.unique(seq_ids_T, return_inverse=True)
-    S = int(seq_T.max()) + 1
-    tok_per_seq = torch.bincount(seq_T, minlength=S).to(scores_TE.dtype)
-    P_SE = norm_TE.new_zeros(S, E).index_add(0, seq_T, norm_TE) / tok_per_seq[:, None]
-    hits_SE = torch.zeros(S, E, dtype=scores_TE.dtype, device=scores_TE.device)
-    hits_SE.index_put_((seq_T[:, None].expand(-1, K).reshape(-1), ids_TK.reshape(-1)),
-                       torch.ones(T * K, dtype=scores_TE.dtype, device=scores_TE.device), accumulate=True)
-    f_SE = E / (K * tok_per_seq[:, None]) * hits_SE
-    return (f_SE.detach() * P_SE).sum(1).mean()
-
-
-def z_loss(logits_TE: Tensor) -> Tensor:
-    """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` (Zoph et al. 2022, eq. 5), computed in fp32+."""
-    if logits_TE.shape[0] == 0:
-        return logits_TE.sum() * 0.0
-    z = logits_TE.float() if logits_TE.dtype in (torch.float16, torch.bfloat16) else logits_TE
-    return torch.logsumexp(z, dim=-1).square().mean()
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        return s["seq_sum"] / s["S"].clamp_min(1)
 
 
 def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
     """Squared coefficient of variation ``Var(v) / (Mean(v)^2 + 1e-10)``; 0 for a single element.
 
-    Population variance by default, like the TF original of Shazeer et al. (2017); ``unbiased=True``
-    reproduces fastmoe/ShiftAddViT's ``x.var()``.
+    Population variance by default, like the TensorFlow original of Shazeer et al. (2017); ``unbiased=True``
+    reproduces fastmoe's and ShiftAddViT's ``x.var()``.
     """
     if v.numel() <= 1:
         return v.sum() * 0.0
     return v.var(unbiased=unbiased) / (v.mean().square() + 1e-10)
 
 
-def router_entropy(probs_TE: Tensor) -> Tensor:
-    """Mean entropy of the router distribution (the dynamic loss of top-p routing, routing.md §3)."""
-    if probs_TE.shape[0] == 0:
-        return probs_TE.sum() * 0.0
-    p = probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny)
-    return -(probs_TE * p.log()).sum(-1).mean()
+class CV2(AuxStat):
+    """:func:`cv_squared` of a per-expert sum over tokens (importance = summed gates, load = counts or smooth
+    load; Shazeer et al. 2017, "Outrageously Large Neural Networks", Appendix A), optionally times a
+    constant per-expert weight (ShiftAddViT's latencies). Statistic: the per-expert sum itself."""
+
+    def __init__(self, v_E: Tensor, unbiased: bool = False, weight_E: Tensor | None = None):
+        self.v_E, self.unbiased, self.weight_E = v_E, unbiased, weight_E
+
+    def stats(self) -> dict[str, Tensor]:
+        return {"v_E": self.v_E}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        v_E = s["v_E"] if self.weight_E is None else s["v_E"] * self.weight_E.to(s["v_E"].dtype)
+        return cv_squared(v_E, self.unbiased)
 
 
-def expert_balance(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
-    """DeepSeekMoE expert-level balance ``sum_i f_i P_i`` with ``f_i = N'/(K'T) * count_i`` (arXiv 2401.06066
-    §4.1). Identical to :func:`switch_balance` with the counts of all K' choices: 1 at uniform, E at collapse
-    when K' = 1."""
-    return switch_balance(probs_TE, counts_E)
+def z_loss(logits_TE: Tensor) -> TokenMean:
+    """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` (Zoph et al. 2022, eq. 5), computed in fp32 or better."""
+    z_TE = logits_TE.float() if logits_TE.dtype in (torch.float16, torch.bfloat16) else logits_TE
+    return TokenMean(torch.logsumexp(z_TE, dim=-1).square())
 
 
-def noisy_topk_load_prob(clean_TE: Tensor, noisy_TE: Tensor, sigma_TE: Tensor, k: int) -> Tensor:
-    """Shazeer et al. (2017) smooth load ``P[t, e]`` (Appendix A, eq. 9): the probability that e stays in the
-    top k of row t when only e's noise is re-drawn.
-
-    ``thr_in`` is the (k+1)-th and ``thr_out`` the k-th largest noisy value of the row; for e in the
-    top k, ``P = Phi((clean - thr_in) / sigma)``, otherwise ``Phi((clean - thr_out) / sigma)``. Needs
-    ``E > k``.
-    """
-    T, E = noisy_TE.shape
-    if E <= k:
-        raise ValueError(f"smooth load needs num_experts > k (got E={E}, k={k})")
-    top_TK1 = torch.sort(noisy_TE, dim=-1, descending=True, stable=True)
-    vals_TK1, idx_TK1 = top_TK1.values[:, : k + 1], top_TK1.indices[:, :k]
-    thr_in_T1, thr_out_T1 = vals_TK1[:, k:k + 1], vals_TK1[:, k - 1:k]
-    in_top_TE = torch.zeros_like(noisy_TE, dtype=torch.bool).scatter_(1, idx_TK1, True)
-    normal = torch.distributions.Normal(torch.zeros((), dtype=clean_TE.dtype, device=clean_TE.device),
-                                        torch.ones((), dtype=clean_TE.dtype, device=clean_TE.device))
-    p_in = normal.cdf((clean_TE - thr_in_T1) / sigma_TE)
-    p_out = normal.cdf((clean_TE - thr_out_T1) / sigma_TE)
-    return torch.where(in_top_TE, p_in, p_out)
+def router_entropy(probs_TE: Tensor) -> TokenMean:
+    """Mean entropy of the router distribution: the dynamic loss of top-p routing (Huang et al. 2024,
+    "Harder Tasks Need More Experts")."""
+    p_TE = probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny)
+    return TokenMean(-(probs_TE * p_TE.log()).sum(-1))

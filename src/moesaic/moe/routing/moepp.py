@@ -1,6 +1,7 @@
 """MoE++ router: gating residuals, zero-computation-aware gating, heterogeneous balance and capacity.
 
-MoE++ (Jin et al. 2024, arXiv 2410.07348; routing.md §9 and Appendix C.3; released code
+MoE++ (Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with Zero-Computation Experts",
+arXiv 2410.07348; released code
 ``SkyworkAI/MoE-plus-plus MoE++/moe_plus_plus_layer.py``). Use with ``experts: {kind: moepp}``: the last
 ``zero_computation_experts`` experts are zero-computation (ZC) experts and the very last one is the zero
 expert.
@@ -13,20 +14,23 @@ expert.
   router linked by :func:`link_gating_residuals` / :func:`moesaic.name_layers` (module order; every model
   of this package calls ``name_layers`` when built), so any model gets it without changes.
 * ``gating``:
-  - ``paper`` (default) [DECISION]: ``y = sum_selected g_i E_i(x)`` with ``p = softmax(z)``, top-k and
+  - ``paper`` (default, the formulation the paper writes, which the release departs from):
+    ``y = sum_selected g_i E_i(x)`` with ``p = softmax(z)``, top-k and
     ``normalization: none`` (variant A, ``g = p``) or ``renorm`` (variant B);
   - ``release``: softmax top-k, the zero expert's weight set to 0, the rest renormalised (so
     ``{FFN_i, Zero}`` gives FFN_i weight 1); pair with ``experts.input_scale: 2`` for the code's
     ``input *= top_k`` (then such a token outputs ``FFN_i(2x)``);
   - ``mixtral``: top-k on the logits, softmax over the k (variant C), no zero-expert special case.
   ``logits_norm_std`` rescales the logits to that std before gating (``moe_use_logits_norm``).
-* Balance (``balance``, Appendix C.3, eq. 7): ``L_b = sum_i eta_i f_i P_i`` with ``eta = 1`` for FFN and
-  ``tau`` for ZC experts, ``f_i`` the fraction of tokens selecting i (before capacity; sums to k) and
-  ``P_i`` the mean probability; coefficient 0.01, ``tau = 0.75``. No ``E`` factor: at ``tau = 1`` it is
-  ``k/E`` times the Switch loss of ``losses.switch_balance`` (exactly Switch / E for top-1), and
-  ``k/E`` (not 1) at uniform routing.
-* Heterogeneous capacity (``capacity_factor`` = gamma, paper 1.1; off by default; training only)
-  [DECISION: k included as in routing.md §1.3]: an FFN expert keeps
+* Balance (``balance``, the paper's Eq. 7, :class:`HeteroBalance`): ``L_b = sum_i eta_i f_i P_i`` with
+  ``eta = 1`` for FFN and ``tau`` for ZC experts, ``f_i`` the fraction of tokens selecting i (before
+  capacity; sums to k) and ``P_i`` the mean probability; coefficient 0.01, ``tau = 0.75``. No ``E``
+  factor: at ``tau = 1`` it is ``k/E`` times the Switch loss of
+  :class:`~moesaic.moe.routing.losses.SwitchBalance` (exactly Switch / E for top-1), and ``k/E`` (not 1)
+  at uniform routing.
+* Heterogeneous capacity (``capacity_factor`` = gamma, paper 1.1; off by default; training only), with
+  k included like GShard's ``C = cf * k * T / E`` (Lepikhin et al. 2020), so gamma means the same thing
+  for any k: an FFN expert keeps
   ``ceil(gamma k T tau / (tau N_FFN + N_ZC))`` assignments and a ZC expert
   ``ceil(gamma k T / (tau N_FFN + N_ZC))``; first choices first, then token order; overflow is dropped.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -45,7 +50,8 @@ from moesaic.core.errors import MoesaicError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.dispatch.capacity import slot_positions
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat, count
 from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
 
 
@@ -70,12 +76,20 @@ class MoEPPRouterConfig(RouterConfig):
                 self.zero_computation_experts, f"must be <= num_experts ({num_experts})")
 
 
-def hetero_balance(probs_TE: Tensor, counts_E: Tensor, num_tokens: int, eta_E: Tensor) -> Tensor:
-    """MoE++ heterogeneous load balance ``sum_i eta_i f_i P_i`` with ``f_i = counts_i / T`` (no E factor)."""
-    if probs_TE.shape[0] == 0:
-        return probs_TE.sum() * 0.0
-    f_E = counts_E.to(probs_TE.dtype) / max(num_tokens, 1)
-    return (eta_E.to(probs_TE.dtype) * f_E.detach() * probs_TE.mean(0)).sum()
+class HeteroBalance(AuxStat):
+    """MoE++ heterogeneous load balance ``sum_i eta_i f_i P_i`` with ``f_i = counts_i / T`` and ``P_i`` the mean
+    probability (Jin et al. 2024, Eq. 7; no E factor). Statistics: counts, summed probabilities, tokens."""
+
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor, eta_E: Tensor):
+        self.probs_TE, self.counts_E, self.eta_E = probs_TE, counts_E, eta_E
+
+    def stats(self) -> dict[str, Tensor]:
+        p = self.probs_TE
+        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        T = s["T"].clamp_min(1)
+        return (self.eta_E.to(T.dtype) * (s["counts_E"] / T) * (s["psum_E"] / T)).sum()
 
 
 def hetero_capacity(num_tokens: int, top_k: int, num_ffn: int, num_zc: int, tau: float,
@@ -90,7 +104,6 @@ class MoEPPRouter(Router):
     """MoE++ router: gating residuals, zero/copy/constant-aware gating, heterogeneous balance (Jin et al. 2024)."""
 
     Config = MoEPPRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: MoEPPRouterConfig
 
     def __init__(self, cfg: MoEPPRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
@@ -171,15 +184,12 @@ class MoEPPRouter(Router):
         self.last_logits = logits_TE
         probs_TE, ids_TK, w_TK = self._gate(logits_TE)
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if cfg.aux_loss_coef > 0:
-            aux["balance"] = hetero_balance(probs_TE, counts_E, T, self.eta)
-            stats["balance"] = aux_stats.hetero(probs_TE, counts_E, self.eta)
+            stats["balance"] = HeteroBalance(probs_TE, counts_E, self.eta)
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
-        d = RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
-                                      aux_stats=stats)
+            stats["z"] = losses.z_loss(logits_TE)
+        d = RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)
         if cfg.capacity_factor is not None and self.training:
             c_ffn, c_zc = hetero_capacity(T, k, self.num_ffn, self.num_zc, cfg.tau, cfg.capacity_factor)
             cap_E = torch.full((E,), c_zc, dtype=torch.long, device=x_TD.device)

@@ -1,11 +1,11 @@
 """Random Uniform Partition routing of Experts Weights Averaging (EWA; Huang et al. 2023, arXiv 2308.06093).
 
-routing.md §11: each training iteration randomly permutes the valid tokens of the batch, splits them into
+Each training iteration randomly permutes the valid tokens of the batch, splits them into
 ``E`` chunks whose sizes differ by at most 1 and sends chunk i to expert i with weight 1. No scoring
 weights, no aux loss. The weight averaging that goes with it is the ``ewa`` experts kind
 (:mod:`moesaic.moe.experts.ewa`); the conversion back to one FFN is :func:`moesaic.transforms.ewa_merge.merge_experts_`.
 
-Eval [DECISION] (the paper merges the experts before evaluating, so it never routes at eval):
+Eval is our choice, since the paper merges the experts before evaluating and so never routes at eval:
 ``eval_mode: partition`` uses a deterministic partition (contiguous chunks in token order, so the result
 does not depend on a random state); ``eval_mode: average`` sends every token to all experts with weight
 ``1/E`` (an ensemble; it equals the merged FFN only when the experts are equal).

@@ -1,5 +1,5 @@
 """SMoE-Dropout (Chen et al. 2023, "Sparse MoE as the New Dropout", VITA-Group/Random-MoE-as-Dropout
-``custom_gate.py::CustomNaiveGate``, ``new_utils.py``), routing.md §5.
+``custom_gate.py::CustomNaiveGate``, ``new_utils.py``).
 
 The router is a randomly initialised ``Linear(d, E)`` **with bias**, frozen from step 0 (its parameters
 have ``requires_grad = False``, so no optimizer changes them). The gate is variant C: top-k on the raw

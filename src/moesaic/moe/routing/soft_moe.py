@@ -1,5 +1,5 @@
 """Soft MoE (Puigcerver et al. 2024, "From Sparse to Soft Mixtures of Experts"; reference
-google/dopamine ``labs/moes/architectures/softmoe.py``, flaxformer ``SoftRouter``), routing.md §17, C.8.
+google/dopamine ``labs/moes/architectures/softmoe.py``, flaxformer ``SoftRouter``).
 
 Not token choice: each of the ``n * p`` slots (``p = slots_per_expert`` per expert) is a convex
 combination of the tokens of one sequence, and each token's output a convex combination of the slot
@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.config import rule
-from moesaic.core.errors import NonFiniteInputError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype
+from moesaic.moe.routing.base import Router, RouterConfig, check_finite, router_dtype
 
 
 @dataclasses.dataclass
@@ -66,12 +65,15 @@ class SoftMoERouter(Router):
 
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, seq_ids_T: Tensor | None = None,
                 **ctx: Any) -> RoutingDecision:
-        if not torch.isfinite(x_TD).all():
-            raise NonFiniteInputError(
-                f"{self.layer_name}: router input holds NaN or inf "
-                f"({int((~torch.isfinite(x_TD)).any(-1).sum())} of {x_TD.shape[0]} tokens)")
         T, dev = x_TD.shape[0], x_TD.device
-        mask_T = torch.ones(T, dtype=torch.bool, device=dev) if mask_T is None else mask_T.reshape(-1).bool()
+        if mask_T is None:
+            mask_T = torch.ones(T, dtype=torch.bool, device=dev)
+        else:
+            # Padding may hold anything, NaN and inf included, as for every other router: zero rows give
+            # finite logits there, which the soft dispatcher then masks out of both softmaxes.
+            mask_T = mask_T.reshape(-1).bool()
+            x_TD = x_TD.masked_fill(~mask_T[:, None], 0.0)
+        check_finite(x_TD, self.layer_name)
         seq_T = torch.zeros(T, dtype=torch.long, device=dev) if seq_ids_T is None else seq_ids_T.reshape(-1)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return RoutingDecision(

@@ -1,4 +1,4 @@
-"""Switch Transformer top-1 routing (Fedus et al. 2021, arXiv 2101.03961), routing.md §1.2.
+"""Switch Transformer top-1 routing (Fedus et al. 2021, "Switch Transformers", arXiv 2101.03961).
 
 * Jitter (training only): the *router input* is multiplied by ``U(1 - jitter_eps, 1 + jitter_eps)``; the
   experts still see the unjittered tokens.
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from moesaic.core.config import rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
 
 
@@ -40,7 +41,6 @@ class SwitchRouter(Router):
     """Switch top-1 (Fedus et al. 2021): input jitter, weight p_max, Switch aux loss; capacity via dispatcher."""
 
     Config = SwitchRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: SwitchRouterConfig
     required_top_k = 1
 
@@ -59,13 +59,10 @@ class SwitchRouter(Router):
         _, ids_T1 = stable_topk(probs_TE.detach(), 1)
         w_T1 = probs_TE.gather(1, ids_T1)
 
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if cfg.aux_loss_coef > 0:
             counts_E = torch.bincount(ids_T1.reshape(-1), minlength=E)
-            aux["balance"] = losses.switch_balance(probs_TE, counts_E)
-            stats["balance"] = aux_stats.switch(probs_TE, counts_E)
+            stats["balance"] = losses.SwitchBalance(probs_TE, counts_E)
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
-                                         aux_stats=stats)
+            stats["z"] = losses.z_loss(logits_TE)
+        return RoutingDecision.from_topk(ids_T1, w_T1, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)

@@ -1,4 +1,4 @@
-"""Task- and domain-conditioned routing, routing.md §13.
+"""Task- and domain-conditioned routing.
 
 * ``task_gates`` - M3ViT (Liang et al. 2022, "M3ViT: Mixture-of-Experts Vision Transformer for Efficient
   Multi-task Learning", VITA-Group/M3ViT ``models/custom_moe_layer.py``, ``gate_funs/noisy_gate_vmoe.py``):
@@ -8,11 +8,12 @@
   (variant A). Optional hard partition (``experts_per_task``, ``regu_experts_fromtask``): task t may only
   use the window ``[start_t, start_t + n)`` with ``start_t = int(t * (E - n) / (num_tasks - 1))``.
   :func:`moesaic.transforms.task_prune.prune_to_task` builds a layer holding only one task's experts
-  (Edge-MoE task-level sparsity). [DECISION] The default balance loss is the Switch loss (1 at uniform);
-  ``balance_loss: cv2`` gives the code's CV² of importance (gate values summed per expert) plus CV² of the
-  load (0 at uniform). ``conditioning: concat`` is M3ViT's option (b): one gate on ``[x ; phi(onehot(task))]``
-  with ``phi`` an MLP from ``num_tasks`` to ``task_dim`` [DECISION: Linear-GELU-Linear; the code's
-  ``new_Mlp`` shape was not checked].
+  (Edge-MoE task-level sparsity). The default balance loss is the Switch loss, so that its coefficient
+  means what it means for every other router (1 at uniform routing); ``balance_loss: cv2`` gives the
+  code's CV² of importance (gate values summed per expert) plus CV² of the load (0 at uniform).
+  ``conditioning: concat`` is M3ViT's option (b): one gate on ``[x ; phi(onehot(task))]`` with ``phi`` an
+  MLP from ``num_tasks`` to ``task_dim``; we use Linear-GELU-Linear and have not compared it with the
+  shape of the code's ``new_Mlp``.
 * ``domain`` - domain-enforced routing (Hallee et al. 2024, "Contrastive Learning and Mixture of Experts
   Enables Precise Vector Embeddings"): every token of a sequence from domain d goes to expert d with
   weight 1, from the ``domain_id`` context. No router parameter, so throughput equals the dense model.
@@ -30,7 +31,8 @@ from moesaic.core.config import require, rule
 from moesaic.core.errors import RoutingInputError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat, Sum
 from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
 
 
@@ -88,7 +90,6 @@ class TaskGatesRouter(Router):
     """M3ViT multi-gate: one noisy top-k gate per task over shared experts (Liang et al. 2022)."""
 
     Config = TaskGatesRouterConfig
-    stat_losses = frozenset({"balance"})
     cfg: TaskGatesRouterConfig
     has_weight = False
 
@@ -147,23 +148,18 @@ class TaskGatesRouter(Router):
             logits_TE = logits_TE.index_copy(0, rows, self.task_logits(x_TD[rows], task))
         probs_TE = logits_TE.softmax(-1)
         w_TK, ids_TK = stable_topk(probs_TE, self.top_k)
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if self.cfg.aux_loss_coef > 0:
             counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
             if self.cfg.balance_loss == "switch":
-                aux["balance"] = losses.switch_balance(probs_TE, counts_E)
-                stats["balance"] = aux_stats.switch(probs_TE, counts_E)
+                stats["balance"] = losses.SwitchBalance(probs_TE, counts_E)
             else:  # V-MoE / M3ViT: CV^2 of the importance (summed gates) plus CV^2 of the load (counts)
                 imp_E = probs_TE.new_zeros(E).index_add(0, ids_TK.reshape(-1), w_TK.reshape(-1))
-                aux["balance"] = losses.cv_squared(imp_E) + losses.cv_squared(counts_E.to(probs_TE.dtype))
-                stats["balance"] = aux_stats.combined(imp=aux_stats.cv2(imp_E),
-                                                      load=aux_stats.cv2(counts_E.to(probs_TE.dtype)))
+                stats["balance"] = Sum(imp=losses.CV2(imp_E), load=losses.CV2(counts_E.to(probs_TE.dtype)))
         if self.cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE.masked_fill(logits_TE.isinf(), -1e4))
+            stats["z"] = losses.z_loss(logits_TE.masked_fill(logits_TE.isinf(), -1e4))
         return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE,
-                                         logits_TE=logits_TE.masked_fill(logits_TE.isinf(), 0.0), aux_losses=aux,
-                                         aux_stats=stats)
+                                         logits_TE=logits_TE.masked_fill(logits_TE.isinf(), 0.0), aux_stats=stats)
 
 
 @dataclasses.dataclass

@@ -1,9 +1,9 @@
 """THOR: stochastic experts (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic
-Experts", microsoft/Stochastic-Mixture-of-Experts ``thor/transformer_thor_layer.py``), routing.md §4.
+Experts", microsoft/Stochastic-Mixture-of-Experts ``thor/transformer_thor_layer.py``).
 
 No router and no gate weight: in training each layer draws one expert uniformly at random and every token
 of the batch uses it (``granularity: batch``, as the code does; ``sequence`` and ``token`` draw per
-sequence / per token [DECISION options]). Weight 1. At inference the code computes all experts and keeps
+sequence / per token, options the code does not have). Weight 1. At inference the code computes all experts and keeps
 a random one per token (``inference_level: 0``, config default) or per sentence (``1``, used in the
 IWSLT script); here only the chosen expert runs. ``inference_average: true`` averages all experts
 instead (an option; the code does not do this). The randomness comes from torch's global generator, so a
@@ -68,7 +68,8 @@ class THORRouter(Router):
 
 
 def thor_consistency_loss(logits1: Tensor, logits2: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``CR = 0.5 * sum_{non-pad positions} sum_v (P1_v - P2_v) (log P1_v - log P2_v)`` (routing.md §4).
+    """``CR = 0.5 * sum_{non-pad positions} sum_v (P1_v - P2_v) (log P1_v - log P2_v)`` (Zuo et al. 2022, the
+    consistency regulariser of THOR's training objective).
 
     Equals ``0.5 * [KL(P1||P2) + KL(P2||P1)]`` summed over positions (fairseq sum reduction). Computed in
     fp32 (fp64 stays fp64) with ``log_softmax``; gradients flow through both passes. ``logits`` are

@@ -1,5 +1,5 @@
 """Dynamic top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE
-Models", arXiv 2403.07652; ZhenweiAn/Dynamic_MoE ``top_p_sampling_batched_all_sequence``), routing.md §3.
+Models", arXiv 2403.07652; ZhenweiAn/Dynamic_MoE ``top_p_sampling_batched_all_sequence``).
 
 Each token takes the fewest experts, in order of probability, whose probabilities sum to more than
 ``threshold`` (strict ``>``), so ``k_t`` varies per token. The weights are the raw softmax probabilities
@@ -20,18 +20,21 @@ from torch import Tensor
 from moesaic.core.config import require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig
 
 
 @dataclasses.dataclass
 class TopPRouterConfig(RouterConfig):
-    """``threshold`` p (paper 0.4); ``max_k`` caps the experts per token [DECISION extension, None = no
-    cap]; ``aux_loss_coef`` (alpha, remembered 1e-2) weighs the balance loss and ``dynamic_loss_coef``
-    (beta, remembered 1e-4) the entropy loss; neither value is confirmed (routing.md Appendix C.4).
-    ``balance_normalization``: ``selections`` [DECISION] divides the expert counts by the number of
-    selections (1 at uniform routing, whatever k_t); ``tokens`` divides by the number of tokens (the
-    other reading: the loss then equals the mean k_t at uniform routing and also penalises many experts)."""
+    """``threshold`` p (paper 0.4); ``max_k`` caps the experts per token (an extension, not in the paper;
+    None = no cap); ``aux_loss_coef`` (alpha) weighs the balance loss and ``dynamic_loss_coef`` (beta) the
+    entropy loss. The defaults 1e-2 and 1e-4 are unconfirmed: the released code
+    (``configuration_moe.py``) holds the threshold but no loss weights. ``balance_normalization``:
+    ``selections`` (default) divides the expert counts by the number of selections, so the loss is 1 at
+    uniform routing whatever k_t, like every other balance loss here; ``tokens`` divides by the number of
+    tokens (the other reading of the paper: the loss then equals the mean k_t at uniform routing and also
+    penalises many experts)."""
 
     kind: str = "top_p"
     threshold: float = rule(0.4, gt=0.0, lt=1.0)
@@ -68,8 +71,6 @@ class TopPRouter(Router):
     """Dynamic top-p: fewest experts whose probabilities exceed p, raw weights (Huang et al. 2024)."""
 
     Config = TopPRouterConfig
-    token_mean_losses = frozenset({"z", "dynamic"})
-    stat_losses = frozenset({"balance"})
     cfg: TopPRouterConfig
 
     def route(self, x_TD: Tensor, **ctx: Any) -> RoutingDecision:
@@ -77,22 +78,15 @@ class TopPRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         ids_TK, w_TK = top_p_select(probs_TE, cfg.threshold, cfg.max_k)
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         if cfg.aux_loss_coef > 0:
-            sel = ids_TK[ids_TK >= 0]
-            counts_E = torch.bincount(sel, minlength=E)
-            bal = losses.switch_balance(probs_TE, counts_E)
-            stats["balance"] = aux_stats.switch(probs_TE, counts_E, cfg.balance_normalization == "tokens")
-            if cfg.balance_normalization == "tokens":
-                bal = bal * (sel.numel() / max(x_TD.shape[0], 1))
-            aux["balance"] = bal
+            counts_E = torch.bincount(ids_TK[ids_TK >= 0], minlength=E)
+            stats["balance"] = losses.SwitchBalance(probs_TE, counts_E, cfg.balance_normalization == "tokens")
         if cfg.dynamic_loss_coef > 0:
-            aux["dynamic"] = losses.router_entropy(probs_TE)
+            stats["dynamic"] = losses.router_entropy(probs_TE)
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_losses=aux,
-                                         aux_stats=stats)
+            stats["z"] = losses.z_loss(logits_TE)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "dynamic": self.cfg.dynamic_loss_coef}

@@ -1,17 +1,19 @@
 """Token-choice top-k routing: Shazeer-style softmax top-k, Mixtral, Qwen-MoE, DeepSeekMoE and DeepSeek-V3.
 
-* Scores: ``softmax`` (routing.md §1) or ``sigmoid`` (DeepSeek-V3, §7.3).
-* Weight normalisation (routing.md §0): ``none`` (A: softmax then top-k, DeepSeekMoE, Switch),
-  ``renorm`` (B: top-k then renormalise, Mixtral), ``softmax_topk`` (C: softmax over the k selected
-  logits, Shazeer). B and C agree without noise.
+* Scores: ``softmax`` (Shazeer et al. 2017) or ``sigmoid`` (DeepSeek-AI 2024, "DeepSeek-V3 Technical
+  Report", arXiv 2412.19437).
+* Weight normalisation: ``none`` (A: softmax then top-k, DeepSeekMoE, Switch), ``renorm`` (B: top-k then
+  renormalise, Mixtral), ``softmax_topk`` (C: softmax over the k selected logits, Shazeer). B and C agree
+  without noise.
 * Group-limited routing (DeepSeek-V3): experts in ``n_groups`` groups, only the best ``topk_groups``
   groups may be picked; ``routed_scaling_factor`` multiplies the weights.
 * Aux-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): a per-expert bias added to
   the scores *for selection only*, moved by ``bias_update_rate * sign(mean load - load)`` once per
   optimizer step from the loads of the whole step.
 * Losses: ``balance_loss`` = ``switch`` (expert-level, f over all k choices; = DeepSeekMoE expert-level),
-  ``sequence`` (DeepSeek-V3 sequence-wise) or ``none``; optional device-level loss over
-  ``device_groups``; the ST-MoE z-loss.
+  ``sequence`` (DeepSeek-V3 sequence-wise; its f counts the top-K of the unbiased scores over all routed
+  experts, Eq. 18, even when a bias or a group limit selects) or ``none``; optional device-level loss
+  over ``device_groups``; the ST-MoE z-loss.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import Tensor
 from moesaic.core.config import require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing import losses
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
@@ -70,7 +73,6 @@ class TopKRouter(Router):
 
     Config = TopKRouterConfig
     cfg: TopKRouterConfig
-    stat_losses = frozenset({"balance", "device_balance"})
 
     def __init__(self, cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
@@ -120,26 +122,23 @@ class TopKRouter(Router):
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
         if cfg.expert_bias and self.training:
             self.step_load += counts_E.to(self.step_load.dtype)
-        aux: dict[str, Tensor] = {}
-        stats: dict[str, aux_stats.AuxStat] = {}
+        stats: dict[str, AuxStat] = {}
         probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        if cfg.aux_loss_coef > 0 and cfg.balance_loss != "none":
-            if cfg.balance_loss == "switch":
-                aux["balance"] = losses.switch_balance(probs_TE, counts_E)
-                stats["balance"] = aux_stats.switch(probs_TE, counts_E)
-            else:
-                plain_ids = stable_topk(scores_TE.detach(), k)[1] if cfg.expert_bias else ids_TK
-                seq = seq_ids_T if seq_ids_T is not None else torch.zeros(x_TD.shape[0], dtype=torch.long,
-                                                                           device=x_TD.device)
-                aux["balance"] = losses.sequence_balance(scores_TE, plain_ids, seq)
-                stats["balance"] = aux_stats.sequence(scores_TE, plain_ids, seq)
+        if cfg.aux_loss_coef > 0 and cfg.balance_loss == "switch":
+            stats["balance"] = losses.SwitchBalance(probs_TE, counts_E)
+        elif cfg.aux_loss_coef > 0 and cfg.balance_loss == "sequence":
+            # DeepSeek-V3 Eq. 18 counts f over the top-K of the unbiased scores of all routed experts; the
+            # routing choice equals it only without a bias and without a group limit.
+            plain = not cfg.expert_bias and cfg.n_groups == 1
+            f_ids_TK = ids_TK if plain else stable_topk(scores_TE.detach(), k)[1]
+            seq_T = seq_ids_T if seq_ids_T is not None else torch.zeros(x_TD.shape[0], dtype=torch.long,
+                                                                         device=x_TD.device)
+            stats["balance"] = losses.SequenceBalance(scores_TE, f_ids_TK, seq_T)
         if cfg.device_loss_coef > 0:
-            aux["device_balance"] = losses.device_balance(probs_TE, counts_E, cfg.device_groups)
-            stats["device_balance"] = aux_stats.device(probs_TE, counts_E, cfg.device_groups)
+            stats["device_balance"] = losses.DeviceBalance(probs_TE, counts_E, cfg.device_groups)
         if cfg.z_loss_coef > 0:
-            aux["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=scores_TE, logits_TE=logits_TE, aux_losses=aux,
-                                         aux_stats=stats)
+            stats["z"] = losses.z_loss(logits_TE)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=scores_TE, logits_TE=logits_TE, aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "device_balance": self.cfg.device_loss_coef}
