@@ -10,7 +10,6 @@ import torch
 
 import moesaic
 from lm_fixtures import accumulate_grads, padded_lm_batch
-from moesaic.core.errors import ConfigError
 from moesaic.moe.routing import losses
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 from moesaic.train.run_config import load_run_config
@@ -168,17 +167,13 @@ def test_stochastic_router_prepass_keeps_rng_stream(tiny_data, data_cache, tmp_p
     assert [(r["loss"], r["aux_loss"]) for r in runs[0]] == [(r["loss"], r["aux_loss"]) for r in runs[1]]
 
 
-def test_unsplittable_batch_loss_is_rejected(tiny_data, data_cache, tmp_path, monkeypatch):
-    """A router whose batch-statistic loss declares no additive statistics: ConfigError at construction in
-    exact mode with grad_accum > 1, naming the router and the way out; fine with micro_batch or grad_accum 1."""
-    from moesaic.moe.routing.topk import TopKRouter
-
-    monkeypatch.setattr(TopKRouter, "stat_losses", frozenset({"device_balance"}))  # "balance" undeclared
+def test_prepass_only_where_a_loss_needs_batch_totals(tiny_data, data_cache, tmp_path):
+    """Every router aux loss is a statistic (RoutingDecision.aux_stats), so exact mode accepts any router; the
+    pre-pass runs only with grad_accum > 1 and a loss other than the z-loss (a token mean needs no totals)."""
     router, k = ROUTERS["topk_switch_z"]
-    with pytest.raises(ConfigError, match=r"router.*'topk'.*'balance'.*aux_accumulation: micro_batch"):
-        _trainer(tiny_data, tmp_path / "bad", 4, router, k)
-    _trainer(tiny_data, tmp_path / "mb", 4, router, k, aux_accumulation="micro_batch")
-    _trainer(tiny_data, tmp_path / "ga1", 1, router, k)
+    assert _trainer(tiny_data, tmp_path / "exact", 4, router, k).aux_acc.prepass
+    assert not _trainer(tiny_data, tmp_path / "mb", 4, router, k, aux_accumulation="micro_batch").aux_acc.prepass
+    assert not _trainer(tiny_data, tmp_path / "ga1", 1, router, k).aux_acc.prepass
     z_only = {"kind": "topk", "aux_loss_coef": 0.0, "z_loss_coef": 0.01}  # token means need no pre-pass
     assert not _trainer(tiny_data, tmp_path / "z", 4, z_only, k).aux_acc.prepass
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -68,15 +68,27 @@ def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
 
 
 def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient that is not a token mean."""
-    return [(n, k, loss) for n, k, loss, r in _losses(model)
-            if loss not in getattr(r, "token_mean_losses", frozenset({"z"}))]
+    """``(layer, router kind, loss)`` for the aux losses with a non-zero coefficient of every router whose split
+    batches need the batch totals (``Router.needs_batch_totals``)."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model) if r.needs_batch_totals()]
 
 
 def unsplittable_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """Batch-statistic losses (non-zero coefficient) whose router declares no :class:`AuxStat` for them."""
-    return [(n, k, loss) for n, k, loss, r in _losses(model)
-            if loss not in getattr(r, "token_mean_losses", frozenset({"z"})) | getattr(r, "stat_losses", frozenset())]
+    """None: every router aux loss is a statistic (``RoutingDecision.aux_stats``), so every one splits exactly."""
+    return []
+
+
+class _Share(aux_stats.AuxStat):
+    """A part's share of the batch's loss, as the statistic the rewritten decision reports."""
+
+    def __init__(self, share: Tensor):
+        self.share_value = share
+
+    def stats(self) -> dict[str, Tensor]:
+        return {"share": self.share_value}
+
+    def fn(self, s: Mapping[str, Tensor]) -> Tensor:
+        return s["share"]
 
 
 class GlobalAux:
@@ -225,7 +237,7 @@ class GlobalAux:
             else:
                 raise RuntimeError(f"{getattr(router, 'layer_name', 'router')}: aux loss {name!r} is neither a token "
                                    "mean nor declared in RoutingDecision.aux_stats; it cannot be split exactly")
-        return decision.replace(aux_losses=out)
+        return decision.replace(aux_stats={n: _Share(v) for n, v in out.items()})
 
     def _flat(self, items: list[dict[str, Any]]) -> tuple[Tensor, list]:
         vals = [v for tot in items for st in tot["stats"].values() for v in st.values()]
