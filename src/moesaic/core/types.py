@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ class RoutingDecision:
     extra: dict[str, Tensor] = field(default_factory=dict)
     #: The router's aux losses by name, each a statistic whose value is the loss, so a batch split over
     #: micro-batches or ranks gets exact shares (docs/design.md, Balance statistics).
-    aux_stats: dict[str, AuxStatistic] = field(default_factory=dict)
+    aux_stats: Mapping[str, AuxStatistic] = field(default_factory=dict)
 
     @functools.cached_property
     def aux_losses(self) -> dict[str, Tensor]:

@@ -9,10 +9,10 @@ One router forward hook serves both splits. The batch totals of each router's st
 * from a no-grad **pre-pass** over the step's micro-batches (:meth:`GlobalAux.prepass`: exact gradient
   accumulation), all-reduced over ``batch_group`` once when there is one (both splits at once).
 
-Shares (:mod:`moesaic.moe.routing.aux_stats`): a loss the router declares in ``RoutingDecision.aux_stats``
-gets ``w L(S) + g . (S_part - w S)`` with ``w = t_part / T`` (exact value and gradient for any function
-of additive statistics); a loss in the router's ``token_mean_losses`` (z-loss, entropy) gets
-``value * t_part / T``. Shares sum to the whole batch's loss and their gradients to its gradient.
+Shares (:mod:`moesaic.moe.routing.aux_stats`): every router loss is a statistic in
+``RoutingDecision.aux_stats`` and gets ``w L(S) + g . (S_part - w S)`` with ``w = t_part / T`` (exact value
+and gradient for any function of additive statistics; a token mean such as the z-loss gets its
+``value * t_part / T``). Shares sum to the whole batch's loss and their gradients to its gradient.
 
 The pre-pass repeats the real forward passes exactly: the torch RNG (and CUDA RNG when initialised) is
 saved and restored around it, so stochastic routers and dropout draw the same numbers, and the MoE

@@ -61,21 +61,22 @@ def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if scores_TE.device.type == "cpu" and 0 < k < E and scores_TE.numel():
         if k <= 4:
             work = scores_TE.detach().clone()
-            vals, idx = [], []
+            maxes: list[Tensor] = []
+            picks: list[Tensor] = []
             for _ in range(k):
                 v, i = work.max(-1, keepdim=True)
                 work.scatter_(-1, i, float("-inf"))
-                vals.append(v)
-                idx.append(i)
-            v_TK, i_TK = torch.cat(vals, -1), torch.cat(idx, -1)
+                maxes.append(v)
+                picks.append(i)
+            v_TK, i_TK = torch.cat(maxes, -1), torch.cat(picks, -1)
             if not bool(v_TK.isnan().any() or v_TK.isneginf().any()):
                 return (scores_TE.gather(-1, i_TK) if scores_TE.requires_grad else v_TK), i_TK
         else:
-            vals, idx = torch.topk(scores_TE, k + 1, dim=-1)
-            if not bool((vals[..., 1:] == vals[..., :-1]).any() or vals.isnan().any()):
-                return vals[..., :k], idx[..., :k]
-    vals, idx = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-    return vals[..., :k], idx[..., :k]
+            top_v, top_i = torch.topk(scores_TE, k + 1, dim=-1)
+            if not bool((top_v[..., 1:] == top_v[..., :-1]).any() or top_v.isnan().any()):
+                return top_v[..., :k], top_i[..., :k]
+    srt_v, srt_i = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    return srt_v[..., :k], srt_i[..., :k]
 
 
 def check_finite(x_VD: Tensor, layer_name: str) -> None:
@@ -87,7 +88,7 @@ def check_finite(x_VD: Tensor, layer_name: str) -> None:
     if not torch.isfinite(x_VD.sum()) and not torch.isfinite(x_VD).all():
         raise NonFiniteInputError(
             f"{layer_name}: router input holds NaN or inf "
-            f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} routed rows)")
+            f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} valid tokens)")
 
 
 def router_dtype(x: Tensor) -> torch.dtype:
@@ -147,8 +148,7 @@ class Router(nn.Module):
     # -------------------------------------------------------------------------------- public API
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
         T = x_TD.shape[0]
-        all_valid = mask_T is None or bool(mask_T.all())
-        rows_V = None if all_valid else mask_T.reshape(-1).nonzero().squeeze(1)
+        rows_V = None if mask_T is None or bool(mask_T.all()) else mask_T.reshape(-1).nonzero().squeeze(1)
         x_VD = x_TD if rows_V is None else x_TD[rows_V]
         check_finite(x_VD, self.layer_name)  # padding may hold anything, NaN included
         if rows_V is None:

@@ -48,7 +48,9 @@ from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
 def _default_temperature() -> ScheduleConfig:
-    return ScheduleConfig.registry.get("exp_decay").Config(max_value=2.0, min_value=0.3, decay_steps=1000)
+    cfg: ScheduleConfig = ScheduleConfig.registry.get("exp_decay").Config(max_value=2.0, min_value=0.3,
+                                                                           decay_steps=1000)
+    return cfg
 
 
 @dataclasses.dataclass

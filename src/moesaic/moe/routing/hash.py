@@ -76,6 +76,7 @@ class HashRouter(Router):
 
     Config = HashRouterConfig
     cfg: HashRouterConfig
+    table_V: Tensor
     has_weight = False
     required_top_k = 1
 

@@ -71,6 +71,7 @@ class LatencyAwareRouter(Router):
 
     Config = LatencyAwareRouterConfig
     cfg: LatencyAwareRouterConfig
+    latency: Tensor
 
     def __init__(self, cfg: LatencyAwareRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)

@@ -105,6 +105,7 @@ class MoEPPRouter(Router):
 
     Config = MoEPPRouterConfig
     cfg: MoEPPRouterConfig
+    eta: Tensor
 
     def __init__(self, cfg: MoEPPRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         self._hidden = cfg.gate_hidden_mult * num_experts if cfg.gate_layers == 2 else 0

@@ -67,13 +67,14 @@ class SoftMoERouter(Router):
                 **ctx: Any) -> RoutingDecision:
         T, dev = x_TD.shape[0], x_TD.device
         if mask_T is None:
+            check_finite(x_TD, self.layer_name)
             mask_T = torch.ones(T, dtype=torch.bool, device=dev)
         else:
-            # Padding may hold anything, NaN and inf included, as for every other router: zero rows give
-            # finite logits there, which the soft dispatcher then masks out of both softmaxes.
+            # Padding may hold anything, NaN and inf included, as for every other router: only valid rows
+            # are checked, and zeroed padding gives finite logits that the soft dispatcher masks out.
             mask_T = mask_T.reshape(-1).bool()
+            check_finite(x_TD[mask_T], self.layer_name)
             x_TD = x_TD.masked_fill(~mask_T[:, None], 0.0)
-        check_finite(x_TD, self.layer_name)
         seq_T = torch.zeros(T, dtype=torch.long, device=dev) if seq_ids_T is None else seq_ids_T.reshape(-1)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return RoutingDecision(

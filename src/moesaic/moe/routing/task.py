@@ -59,7 +59,7 @@ def per_token(name: str, value: Any, T: int, seq_ids_T: Tensor | None, device: t
 
 def _check_range(name: str, ids_T: Tensor, n: int, layer: str) -> None:
     if ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= n):
-        raise RoutingInputError(f"{layer}: {name} must be in [0, {n}), got {ids_T.unique().tolist()}")
+        raise RoutingInputError(f"{layer}: {name} must be in [0, {n}), got {torch.unique(ids_T).tolist()}")
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ class TaskGatesRouter(Router):
         task_T = per_token("task_id", task_id, T, seq_ids_T, x_TD.device, self.layer_name)
         _check_range("task_id", task_T, self.cfg.num_tasks, self.layer_name)
         logits_TE = x_TD.new_zeros(T, E, dtype=router_dtype(x_TD))
-        for task in task_T.unique().tolist():
+        for task in torch.unique(task_T).tolist():
             rows = (task_T == task).nonzero().squeeze(1)
             logits_TE = logits_TE.index_copy(0, rows, self.task_logits(x_TD[rows], task))
         probs_TE = logits_TE.softmax(-1)

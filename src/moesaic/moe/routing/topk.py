@@ -73,6 +73,8 @@ class TopKRouter(Router):
 
     Config = TopKRouterConfig
     cfg: TopKRouterConfig
+    expert_bias: Tensor  # buffers, present with cfg.expert_bias
+    step_load: Tensor
 
     def __init__(self, cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int, **kw: Any):
         super().__init__(cfg, d_model, num_experts, top_k, **kw)
