@@ -1,4 +1,4 @@
-"""Helpers for the paper-technique tests: brute-force expert outputs (routing.md Appendix A)."""
+"""Helpers for the paper-technique tests: brute-force expert outputs."""
 
 import pytest
 import torch

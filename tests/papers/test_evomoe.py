@@ -1,4 +1,5 @@
-"""EvoMoE (routing.md §10): DTS Gumbel gate, temperature schedule, aux loss, expert diversify (C.7: both readings)."""
+"""EvoMoE (Nie et al. 2021): DTS Gumbel gate, temperature schedule, aux loss, expert diversify (both readings
+of the diversification)."""
 
 import math
 

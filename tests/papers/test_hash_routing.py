@@ -1,4 +1,4 @@
-"""Hash layers (routing.md §6, C.6): fixed id -> expert tables, balanced variant, no routing gradient."""
+"""Hash layers (Roller et al. 2021): fixed id -> expert tables, balanced variant, no routing gradient."""
 
 import pytest
 import torch

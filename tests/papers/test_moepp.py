@@ -1,4 +1,4 @@
-"""MoE++ zero-computation experts, gating residuals, gating modes, heterogeneous balance (routing.md §9, C.3)."""
+"""MoE++ zero-computation experts, gating residuals, gating modes, heterogeneous balance (Jin et al. 2024)."""
 
 import math
 

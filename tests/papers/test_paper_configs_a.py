@@ -1,4 +1,5 @@
-"""The recipes in configs/papers/ of the routing designs (routing.md §3-6, §13, §17) load, validate and train."""
+"""The recipes in configs/papers/ of the routing designs (top-p, THOR, SMoE-Dropout, hash layers, task routing,
+Soft MoE) load, validate and train."""
 
 from pathlib import Path
 

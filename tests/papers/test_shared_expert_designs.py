@@ -1,4 +1,4 @@
-"""DiT-MoE shared expert + expert-level balance (routing.md §8) and GNT-MOVE permanent expert (§16.1),
+"""DiT-MoE shared expert + expert-level balance (Fei et al. 2024) and GNT-MOVE permanent expert,
 built from their recipes in configs/papers/."""
 
 from pathlib import Path
@@ -29,7 +29,7 @@ def routed_reference(layer, x):
     return out
 
 
-# ------------------------------------------------------------------------------------------ DiT-MoE §8
+# --------------------------------------------------------------------------------------------- DiT-MoE
 def test_dit_moe_recipe_shapes():
     model, layer = build("dit_moe")
     D = model.cfg.d_model
@@ -80,7 +80,7 @@ def test_dit_moe_expert_level_balance_golden_and_uniform():
     assert layer.aux_losses["balance"].item() == pytest.approx(0.01)  # L / alpha == 1
 
 
-# ------------------------------------------------------------------------------------- GNT-MOVE §16.1
+# -------------------------------------------------------------------------------------------- GNT-MOVE
 def test_gnt_move_recipe_and_average_combine():
     model, layer = build("gnt_move")
     D = model.cfg.d_model

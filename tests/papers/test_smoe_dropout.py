@@ -1,4 +1,4 @@
-"""SMoE-Dropout (routing.md §5): frozen router, variant C, k schedule, any k at inference."""
+"""SMoE-Dropout (Chen et al. 2023): frozen router, variant C, k schedule, any k at inference."""
 
 import pytest
 import torch

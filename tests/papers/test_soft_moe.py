@@ -1,4 +1,4 @@
-"""Soft MoE (routing.md §17, C.8): weights, permutation equivariance, n = p = 1 mean, brute force, causality."""
+"""Soft MoE (Puigcerver et al. 2024): weights, permutation equivariance, n = p = 1 mean, brute force, causality."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""M3ViT task gates, task-pruned inference, domain-enforced routing (routing.md §13)."""
+"""M3ViT task gates, task-pruned inference, domain-enforced routing (Liang et al. 2022; Hallee et al. 2024)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""THOR stochastic experts (routing.md §4): draws, inference levels, consistency loss, two-pass step."""
+"""THOR stochastic experts (Zuo et al. 2022): draws, inference levels, consistency loss, two-pass step."""
 
 import pytest
 import torch

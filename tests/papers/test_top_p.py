@@ -1,4 +1,5 @@
-"""Dynamic top-p routing (routing.md §3): testable properties 1-4, strict threshold, losses."""
+"""Dynamic top-p routing (Huang et al. 2024): fewest experts past the threshold, raw weights, strict
+threshold, padding, both balance normalisations, losses."""
 
 import math
 
@@ -113,7 +114,8 @@ def test_padding_excluded():
 
 
 def test_balance_normalisation_both_readings():
-    """[DECISION] f over selections (uniform = 1 for any k_t) vs over tokens (uniform = mean k_t)."""
+    """The two readings of the paper: f over selections (uniform = 1 for any k_t, the default) vs over tokens
+    (uniform = mean k_t)."""
     x = torch.randn(40, 16, dtype=torch.float64)
     vals = {}
     for norm in ("selections", "tokens"):

@@ -1,4 +1,4 @@
-"""Expert-choice routing (routing.md §2): k_c tokens per expert, brute force, permutation, padding, causality."""
+"""Expert-choice routing (Zhou et al. 2022): k_c tokens per expert, brute force, permutation, padding, causality."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``torch.autograd.gradcheck`` of router + dispatch + experts + combine (reliability U2), float64, tiny shapes.
+"""``torch.autograd.gradcheck`` of router + dispatch + experts + combine, float64, tiny shapes.
 
 Top-k is piecewise constant, so each case first checks that the input sits at least ``MARGIN`` away from
 any tie in the selection (gradcheck perturbs by 1e-6); inside that region the layer is smooth.

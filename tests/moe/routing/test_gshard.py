@@ -1,4 +1,4 @@
-"""GShard top-2 (routing.md §1.3): renormalised top-2, random second expert, top-1 aux, first choices first."""
+"""GShard top-2 (Lepikhin et al. 2020): renormalised top-2, random second expert, top-1 aux, first choices first."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_weights_are_renormalised_top2_and_eval_keeps_both():
 
 
 def test_keep_rate_of_second_expert_at_theta_half():
-    """Property 3: theta = 0.5 and g2 = 0.3 give a keep rate of min(1, 0.3 / 0.5) = 0.6."""
+    """Random routing of the second expert: theta = 0.5 and g2 = 0.3 give a keep rate of min(1, 0.3 / 0.5) = 0.6."""
     r = router(theta=0.5).train()
     torch.manual_seed(0)
     keep = r.keep_second(torch.full((20000,), 0.3, dtype=torch.float64))
@@ -73,7 +73,7 @@ def test_aux_loss_counts_top1_only():
 
 
 def test_second_choices_queue_after_first_choices():
-    """Property 2: in every expert, every second-choice slot comes after every first-choice slot."""
+    """Capacity: in every expert, every second-choice slot comes after every first-choice slot."""
     r = router().eval()
     d = r(torch.randn(64, D, dtype=torch.float64))
     pos = slot_positions(d)

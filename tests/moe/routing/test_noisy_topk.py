@@ -62,7 +62,7 @@ def test_training_noise_matches_the_formula():
 
 
 def test_smooth_load_against_monte_carlo():
-    """Property 4: P[t, e] in (0, 1) and equal to Pr[e in top k] when e's noise is re-drawn (10k samples)."""
+    """The smooth load: P[t, e] in (0, 1) and equal to Pr[e in top k] when e's noise is re-drawn (10k samples)."""
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(4, E, dtype=torch.float64, generator=g)
     sigma = 0.5 + torch.rand(4, E, dtype=torch.float64, generator=g)

@@ -1,4 +1,4 @@
-"""Every standard router against a naive per-token Python loop in float64 (reliability U1): the routing map
+"""Every standard router against a naive per-token Python loop in float64: the routing map
 exactly equal, weights within 1e-12. Stochastic routers are replayed from the same seed."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def build(cls, cfg, k):
 
 
 def top(scores, k):
-    """Indices of the k largest scores, ties to the lower index (routing.md §0)."""
+    """Indices of the k largest scores, ties to the lower index (as stable_topk)."""
     return sorted(range(len(scores)), key=lambda e: (-scores[e], e))[:k]
 
 

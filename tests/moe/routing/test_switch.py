@@ -1,4 +1,4 @@
-"""Switch top-1 (routing.md §1.2): jitter on the router input only, p_max weight, capacity, aux loss."""
+"""Switch top-1 (Fedus et al. 2021): jitter on the router input only, p_max weight, capacity, aux loss."""
 
 from __future__ import annotations
 

@@ -81,13 +81,13 @@ def test_bias_is_for_selection_only_and_scaling():
     xs = x()
     d0 = r(xs)
     with torch.no_grad():
-        r.expert_bias += 0.37  # the same constant everywhere changes no selection (property 1)
+        r.expert_bias += 0.37  # the same constant everywhere changes no selection
     d1 = r(xs)
     assert torch.equal(d0.expert_idx_N, d1.expert_idx_N)
     torch.testing.assert_close(d0.weight_N, d1.weight_N, rtol=0, atol=0)
     with torch.no_grad():
         r.expert_bias.zero_()
-        r.expert_bias[5] = 100.0  # a huge bias forces expert 5; its weight still comes from s_5 (property 2)
+        r.expert_bias[5] = 100.0  # a huge bias forces expert 5; its weight still comes from s_5
     ids, w = r(xs).to_topk(2)
     assert (ids == 5).any(-1).all()
     s = (xs @ r.weight.t()).sigmoid()
@@ -111,7 +111,7 @@ def test_bias_update_once_per_optimizer_step_in_the_right_direction():
     before = r.expert_bias.clone()
     r.on_optimizer_step(2)  # no forward since the last step: no load, no change
     assert torch.equal(r.expert_bias, before)
-    r.step_load.fill_(5.0)  # perfectly balanced load: the update is a no-op (property 3)
+    r.step_load.fill_(5.0)  # perfectly balanced load: the update is a no-op
     r.on_optimizer_step(3)
     assert torch.equal(r.expert_bias, before)
     r.eval()

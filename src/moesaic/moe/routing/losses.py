@@ -18,7 +18,19 @@ from torch import Tensor
 from moesaic.moe.routing.aux_stats import AuxStat, TokenMean, count
 
 
-class SwitchBalance(AuxStat):
+class AssignmentBalance(AuxStat):
+    """Base of the losses built from the assignment counts ``f`` and the mean probabilities ``P`` of each
+    expert. Statistics: ``counts_E`` (no gradient), ``psum_E`` (summed probabilities) and ``T`` (tokens)."""
+
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor):
+        self.probs_TE, self.counts_E = probs_TE, counts_E
+
+    def stats(self) -> dict[str, Tensor]:
+        p = self.probs_TE
+        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+
+
+class SwitchBalance(AssignmentBalance):
     """Switch/GShard load balance ``E * sum_e f_e P_e`` (Fedus et al. 2021, "Switch Transformers", eq. 4).
 
     ``f_e = counts_E[e] / sum(counts_E)``, the fraction of assignments: pass the top-1 counts for the
@@ -30,11 +42,8 @@ class SwitchBalance(AuxStat):
     """
 
     def __init__(self, probs_TE: Tensor, counts_E: Tensor, scale_by_assignments: bool = False):
-        self.probs_TE, self.counts_E, self.scale_by_assignments = probs_TE, counts_E, scale_by_assignments
-
-    def stats(self) -> dict[str, Tensor]:
-        p = self.probs_TE
-        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+        super().__init__(probs_TE, counts_E)
+        self.scale_by_assignments = scale_by_assignments
 
     def fn(self, s: Mapping[str, Tensor]) -> Tensor:
         c_E, T = s["counts_E"], s["T"].clamp_min(1)
@@ -43,17 +52,14 @@ class SwitchBalance(AuxStat):
         return out * (c_E.sum() / T) if self.scale_by_assignments else out
 
 
-class DeviceBalance(AuxStat):
+class DeviceBalance(AssignmentBalance):
     """DeepSeekMoE device-level balance ``sum_d mean_{i in d}(f_i) * sum_{i in d}(P_i)`` (Dai et al. 2024,
     "DeepSeekMoE"), 1 at uniform routing. Experts form ``num_groups`` contiguous groups (devices);
     ``f_i = E * count_i / N``."""
 
     def __init__(self, probs_TE: Tensor, counts_E: Tensor, num_groups: int):
-        self.probs_TE, self.counts_E, self.num_groups = probs_TE, counts_E, num_groups
-
-    def stats(self) -> dict[str, Tensor]:
-        p = self.probs_TE
-        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+        super().__init__(probs_TE, counts_E)
+        self.num_groups = num_groups
 
     def fn(self, s: Mapping[str, Tensor]) -> Tensor:
         c_E, T, G = s["counts_E"], s["T"].clamp_min(1), self.num_groups

@@ -51,7 +51,7 @@ from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.dispatch.capacity import slot_positions
 from moesaic.moe.routing import losses
-from moesaic.moe.routing.aux_stats import AuxStat, count
+from moesaic.moe.routing.aux_stats import AuxStat
 from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
 
 
@@ -76,16 +76,13 @@ class MoEPPRouterConfig(RouterConfig):
                 self.zero_computation_experts, f"must be <= num_experts ({num_experts})")
 
 
-class HeteroBalance(AuxStat):
+class HeteroBalance(losses.AssignmentBalance):
     """MoE++ heterogeneous load balance ``sum_i eta_i f_i P_i`` with ``f_i = counts_i / T`` and ``P_i`` the mean
-    probability (Jin et al. 2024, Eq. 7; no E factor). Statistics: counts, summed probabilities, tokens."""
+    probability (Jin et al. 2024, Eq. 7; no E factor)."""
 
     def __init__(self, probs_TE: Tensor, counts_E: Tensor, eta_E: Tensor):
-        self.probs_TE, self.counts_E, self.eta_E = probs_TE, counts_E, eta_E
-
-    def stats(self) -> dict[str, Tensor]:
-        p = self.probs_TE
-        return {"counts_E": self.counts_E.detach().to(p.dtype), "psum_E": p.sum(0), "T": count(p.shape[0], p)}
+        super().__init__(probs_TE, counts_E)
+        self.eta_E = eta_E
 
     def fn(self, s: Mapping[str, Tensor]) -> Tensor:
         T = s["T"].clamp_min(1)
