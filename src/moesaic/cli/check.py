@@ -16,8 +16,8 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.train.run_config import load_run_config
+    from moesaic.cli._config_file import load_run_config_file
 
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config_file(args.config, args.overrides)
     print(f"ok: {args.config} (model {cfg.model.kind}, data {cfg.data.kind})")
     return 0

@@ -25,11 +25,11 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from moesaic.cli._config_file import load_run_config_file
     from moesaic.core.errors import ConfigError
-    from moesaic.train.run_config import load_run_config
     from moesaic.train.trainer import Trainer
 
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config_file(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
