@@ -3,7 +3,9 @@
 sample from the MoE model. A classifier config (``configs/encoder_genre.yaml``) prints validation accuracy
 and the majority-class baseline instead of a sample.
 
-Usage: ``python -m moesaic.examples.demo [configs/demo.yaml] [--set k=v ...] [--out runs/demo]``
+Usage: ``python -m moesaic.examples.demo [configs/demo.yaml] [--set k=v ...] [--out runs/demo]``. ``--out`` must
+be new, empty, or the folder of an earlier demo run (``moesaic.examples.demo_output``); only the demo's own
+``moe/`` and ``dense/`` there are replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from moesaic.core.config import to_dict
 from moesaic.core.errors import MoesaicError
+from moesaic.examples.demo_output import prepare_demo_folder
 from moesaic.models.transformer import TransformerConfig
 from moesaic.moe.layer import MoEConfig
 from moesaic.train.run_config import RunConfig, load_run_config
@@ -85,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
         dense = dense_twin(cfg)
         out = Path(args.out)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        prepare_demo_folder(out)
         t0 = time.perf_counter()
         moe = train_one("moe", cfg, out / "moe", log)
         den = train_one("dense", dense, out / "dense", log)
