@@ -30,7 +30,7 @@ from moesaic.interop.common import (
     body_rules,
     dense_mlp_rules,
     expert_rules,
-    g,
+    hf_field,
     moe_features,
     moe_layers,
     refuse,
@@ -45,21 +45,22 @@ NAME = "deepseek_v3"
 
 
 def to_moesaic(hf: Any) -> dict[str, Any]:
-    if not g(hf, "n_shared_experts"):
-        refuse(NAME, "n_shared_experts", g(hf, "n_shared_experts"), "DeepSeek-V3 blocks need >= 1 shared expert")
+    if not hf_field(hf, "n_shared_experts"):
+        refuse(NAME, "n_shared_experts", hf_field(hf, "n_shared_experts"), "DeepSeek-V3 blocks need >= 1 shared expert")
     cfg = base_model(hf, NAME)
-    cfg["attention"] = {"kind": "mla", "num_heads": hf.num_attention_heads, "q_lora_rank": g(hf, "q_lora_rank"),
+    cfg["attention"] = {"kind": "mla", "num_heads": hf.num_attention_heads, "q_lora_rank": hf_field(hf, "q_lora_rank"),
                         "kv_lora_rank": hf.kv_lora_rank, "qk_nope_head_dim": hf.qk_nope_head_dim,
                         "qk_rope_head_dim": hf.qk_rope_head_dim, "v_head_dim": hf.v_head_dim,
                         "rope_theta": rope_theta(hf, NAME), "rope_scaling": rope_scaling(hf, NAME),
-                        "rope_interleave": bool(g(hf, "rope_interleave", True)),
-                        "bias": bool(g(hf, "attention_bias", False)), "latent_norm_eps": 1e-6}
-    cfg["first_k_dense"] = int(g(hf, "first_k_dense_replace", 0) or 0)
+                        "rope_interleave": bool(hf_field(hf, "rope_interleave", True)),
+                        "bias": bool(hf_field(hf, "attention_bias", False)), "latent_norm_eps": 1e-6}
+    cfg["first_k_dense"] = int(hf_field(hf, "first_k_dense_replace", 0) or 0)
     cfg["moe"] = {
         "d_ff": hf.moe_intermediate_size, "num_experts": hf.n_routed_experts, "top_k": hf.num_experts_per_tok,
         "router": {"kind": "topk", "score_func": "sigmoid",
-                   "normalization": "renorm" if g(hf, "norm_topk_prob", True) else "none",
-                   "n_groups": int(g(hf, "n_group", 1) or 1), "topk_groups": int(g(hf, "topk_group", 1) or 1),
+                   "normalization": "renorm" if hf_field(hf, "norm_topk_prob", True) else "none",
+                   "n_groups": int(hf_field(hf, "n_group", 1) or 1),
+                   "topk_groups": int(hf_field(hf, "topk_group", 1) or 1),
                    "routed_scaling_factor": float(hf.routed_scaling_factor), "expert_bias": True,
                    "aux_loss_coef": 0.0},
         "shared_experts": {"num": hf.n_shared_experts, "d_ff": hf.moe_intermediate_size,
@@ -102,15 +103,15 @@ def to_hf(cfg: Any) -> dict[str, Any]:
 
 
 def layout(hf: Any, expert_layout: str) -> Layout:
-    bias = bool(g(hf, "attention_bias", False))
-    if g(hf, "q_lora_rank") is None:
+    bias = bool(hf_field(hf, "attention_bias", False))
+    if hf_field(hf, "q_lora_rank") is None:
         attn = ["q_proj.weight"]
     else:
         attn = ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"] + (["q_a_proj.bias"] if bias else [])
     attn += ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
     attn += ["kv_a_proj_with_mqa.bias", "o_proj.bias"] if bias else []
     rules = body_rules(hf, attn)
-    k = int(g(hf, "first_k_dense_replace", 0) or 0)
+    k = int(hf_field(hf, "first_k_dense_replace", 0) or 0)
     for i in range(hf.num_hidden_layers):
         if i < k:
             rules += dense_mlp_rules(i)

@@ -22,7 +22,7 @@ from moesaic.interop.common import (
     base_model,
     body_rules,
     dense_mlp_rules,
-    g,
+    hf_field,
     mha,
     mha_names,
     refuse,
@@ -36,14 +36,14 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 def _to_moesaic(hf: Any, name: str) -> dict[str, Any]:
     cfg = base_model(hf, name)
     if name == "llama":
-        if g(hf, "mlp_bias", False):
+        if hf_field(hf, "mlp_bias", False):
             refuse(name, "mlp_bias", True, "moesaic FFNs have no biases")
-        bias = bool(g(hf, "attention_bias", False))
+        bias = bool(hf_field(hf, "attention_bias", False))
         cfg["attention"] = mha(hf, name, bias=bias, o_bias=bias)
     elif name == "mistral":
-        cfg["attention"] = mha(hf, name, sliding_window=g(hf, "sliding_window"))
+        cfg["attention"] = mha(hf, name, sliding_window=hf_field(hf, "sliding_window"))
     else:
-        if g(hf, "use_sliding_window", False):
+        if hf_field(hf, "use_sliding_window", False):
             refuse(name, "use_sliding_window", True, "per-layer sliding windows (layer_types) are not supported")
         cfg["attention"] = mha(hf, name, bias=True)
     cfg["moe"] = None
@@ -77,7 +77,7 @@ def _to_hf(cfg: Any, name: str) -> dict[str, Any]:
 
 def _layout(hf: Any, name: str) -> Layout:
     if name == "llama":
-        b = bool(g(hf, "attention_bias", False))
+        b = bool(hf_field(hf, "attention_bias", False))
         names = mha_names(qkv_bias=b, o_bias=b)
     else:
         names = mha_names(qkv_bias=name == "qwen2")

@@ -22,7 +22,7 @@ from moesaic.interop.common import (
     base_model,
     body_rules,
     expert_rules,
-    g,
+    hf_field,
     mha,
     mha_names,
     moe_features,
@@ -37,13 +37,13 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
 def to_moesaic(hf: Any) -> dict[str, Any]:
-    if g(hf, "router_jitter_noise", 0.0):
+    if hf_field(hf, "router_jitter_noise", 0.0):
         refuse(NAME, "router_jitter_noise", hf.router_jitter_noise, "moesaic routers have no multiplicative jitter")
     cfg = base_model(hf, NAME)
-    cfg["attention"] = mha(hf, NAME, sliding_window=g(hf, "sliding_window"))
+    cfg["attention"] = mha(hf, NAME, sliding_window=hf_field(hf, "sliding_window"))
     cfg["moe"] = {"d_ff": hf.intermediate_size, "num_experts": hf.num_local_experts, "top_k": hf.num_experts_per_tok,
                   "router": {"kind": "topk", "score_func": "softmax", "normalization": "renorm",
-                             "aux_loss_coef": float(g(hf, "router_aux_loss_coef", 0.0))}}
+                             "aux_loss_coef": float(hf_field(hf, "router_aux_loss_coef", 0.0))}}
     return cfg
 
 

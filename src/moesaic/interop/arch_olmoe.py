@@ -22,7 +22,7 @@ from moesaic.interop.common import (
     base_model,
     body_rules,
     expert_rules,
-    g,
+    hf_field,
     mha,
     mha_names,
     moe_features,
@@ -37,15 +37,15 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
 def to_moesaic(hf: Any) -> dict[str, Any]:
-    if g(hf, "clip_qkv") is not None:
+    if hf_field(hf, "clip_qkv") is not None:
         refuse(NAME, "clip_qkv", hf.clip_qkv, "moesaic attention does not clamp q/k/v")
     cfg = base_model(hf, NAME)
-    bias = bool(g(hf, "attention_bias", False))
+    bias = bool(hf_field(hf, "attention_bias", False))
     cfg["attention"] = mha(hf, NAME, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="projection")
     cfg["moe"] = {"d_ff": hf.intermediate_size, "num_experts": hf.num_experts, "top_k": hf.num_experts_per_tok,
                   "router": {"kind": "topk", "score_func": "softmax",
-                             "normalization": "renorm" if g(hf, "norm_topk_prob", False) else "none",
-                             "aux_loss_coef": float(g(hf, "router_aux_loss_coef", 0.0))}}
+                             "normalization": "renorm" if hf_field(hf, "norm_topk_prob", False) else "none",
+                             "aux_loss_coef": float(hf_field(hf, "router_aux_loss_coef", 0.0))}}
     return cfg
 
 
@@ -70,7 +70,7 @@ def to_hf(cfg: Any) -> dict[str, Any]:
 
 
 def layout(hf: Any, expert_layout: str) -> Layout:
-    bias = bool(g(hf, "attention_bias", False))
+    bias = bool(hf_field(hf, "attention_bias", False))
     rules = body_rules(hf, mha_names(qkv_bias=bias, o_bias=bias, qk_norm=True))
     for i in range(hf.num_hidden_layers):
         rules += expert_rules(i, hf.num_experts, expert_layout)

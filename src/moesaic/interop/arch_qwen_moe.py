@@ -29,7 +29,7 @@ from moesaic.interop.common import (
     body_rules,
     dense_mlp_rules,
     expert_rules,
-    g,
+    hf_field,
     mha,
     mha_names,
     moe_features,
@@ -44,31 +44,32 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
 def hf_moe_layers(hf: Any) -> list[int]:
-    step = g(hf, "decoder_sparse_step", 1) or 1
-    only = set(g(hf, "mlp_only_layers", None) or [])
+    step = hf_field(hf, "decoder_sparse_step", 1) or 1
+    only = set(hf_field(hf, "mlp_only_layers", None) or [])
     return [i for i in range(hf.num_hidden_layers)
             if i not in only and hf.num_experts > 0 and (i + 1) % step == 0]
 
 
 def _to_moesaic(hf: Any, name: str, qwen3: bool) -> dict[str, Any]:
-    if g(hf, "use_sliding_window", False) and not qwen3:
+    if hf_field(hf, "use_sliding_window", False) and not qwen3:
         refuse(name, "use_sliding_window", True, "per-layer sliding windows (layer_types) are not supported")
     cfg = base_model(hf, name)
     if qwen3:
-        bias = bool(g(hf, "attention_bias", False))
+        bias = bool(hf_field(hf, "attention_bias", False))
+        window = hf_field(hf, "sliding_window") if hf_field(hf, "use_sliding_window") else None
         cfg["attention"] = mha(hf, name, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="head",
-                               sliding_window=g(hf, "sliding_window") if g(hf, "use_sliding_window") else None)
+                               sliding_window=window)
     else:
-        cfg["attention"] = mha(hf, name, bias=bool(g(hf, "qkv_bias", True)))
-    step = g(hf, "decoder_sparse_step", 1) or 1
+        cfg["attention"] = mha(hf, name, bias=bool(hf_field(hf, "qkv_bias", True)))
+    step = hf_field(hf, "decoder_sparse_step", 1) or 1
     moe_set = set(hf_moe_layers(hf))
     cfg["moe_every"], cfg["moe_offset"] = step, step - 1
     dense = [i for i in range(hf.num_hidden_layers)
              if i not in moe_set and i >= step - 1 and (i - step + 1) % step == 0]
     cfg["layer_overrides"] = [{"layers": dense, "dense": True}] if dense else []
     router = {"kind": "topk", "score_func": "softmax",
-              "normalization": "renorm" if g(hf, "norm_topk_prob", False) else "none",
-              "aux_loss_coef": float(g(hf, "router_aux_loss_coef", 0.0))}
+              "normalization": "renorm" if hf_field(hf, "norm_topk_prob", False) else "none",
+              "aux_loss_coef": float(hf_field(hf, "router_aux_loss_coef", 0.0))}
     moe = {"d_ff": hf.moe_intermediate_size, "num_experts": hf.num_experts, "top_k": hf.num_experts_per_tok,
            "router": router}
     if not qwen3:
@@ -122,7 +123,7 @@ def _to_hf(cfg: Any, qwen3: bool) -> dict[str, Any]:
 
 
 def _layout(hf: Any, expert_layout: str, name: str, qwen3: bool) -> Layout:
-    bias = bool(g(hf, "attention_bias", False)) if qwen3 else bool(g(hf, "qkv_bias", True))
+    bias = bool(hf_field(hf, "attention_bias", False)) if qwen3 else bool(hf_field(hf, "qkv_bias", True))
     rules = body_rules(hf, mha_names(qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3))
     moe_set = set(hf_moe_layers(hf))
     for i in range(hf.num_hidden_layers):

@@ -44,7 +44,8 @@ def refuse(arch: str, field: str, value: Any, why: str) -> NoReturn:
     raise ConversionError(f"{arch}: config field {field} = {value!r} is not supported: {why}")
 
 
-def g(hf: Any, name: str, default: Any = None) -> Any:
+def hf_field(hf: Any, name: str, default: Any = None) -> Any:
+    """The field ``name`` of a Hugging Face config, or ``default`` where this transformers version lacks it."""
     return getattr(hf, name, default)
 
 
@@ -55,8 +56,8 @@ _SCALING_KEYS = {"linear": ("factor",),
 
 
 def rope_theta(hf: Any, arch: str) -> float:
-    rp = g(hf, "rope_parameters") or {}
-    theta = rp.get("rope_theta", g(hf, "rope_theta"))
+    rp = hf_field(hf, "rope_parameters") or {}
+    theta = rp.get("rope_theta", hf_field(hf, "rope_theta"))
     if theta is None:
         refuse(arch, "rope_parameters.rope_theta", None, "missing")
     return float(theta)
@@ -64,7 +65,7 @@ def rope_theta(hf: Any, arch: str) -> float:
 
 def rope_scaling(hf: Any, arch: str) -> dict[str, Any] | None:
     """``attention.rope_scaling`` for the config's ``rope_parameters`` (None for plain RoPE)."""
-    rp = dict(g(hf, "rope_parameters") or {})
+    rp = dict(hf_field(hf, "rope_parameters") or {})
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rp.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(arch, "rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "partial RoPE")
@@ -93,33 +94,33 @@ def rope_parameters(a: Any) -> dict[str, Any]:
 
 
 def activation(hf: Any, arch: str) -> str:
-    act = g(hf, "hidden_act", "silu")
+    act = hf_field(hf, "hidden_act", "silu")
     if act not in HF_TO_ACT:
         refuse(arch, "hidden_act", act, f"known: {', '.join(HF_TO_ACT)}")
     return HF_TO_ACT[act]
 
 
 def head_dim(hf: Any) -> int:
-    return g(hf, "head_dim") or hf.hidden_size // hf.num_attention_heads
+    return hf_field(hf, "head_dim") or hf.hidden_size // hf.num_attention_heads
 
 
 def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict[str, Any]:
     """The decoder fields every Llama-family config has."""
-    if g(hf, "attention_dropout", 0.0):
+    if hf_field(hf, "attention_dropout", 0.0):
         pass  # dropout does not change inference; training with it is the trainer's choice
     return {
         "kind": "decoder_lm", "vocab_size": hf.vocab_size, "d_model": hf.hidden_size,
         "num_layers": hf.num_hidden_layers, "d_ff": d_ff if d_ff is not None else hf.intermediate_size,
         "activation": activation(hf, arch), "gated": True,
-        "max_seq_len": g(hf, "max_position_embeddings") or 2048, "rms_norm_eps": float(hf.rms_norm_eps),
-        "tie_word_embeddings": bool(g(hf, "tie_word_embeddings", False)),
-        "init_std": float(g(hf, "initializer_range", 0.02) or 0.02),
+        "max_seq_len": hf_field(hf, "max_position_embeddings") or 2048, "rms_norm_eps": float(hf.rms_norm_eps),
+        "tie_word_embeddings": bool(hf_field(hf, "tie_word_embeddings", False)),
+        "init_std": float(hf_field(hf, "initializer_range", 0.02) or 0.02),
     }
 
 
 def mha(hf: Any, arch: str, **extra: Any) -> dict[str, Any]:
     return {"kind": "mha", "num_heads": hf.num_attention_heads,
-            "num_key_value_heads": g(hf, "num_key_value_heads") or hf.num_attention_heads,
+            "num_key_value_heads": hf_field(hf, "num_key_value_heads") or hf.num_attention_heads,
             "head_dim": head_dim(hf), "rope_theta": rope_theta(hf, arch), "rope_scaling": rope_scaling(hf, arch),
             **extra}
 
@@ -144,7 +145,7 @@ def base_hf(cfg: Any) -> dict[str, Any]:
 def body_rules(hf: Any, attn_names: list[str]) -> list[Rule]:
     """Embeddings, final norm, head, per-layer norms and the attention tensors named ``attn_names``."""
     rules = [copy("model.embed_tokens.weight"), copy("model.norm.weight")]
-    if not g(hf, "tie_word_embeddings", False):
+    if not hf_field(hf, "tie_word_embeddings", False):
         rules.append(copy("lm_head.weight"))
     for i in range(hf.num_hidden_layers):
         p = f"model.layers.{i}."
