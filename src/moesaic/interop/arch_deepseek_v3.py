@@ -25,21 +25,21 @@ from typing import Any
 
 from moesaic.interop.common import (
     Arch,
-    base_hf,
-    base_model,
     body_rules,
     dense_mlp_rules,
     expert_rules,
     hf_field,
+    llama_hf_fields,
+    llama_model_fields,
     moe_features,
     moe_layers,
+    per_layer_variants,
     refuse,
     rope_scaling,
     rope_theta,
     shared_expert_rules,
-    uniform,
 )
-from moesaic.interop.mapping import Layout, copy
+from moesaic.interop.mapping import Layout, copy_rule
 
 NAME = "deepseek_v3"
 
@@ -47,7 +47,7 @@ NAME = "deepseek_v3"
 def to_moesaic(hf: Any) -> dict[str, Any]:
     if not hf_field(hf, "n_shared_experts"):
         refuse(NAME, "n_shared_experts", hf_field(hf, "n_shared_experts"), "DeepSeek-V3 blocks need >= 1 shared expert")
-    cfg = base_model(hf, NAME)
+    cfg = llama_model_fields(hf, NAME)
     cfg["attention"] = {"kind": "mla", "num_heads": hf.num_attention_heads, "q_lora_rank": hf_field(hf, "q_lora_rank"),
                         "kv_lora_rank": hf.kv_lora_rank, "qk_nope_head_dim": hf.qk_nope_head_dim,
                         "qk_rope_head_dim": hf.qk_rope_head_dim, "v_head_dim": hf.v_head_dim,
@@ -69,7 +69,7 @@ def to_moesaic(hf: Any) -> dict[str, Any]:
 
 
 def unsupported(cfg: Any) -> list[str]:
-    out = [f"{NAME} lacks {x}" for x in uniform(cfg, NAME)]
+    out = [f"{NAME} lacks {x}" for x in per_layer_variants(cfg, NAME)]
     a = cfg.attention
     if a.kind != "mla":
         out.append(f"{NAME} lacks attention kind {a.kind!r} (it has Multi-head Latent Attention only)")
@@ -90,7 +90,7 @@ def unsupported(cfg: Any) -> list[str]:
 
 def to_hf(cfg: Any) -> dict[str, Any]:
     m, a = cfg.moe, cfg.attention
-    out = base_hf(cfg)
+    out = llama_hf_fields(cfg)
     out.pop("head_dim")
     out.update(num_key_value_heads=a.num_heads, moe_intermediate_size=m.d_ff, n_routed_experts=m.num_experts,
                num_experts_per_tok=m.top_k, n_shared_experts=m.shared_experts.num,
@@ -118,7 +118,7 @@ def layout(hf: Any, expert_layout: str) -> Layout:
             continue
         p = f"model.layers.{i}.mlp."
         rules += expert_rules(i, hf.n_routed_experts, expert_layout)
-        rules.append(copy(p + "gate.e_score_correction_bias", p + "router.expert_bias"))
+        rules.append(copy_rule(p + "gate.e_score_correction_bias", p + "router.expert_bias"))
         rules += shared_expert_rules(i, "shared_experts")
     L = hf.num_hidden_layers
     mtp = r"^model\.layers\.(" + "|".join(str(L + j) for j in range(8)) + r")\."

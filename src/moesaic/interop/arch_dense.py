@@ -18,15 +18,15 @@ from typing import Any
 
 from moesaic.interop.common import (
     Arch,
-    base_hf,
-    base_model,
+    attention_fields,
     body_rules,
     dense_mlp_rules,
     hf_field,
-    mha,
+    llama_hf_fields,
+    llama_model_fields,
     mha_names,
+    per_layer_variants,
     refuse,
-    uniform,
 )
 from moesaic.interop.mapping import Layout
 
@@ -34,24 +34,24 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
 
 def _to_moesaic(hf: Any, name: str) -> dict[str, Any]:
-    cfg = base_model(hf, name)
+    cfg = llama_model_fields(hf, name)
     if name == "llama":
         if hf_field(hf, "mlp_bias", False):
             refuse(name, "mlp_bias", True, "moesaic FFNs have no biases")
         bias = bool(hf_field(hf, "attention_bias", False))
-        cfg["attention"] = mha(hf, name, bias=bias, o_bias=bias)
+        cfg["attention"] = attention_fields(hf, name, bias=bias, o_bias=bias)
     elif name == "mistral":
-        cfg["attention"] = mha(hf, name, sliding_window=hf_field(hf, "sliding_window"))
+        cfg["attention"] = attention_fields(hf, name, sliding_window=hf_field(hf, "sliding_window"))
     else:
         if hf_field(hf, "use_sliding_window", False):
             refuse(name, "use_sliding_window", True, "per-layer sliding windows (layer_types) are not supported")
-        cfg["attention"] = mha(hf, name, bias=True)
+        cfg["attention"] = attention_fields(hf, name, bias=True)
     cfg["moe"] = None
     return cfg
 
 
 def _unsupported(cfg: Any, name: str) -> list[str]:
-    out = [f"{name} lacks {x}" for x in uniform(cfg, name)]
+    out = [f"{name} lacks {x}" for x in per_layer_variants(cfg, name)]
     if cfg.moe is not None:
         out.append(f"{name} lacks MoE layers (dense architecture)")
     a = cfg.attention
@@ -65,7 +65,7 @@ def _unsupported(cfg: Any, name: str) -> list[str]:
 
 
 def _to_hf(cfg: Any, name: str) -> dict[str, Any]:
-    out = base_hf(cfg)
+    out = llama_hf_fields(cfg)
     if name == "llama":
         out.update(attention_bias=cfg.attention.bias, mlp_bias=False)
     elif name == "mistral":

@@ -18,17 +18,17 @@ from typing import Any
 
 from moesaic.interop.common import (
     Arch,
-    base_hf,
-    base_model,
+    attention_fields,
     body_rules,
     expert_rules,
     hf_field,
-    mha,
+    llama_hf_fields,
+    llama_model_fields,
     mha_names,
     moe_features,
     moe_layers,
+    per_layer_variants,
     refuse,
-    uniform,
 )
 from moesaic.interop.mapping import Layout
 
@@ -39,8 +39,8 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 def to_moesaic(hf: Any) -> dict[str, Any]:
     if hf_field(hf, "router_jitter_noise", 0.0):
         refuse(NAME, "router_jitter_noise", hf.router_jitter_noise, "moesaic routers have no multiplicative jitter")
-    cfg = base_model(hf, NAME)
-    cfg["attention"] = mha(hf, NAME, sliding_window=hf_field(hf, "sliding_window"))
+    cfg = llama_model_fields(hf, NAME)
+    cfg["attention"] = attention_fields(hf, NAME, sliding_window=hf_field(hf, "sliding_window"))
     cfg["moe"] = {"d_ff": hf.intermediate_size, "num_experts": hf.num_local_experts, "top_k": hf.num_experts_per_tok,
                   "router": {"kind": "topk", "score_func": "softmax", "normalization": "renorm",
                              "aux_loss_coef": float(hf_field(hf, "router_aux_loss_coef", 0.0))}}
@@ -48,7 +48,7 @@ def to_moesaic(hf: Any) -> dict[str, Any]:
 
 
 def unsupported(cfg: Any) -> list[str]:
-    out = [f"{NAME} lacks {x}" for x in uniform(cfg, NAME)]
+    out = [f"{NAME} lacks {x}" for x in per_layer_variants(cfg, NAME)]
     a = cfg.attention
     if a.kind != "mha" or a.bias or a.o_bias or a.qk_norm:
         out.append(f"{NAME} lacks attention {a.kind} with bias/q-k norm")
@@ -61,7 +61,7 @@ def unsupported(cfg: Any) -> list[str]:
 
 def to_hf(cfg: Any) -> dict[str, Any]:
     m = cfg.moe
-    return {**base_hf(cfg), "intermediate_size": m.d_ff, "num_local_experts": m.num_experts,
+    return {**llama_hf_fields(cfg), "intermediate_size": m.d_ff, "num_local_experts": m.num_experts,
             "num_experts_per_tok": m.top_k, "sliding_window": cfg.attention.sliding_window,
             "router_aux_loss_coef": m.router.aux_loss_coef}
 

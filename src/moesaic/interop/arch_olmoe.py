@@ -18,17 +18,17 @@ from typing import Any
 
 from moesaic.interop.common import (
     Arch,
-    base_hf,
-    base_model,
+    attention_fields,
     body_rules,
     expert_rules,
     hf_field,
-    mha,
+    llama_hf_fields,
+    llama_model_fields,
     mha_names,
     moe_features,
     moe_layers,
+    per_layer_variants,
     refuse,
-    uniform,
 )
 from moesaic.interop.mapping import Layout
 
@@ -39,9 +39,9 @@ IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 def to_moesaic(hf: Any) -> dict[str, Any]:
     if hf_field(hf, "clip_qkv") is not None:
         refuse(NAME, "clip_qkv", hf.clip_qkv, "moesaic attention does not clamp q/k/v")
-    cfg = base_model(hf, NAME)
+    cfg = llama_model_fields(hf, NAME)
     bias = bool(hf_field(hf, "attention_bias", False))
-    cfg["attention"] = mha(hf, NAME, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="projection")
+    cfg["attention"] = attention_fields(hf, NAME, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="projection")
     cfg["moe"] = {"d_ff": hf.intermediate_size, "num_experts": hf.num_experts, "top_k": hf.num_experts_per_tok,
                   "router": {"kind": "topk", "score_func": "softmax",
                              "normalization": "renorm" if hf_field(hf, "norm_topk_prob", False) else "none",
@@ -50,7 +50,7 @@ def to_moesaic(hf: Any) -> dict[str, Any]:
 
 
 def unsupported(cfg: Any) -> list[str]:
-    out = [f"{NAME} lacks {x}" for x in uniform(cfg, NAME)]
+    out = [f"{NAME} lacks {x}" for x in per_layer_variants(cfg, NAME)]
     a = cfg.attention
     if a.kind != "mha" or not a.qk_norm or a.qk_norm_scope != "projection" or a.bias != a.o_bias \
             or a.sliding_window is not None:
@@ -64,7 +64,7 @@ def unsupported(cfg: Any) -> list[str]:
 
 def to_hf(cfg: Any) -> dict[str, Any]:
     m = cfg.moe
-    return {**base_hf(cfg), "intermediate_size": m.d_ff, "num_experts": m.num_experts,
+    return {**llama_hf_fields(cfg), "intermediate_size": m.d_ff, "num_experts": m.num_experts,
             "num_experts_per_tok": m.top_k, "norm_topk_prob": m.router.normalization != "none",
             "attention_bias": cfg.attention.bias, "clip_qkv": None, "router_aux_loss_coef": m.router.aux_loss_coef}
 

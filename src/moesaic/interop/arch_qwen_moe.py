@@ -24,21 +24,21 @@ from typing import Any
 
 from moesaic.interop.common import (
     Arch,
-    base_hf,
-    base_model,
+    attention_fields,
     body_rules,
     dense_mlp_rules,
     expert_rules,
     hf_field,
-    mha,
+    llama_hf_fields,
+    llama_model_fields,
     mha_names,
     moe_features,
     moe_layers,
+    per_layer_variants,
     refuse,
     shared_expert_rules,
-    uniform,
 )
-from moesaic.interop.mapping import Layout, copy
+from moesaic.interop.mapping import Layout, copy_rule
 
 IGNORE = [(r"\.rotary_emb\.inv_freq$", "recomputed from rope_theta")]
 
@@ -53,14 +53,14 @@ def hf_moe_layers(hf: Any) -> list[int]:
 def _to_moesaic(hf: Any, name: str, qwen3: bool) -> dict[str, Any]:
     if hf_field(hf, "use_sliding_window", False) and not qwen3:
         refuse(name, "use_sliding_window", True, "per-layer sliding windows (layer_types) are not supported")
-    cfg = base_model(hf, name)
+    cfg = llama_model_fields(hf, name)
     if qwen3:
         bias = bool(hf_field(hf, "attention_bias", False))
         window = hf_field(hf, "sliding_window") if hf_field(hf, "use_sliding_window") else None
-        cfg["attention"] = mha(hf, name, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="head",
+        cfg["attention"] = attention_fields(hf, name, bias=bias, o_bias=bias, qk_norm=True, qk_norm_scope="head",
                                sliding_window=window)
     else:
-        cfg["attention"] = mha(hf, name, bias=bool(hf_field(hf, "qkv_bias", True)))
+        cfg["attention"] = attention_fields(hf, name, bias=bool(hf_field(hf, "qkv_bias", True)))
     step = hf_field(hf, "decoder_sparse_step", 1) or 1
     moe_set = set(hf_moe_layers(hf))
     cfg["moe_every"], cfg["moe_offset"] = step, step - 1
@@ -80,7 +80,7 @@ def _to_moesaic(hf: Any, name: str, qwen3: bool) -> dict[str, Any]:
 
 
 def _unsupported(cfg: Any, name: str, qwen3: bool) -> list[str]:
-    out = [f"{name} lacks {x}" for x in uniform(cfg, name)]
+    out = [f"{name} lacks {x}" for x in per_layer_variants(cfg, name)]
     a = cfg.attention
     if a.kind != "mha":
         out.append(f"{name} lacks attention kind {a.kind!r}")
@@ -108,7 +108,7 @@ def _to_hf(cfg: Any, qwen3: bool) -> dict[str, Any]:
     step = cfg.moe_every if cfg.first_k_dense == 0 and cfg.moe_offset == cfg.moe_every - 1 else 1
     if any((i + 1) % step for i in moe_set):
         step = 1
-    out = {**base_hf(cfg), "moe_intermediate_size": m.d_ff, "num_experts": m.num_experts,
+    out = {**llama_hf_fields(cfg), "moe_intermediate_size": m.d_ff, "num_experts": m.num_experts,
            "num_experts_per_tok": m.top_k, "norm_topk_prob": m.router.normalization != "none",
            "decoder_sparse_step": step,
            "mlp_only_layers": [i for i in range(cfg.num_layers) if (i + 1) % step == 0 and i not in moe_set],
@@ -134,7 +134,7 @@ def _layout(hf: Any, expert_layout: str, name: str, qwen3: bool) -> Layout:
         if not qwen3:
             p = f"model.layers.{i}.mlp."
             rules += shared_expert_rules(i, "shared_expert")
-            rules.append(copy(p + "shared_expert_gate.weight", p + "shared_gate.weight"))
+            rules.append(copy_rule(p + "shared_expert_gate.weight", p + "shared_gate.weight"))
     return Layout(f"{name} ({expert_layout} experts)", rules, IGNORE)
 
 

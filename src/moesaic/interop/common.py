@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from moesaic.core.errors import ConversionError
-from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy
+from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy_rule
 
 #: Expert weight layouts on disk. ``per_expert``: one ``[out, in]`` matrix per expert and projection, the
 #: layout of every Hub checkpoint and of ``save_pretrained`` (transformers 4 and 5). ``fused``: the
@@ -104,7 +104,7 @@ def head_dim(hf: Any) -> int:
     return hf_field(hf, "head_dim") or hf.hidden_size // hf.num_attention_heads
 
 
-def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict[str, Any]:
+def llama_model_fields(hf: Any, arch: str, *, d_ff: int | None = None) -> dict[str, Any]:
     """The decoder fields every Llama-family config has."""
     if hf_field(hf, "attention_dropout", 0.0):
         pass  # dropout does not change inference; training with it is the trainer's choice
@@ -118,14 +118,15 @@ def base_model(hf: Any, arch: str, *, d_ff: int | None = None) -> dict[str, Any]
     }
 
 
-def mha(hf: Any, arch: str, **extra: Any) -> dict[str, Any]:
+def attention_fields(hf: Any, arch: str, **extra: Any) -> dict[str, Any]:
+    """The moesaic ``attention`` section (multi-head, grouped KV, RoPE) of a Llama-family HF config."""
     return {"kind": "mha", "num_heads": hf.num_attention_heads,
             "num_key_value_heads": hf_field(hf, "num_key_value_heads") or hf.num_attention_heads,
             "head_dim": head_dim(hf), "rope_theta": rope_theta(hf, arch), "rope_scaling": rope_scaling(hf, arch),
             **extra}
 
 
-def base_hf(cfg: Any) -> dict[str, Any]:
+def llama_hf_fields(cfg: Any) -> dict[str, Any]:
     """HF config fields of the Llama family from a moesaic decoder config."""
     a = cfg.attention
     return {
@@ -144,13 +145,13 @@ def base_hf(cfg: Any) -> dict[str, Any]:
 
 def body_rules(hf: Any, attn_names: list[str]) -> list[Rule]:
     """Embeddings, final norm, head, per-layer norms and the attention tensors named ``attn_names``."""
-    rules = [copy("model.embed_tokens.weight"), copy("model.norm.weight")]
+    rules = [copy_rule("model.embed_tokens.weight"), copy_rule("model.norm.weight")]
     if not hf_field(hf, "tie_word_embeddings", False):
-        rules.append(copy("lm_head.weight"))
+        rules.append(copy_rule("lm_head.weight"))
     for i in range(hf.num_hidden_layers):
         p = f"model.layers.{i}."
-        rules += [copy(p + "input_layernorm.weight"), copy(p + "post_attention_layernorm.weight")]
-        rules += [copy(p + "self_attn." + n) for n in attn_names]
+        rules += [copy_rule(p + "input_layernorm.weight"), copy_rule(p + "post_attention_layernorm.weight")]
+        rules += [copy_rule(p + "self_attn." + n) for n in attn_names]
     return rules
 
 
@@ -164,7 +165,7 @@ def mha_names(*, qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = F
 
 def dense_mlp_rules(i: int, prefix: str = "mlp") -> list[Rule]:
     p = f"model.layers.{i}.{prefix}."
-    return [copy(p + f"{n}_proj.weight", f"model.layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")]
+    return [copy_rule(p + f"{n}_proj.weight", f"model.layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")]
 
 
 def expert_rules(i: int, E: int, expert_layout: str, *, legacy_block: str = "mlp",
@@ -180,15 +181,15 @@ def expert_rules(i: int, E: int, expert_layout: str, *, legacy_block: str = "mlp
     ms = f"model.layers.{i}.mlp."
     if expert_layout == "fused":
         hp = f"model.layers.{i}.mlp."
-        return [copy(hp + router, ms + "router.weight"),
-                copy(hp + "experts.gate_up_proj", ms + "experts.w_up_EHD"),
-                copy(hp + "experts.down_proj", ms + "experts.w_down_EDF")]
+        return [copy_rule(hp + router, ms + "router.weight"),
+                copy_rule(hp + "experts.gate_up_proj", ms + "experts.w_up_EHD"),
+                copy_rule(hp + "experts.down_proj", ms + "experts.w_down_EDF")]
     if expert_layout != "per_expert":
         raise ConversionError(f"expert_layout = {expert_layout!r}: must be one of {', '.join(EXPERT_LAYOUTS)}")
     hp = f"model.layers.{i}.{legacy_block}."
     gate, up, down = legacy_names
     ex = [hp + f"experts.{{e}}.{n}.weight" for n in (gate, up, down)]
-    return [copy(hp + router, ms + "router.weight"),
+    return [copy_rule(hp + router, ms + "router.weight"),
             Rule(tuple(ex[0].format(e=e) for e in range(E)) + tuple(ex[1].format(e=e) for e in range(E)),
                  ms + "experts.w_up_EHD", StackGatedExperts(E)),
             Rule(tuple(ex[2].format(e=e) for e in range(E)), ms + "experts.w_down_EDF", StackExperts(E))]
@@ -196,7 +197,7 @@ def expert_rules(i: int, E: int, expert_layout: str, *, legacy_block: str = "mlp
 
 def shared_expert_rules(i: int, hf_name: str) -> list[Rule]:
     p = f"model.layers.{i}.mlp."
-    return [copy(p + f"{hf_name}.{n}_proj.weight", p + f"shared_experts.{n}_proj.weight")
+    return [copy_rule(p + f"{hf_name}.{n}_proj.weight", p + f"shared_experts.{n}_proj.weight")
             for n in ("gate", "up", "down")]
 
 
@@ -206,7 +207,7 @@ def moe_layers(cfg: Any) -> list[int]:
     return [i for i in range(cfg.num_layers) if cfg.layer_spec(i)[1] is not None]
 
 
-def uniform(cfg: Any, arch: str) -> list[str]:
+def per_layer_variants(cfg: Any, arch: str) -> list[str]:
     """Features that no Llama-family HF config can express: per-layer attention or MoE variants."""
     out = []
     for j, ov in enumerate(cfg.layer_overrides):

@@ -100,8 +100,9 @@ class Rule:
             raise ValueError(f"rule for {self.ms}: {self.op!r} takes {self.op.n_in} tensors, got {len(self.hf)}")
 
 
-def copy(hf: str, ms: str | None = None) -> Rule:
-    return Rule((hf,), ms if ms is not None else hf)
+def copy_rule(hf_name: str, moesaic_name: str | None = None) -> Rule:
+    """One Hugging Face tensor copied unchanged to one moesaic parameter (of the same name by default)."""
+    return Rule((hf_name,), moesaic_name if moesaic_name is not None else hf_name)
 
 
 @dataclasses.dataclass
