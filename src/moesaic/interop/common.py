@@ -38,6 +38,8 @@ class Arch:
     layout: Callable[[Any, str], Layout]
     #: Preference when several architectures can hold a model (lower first).
     rank: int = 50
+    #: The moesaic model kind this architecture imports into and exports from.
+    kind: str = "decoder_lm"
 
 
 def refuse(arch: str, field: str, value: Any, why: str) -> NoReturn:

@@ -2,7 +2,8 @@
 
 ``from_hf(path_or_model)`` reads ``config.json`` (through ``transformers.AutoConfig``, so defaults and
 legacy keys mean what transformers says), refuses a ``model_type`` outside the supported map or a config
-field moesaic cannot express (by name), builds a ``decoder_lm`` and fills it through the architecture's
+field moesaic cannot express (by name), builds a ``decoder_lm`` (a ``bert_encoder`` for BERT-family
+encoders: :mod:`moesaic.interop.hf_encoder`) and fills it through the architecture's
 declared :class:`~moesaic.interop.mapping.Layout`: every model tensor written exactly once, every file
 tensor used or explicitly ignored, every shape checked. The expert weight layout is one of two declared
 layouts (``per_expert``: what ``save_pretrained`` and the Hub use; ``fused``: transformers 5's in-memory
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from moesaic.models.decoder import DecoderLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 _GEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -115,8 +116,10 @@ def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None
 def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout: str | None = None,
             dtype: torch.dtype | None = None) -> DecoderLM:
     """A moesaic ``decoder_lm`` with the weights and outputs of a Hugging Face causal LM (a folder with
-    ``config.json`` and safetensors, or a loaded ``PreTrainedModel``). Returns it in eval mode and
-    float32 unless ``dtype`` is given; ``model.hf_info`` records the source, architecture and layout."""
+    ``config.json`` and safetensors, or a loaded ``PreTrainedModel``); for a BERT-family encoder
+    (``bert``, ``distilbert``) a ``bert_encoder`` whose output has ``.last_hidden_state``. Returns it in
+    eval mode and float32 unless ``dtype`` is given; ``model.hf_info`` records the source, architecture
+    and layout."""
     tf = _transformers()
     if isinstance(path_or_model, nn.Module):
         hf_cfg = getattr(path_or_model, "config", None)
@@ -141,6 +144,10 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
             raise ConversionError(f"{cfg_file}: transformers rejects this config ({e})") from e
         reader = WeightReader(folder)
         source = str(folder)
+    from moesaic.interop.hf_encoder import EncoderArch, import_encoder
+
+    if isinstance(arch, EncoderArch):
+        return import_encoder(arch, hf_cfg, reader, source, dtype)
     from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 
     quant = getattr(hf_cfg, "quantization_config", None)
@@ -165,7 +172,8 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
 
 def choose_arch(cfg: Any, arch: str | None = None) -> Arch:
     """The architecture ``to_hf`` uses for the moesaic model config ``cfg``."""
-    archs = architectures()
+    kind = getattr(cfg, "kind", "decoder_lm")
+    archs = {n: a for n, a in architectures().items() if a.kind == kind}
     if arch is not None:
         if arch not in archs:
             raise ConversionError(f"unknown architecture {arch!r}; supported: {', '.join(archs)}")
@@ -230,6 +238,14 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike[str], arch: str | None = 
           expert_layout: str = "per_expert", tokenizer_dir: str | os.PathLike[str] | None = None,
           max_shard_bytes: int = 5 * 2**30) -> Any:
     """Export ``model`` to ``out_dir`` as a Hugging Face checkpoint; returns the transformers config."""
+    if getattr(getattr(model, "cfg", None), "kind", None) == "bert_encoder":
+        from moesaic.interop.hf_encoder import copy_sentence_files, export_encoder
+
+        _, enc_cfg = export_encoder(model, out_dir, architectures(), arch, max_shard_bytes)  # type: ignore[arg-type]
+        src = tokenizer_dir if tokenizer_dir is not None else (getattr(model, "hf_info", {}) or {}).get("source")
+        copy_tokenizer(src, out_dir)
+        copy_sentence_files(src, Path(out_dir))
+        return enc_cfg
     if expert_layout not in EXPERT_LAYOUTS:
         raise ConversionError(f"expert_layout = {expert_layout!r}: must be one of {', '.join(EXPERT_LAYOUTS)}")
     a, hf_cfg = hf_config(model, arch)
