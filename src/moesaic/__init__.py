@@ -18,6 +18,7 @@ from moesaic.core.errors import (
     NonFiniteInputError,
 )
 from moesaic.core.types import RoutingDecision
+from moesaic.interop.embed import embed
 from moesaic.moe.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
 from moesaic.moe.layer import MoEConfig, MoELayer
 
@@ -38,6 +39,6 @@ def load(checkpoint_dir: str | Path, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "MoELayer", "MoEConfig", "RoutingDecision", "collect_aux_losses", "moe_layer", "moe_layers", "name_layers",
-    "on_optimizer_step", "load", "ConfigError", "MoesaicError", "NonFiniteInputError", "CausalityError",
+    "on_optimizer_step", "load", "embed", "ConfigError", "MoesaicError", "NonFiniteInputError", "CausalityError",
     "CheckpointError", "CheckpointCorruptError", "CheckpointMismatchError", "__version__",
 ]

@@ -46,7 +46,9 @@ def _embedding_rules(token_types: bool) -> list[Rule]:
     return [copy(f"embeddings.{n}.weight") for n in names] + _pair("embeddings.LayerNorm", "embeddings.norm")
 
 
-def _common(hf: Any, name: str) -> None:
+def _common(hf: Any, name: str, width: str, heads: str) -> None:
+    if getattr(hf, width) % getattr(hf, heads):
+        refuse(name, heads, getattr(hf, heads), f"must divide {width} ({getattr(hf, width)})")
     if g(hf, "is_decoder", False) or g(hf, "add_cross_attention", False):
         refuse(name, "is_decoder", True, "decoder / cross-attention BERT is not an encoder")
     pos = g(hf, "position_embedding_type", "absolute")
@@ -59,7 +61,7 @@ def _common(hf: Any, name: str) -> None:
 # -------------------------------------------------------------------------------------------------- BERT
 
 def bert_to_moesaic(hf: Any) -> dict[str, Any]:
-    _common(hf, "bert")
+    _common(hf, "bert", "hidden_size", "num_attention_heads")
     return {"kind": "bert_encoder", "vocab_size": hf.vocab_size, "d_model": hf.hidden_size,
             "num_layers": hf.num_hidden_layers, "num_heads": hf.num_attention_heads,
             "d_ff": hf.intermediate_size, "activation": hf_activation(hf, "bert"),
@@ -108,7 +110,7 @@ def bert_shapes(hf: Any) -> list[tuple[str, int, str, int]]:
 # -------------------------------------------------------------------------------------------- DistilBERT
 
 def distilbert_to_moesaic(hf: Any) -> dict[str, Any]:
-    _common(hf, "distilbert")
+    _common(hf, "distilbert", "dim", "n_heads")
     act = g(hf, "activation", "gelu")
     if act not in HF_TO_ACT:
         refuse("distilbert", "activation", act, f"known: {', '.join(HF_TO_ACT)}")

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from moesaic.models.decoder import DecoderLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
 _GEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
