@@ -38,6 +38,7 @@ from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_wei
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
 
 if TYPE_CHECKING:
+    from moesaic.models.bert import BertEncoder
     from moesaic.models.decoder import DecoderLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -114,7 +115,7 @@ def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None
 
 
 def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout: str | None = None,
-            dtype: torch.dtype | None = None) -> DecoderLM:
+            dtype: torch.dtype | None = None) -> DecoderLM | BertEncoder:
     """A moesaic ``decoder_lm`` with the weights and outputs of a Hugging Face causal LM (a folder with
     ``config.json`` and safetensors, or a loaded ``PreTrainedModel``); for a BERT-family encoder
     (``bert``, ``distilbert``) a ``bert_encoder`` whose output has ``.last_hidden_state``. Returns it in

@@ -20,7 +20,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
 from moesaic.interop.common import Arch
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
-from moesaic.interop.safetensors_io import short_list, write_sharded
+from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
 from moesaic.models.bert import BertEncoder, BertEncoderConfig
 
 #: Files next to the weights that describe how sentence-transformers uses the model (docs/hf.md).
@@ -113,7 +113,7 @@ def import_encoder(arch: EncoderArch, hf_cfg: Any, reader: Any, source: str | No
     model = BertEncoder(cfg)
     layout = arch.encoder_layout(hf_cfg, pooler)
     layout.ignore_hf.extend((h, "task head, not part of the encoder") for h in arch.heads)
-    import_weights(model, view, layout)
+    import_weights(model, cast(WeightReader, view), layout)  # the reader interface; cast: no Protocol
     if dtype is not None:
         model = model.to(dtype)
     ignored = [k for k in view.keys() if any(re.search(h, k) for h in arch.heads)]
@@ -150,7 +150,7 @@ def _check_against_transformers(model: BertEncoder, a: EncoderArch, hf_cfg: Any,
                               f"; unexpected {short_list(set(got) - set(want))}; shapes {short_list(bad)}")
 
 
-def copy_sentence_files(src: str | os.PathLike | None, dst: Path) -> list[str]:
+def copy_sentence_files(src: str | os.PathLike[str] | None, dst: Path) -> list[str]:
     """Copy sentence-transformers' module files (``modules.json`` and the module folders it names, e.g.
     ``1_Pooling/``) so that :func:`moesaic.embed` pools the export like the source."""
     if src is None or not Path(src).is_dir():
@@ -169,7 +169,7 @@ def copy_sentence_files(src: str | os.PathLike | None, dst: Path) -> list[str]:
     return copied
 
 
-def export_encoder(model: BertEncoder, out_dir: str | os.PathLike, archs: dict[str, Arch], arch: str | None,
+def export_encoder(model: BertEncoder, out_dir: str | os.PathLike[str], archs: dict[str, Arch], arch: str | None,
                    max_shard_bytes: int) -> tuple[EncoderArch, Any]:
     """Write ``model`` as the first encoder architecture that holds it; returns it and the HF config."""
     import transformers

@@ -126,6 +126,8 @@ class BertEncoder(nn.Module):
     """BERT-family encoder: absolute positions, token types, post-norm blocks; ``.last_hidden_state``."""
 
     Config = BertEncoderConfig
+    #: Where an imported model came from (set by ``interop.hf.from_hf``).
+    hf_info: dict[str, Any]
 
     def __init__(self, cfg: BertEncoderConfig, **kw: Any):
         super().__init__()
