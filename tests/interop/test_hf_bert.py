@@ -173,3 +173,18 @@ def test_token_types_on_a_distilbert_model_are_refused(encoders):
     batch = padded_batch(token_types=True)
     with pytest.raises(ConfigError, match="token_type_ids: this model has no token type embeddings"):
         model(**batch)
+
+
+def test_cli_import_export_of_an_encoder(encoders, tmp_path):
+    import moesaic
+    from moesaic.cli import main
+
+    folder, hf = encoders("bert")
+    assert main(["convert", "hf-import", str(folder), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "hf-export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    batch = padded_batch(token_types=True)
+    want = _outputs(base(hf), batch).last_hidden_state
+    loaded = moesaic.load(tmp_path / "ckpt")
+    back = transformers.AutoModel.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
+    for model in (loaded, back):
+        assert (_outputs(model, batch).last_hidden_state - want).abs().max().item() < TOL
