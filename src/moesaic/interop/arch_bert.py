@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesaic.interop.common import ACT_TO_HF, HF_TO_ACT, g, refuse
+from moesaic.interop.common import ACT_TO_HF, HF_TO_ACT, hf_field, refuse
 from moesaic.interop.common import activation as hf_activation
 from moesaic.interop.hf_encoder import EncoderArch
-from moesaic.interop.mapping import Layout, Rule, copy
+from moesaic.interop.mapping import Layout, Rule, copy_rule
 
 #: Buffers some checkpoints save; both are recomputed (``arange`` positions, all-zero token types).
 IGNORE = [(r"^embeddings\.position_ids$", "recomputed (0..S-1)"),
@@ -38,23 +38,23 @@ DISTILBERT_EPS = 1e-12
 
 
 def _pair(hf: str, ms: str) -> list[Rule]:
-    return [copy(f"{hf}.weight", f"{ms}.weight"), copy(f"{hf}.bias", f"{ms}.bias")]
+    return [copy_rule(f"{hf}.weight", f"{ms}.weight"), copy_rule(f"{hf}.bias", f"{ms}.bias")]
 
 
 def _embedding_rules(token_types: bool) -> list[Rule]:
     names = ["word_embeddings", "position_embeddings"] + (["token_type_embeddings"] if token_types else [])
-    return [copy(f"embeddings.{n}.weight") for n in names] + _pair("embeddings.LayerNorm", "embeddings.norm")
+    return [copy_rule(f"embeddings.{n}.weight") for n in names] + _pair("embeddings.LayerNorm", "embeddings.norm")
 
 
 def _common(hf: Any, name: str, width: str, heads: str) -> None:
     if getattr(hf, width) % getattr(hf, heads):
         refuse(name, heads, getattr(hf, heads), f"must divide {width} ({getattr(hf, width)})")
-    if g(hf, "is_decoder", False) or g(hf, "add_cross_attention", False):
+    if hf_field(hf, "is_decoder", False) or hf_field(hf, "add_cross_attention", False):
         refuse(name, "is_decoder", True, "decoder / cross-attention BERT is not an encoder")
-    pos = g(hf, "position_embedding_type", "absolute")
+    pos = hf_field(hf, "position_embedding_type", "absolute")
     if pos not in (None, "absolute"):
         refuse(name, "position_embedding_type", pos, "only absolute position embeddings exist in bert_encoder")
-    if g(hf, "quantization_config", None):
+    if hf_field(hf, "quantization_config", None):
         refuse(name, "quantization_config", "set", "dequantize the checkpoint first")
 
 
@@ -66,8 +66,8 @@ def bert_to_moesaic(hf: Any) -> dict[str, Any]:
             "num_layers": hf.num_hidden_layers, "num_heads": hf.num_attention_heads,
             "d_ff": hf.intermediate_size, "activation": hf_activation(hf, "bert"),
             "max_position_embeddings": hf.max_position_embeddings, "type_vocab_size": hf.type_vocab_size,
-            "layer_norm_eps": float(hf.layer_norm_eps), "pad_token_id": g(hf, "pad_token_id"),
-            "init_std": float(g(hf, "initializer_range", 0.02) or 0.02)}
+            "layer_norm_eps": float(hf.layer_norm_eps), "pad_token_id": hf_field(hf, "pad_token_id"),
+            "init_std": float(hf_field(hf, "initializer_range", 0.02) or 0.02)}
 
 
 def bert_to_hf(cfg: Any) -> dict[str, Any]:
@@ -111,15 +111,15 @@ def bert_shapes(hf: Any) -> list[tuple[str, int, str, int]]:
 
 def distilbert_to_moesaic(hf: Any) -> dict[str, Any]:
     _common(hf, "distilbert", "dim", "n_heads")
-    act = g(hf, "activation", "gelu")
+    act = hf_field(hf, "activation", "gelu")
     if act not in HF_TO_ACT:
         refuse("distilbert", "activation", act, f"known: {', '.join(HF_TO_ACT)}")
     return {"kind": "bert_encoder", "vocab_size": hf.vocab_size, "d_model": hf.dim, "num_layers": hf.n_layers,
             "num_heads": hf.n_heads, "d_ff": hf.hidden_dim,
             "activation": HF_TO_ACT[act],
             "max_position_embeddings": hf.max_position_embeddings, "type_vocab_size": 0,
-            "layer_norm_eps": DISTILBERT_EPS, "pad_token_id": g(hf, "pad_token_id"),
-            "init_std": float(g(hf, "initializer_range", 0.02) or 0.02)}
+            "layer_norm_eps": DISTILBERT_EPS, "pad_token_id": hf_field(hf, "pad_token_id"),
+            "init_std": float(hf_field(hf, "initializer_range", 0.02) or 0.02)}
 
 
 def distilbert_to_hf(cfg: Any) -> dict[str, Any]:
