@@ -1,7 +1,8 @@
 """moesaic: Mixture-of-Experts Transformers in PyTorch.
 
-Public names (stable, design §5): :class:`MoELayer`, :class:`RoutingDecision`, :func:`collect_aux_losses`,
-:func:`moe_layer`, :func:`load`, and the subpackages ``interop.hf`` (``from_hf``/``to_hf``).
+Public names (stable; the public surface of docs/design.md): :class:`MoELayer`, :class:`RoutingDecision`,
+:func:`collect_aux_losses`, :func:`moe_layer`, :func:`load`, and the subpackages ``interop.hf``
+(``from_hf``/``to_hf``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Record routing decisions of every MoE layer during forwards (design §2, analysis).
+"""Record routing decisions of every MoE layer during forwards (the input of routing analysis and expert placement).
 
 ``with RoutingRecorder(model) as rec: model(x)`` stores, for each MoE layer (by module path, in model
 order), every forward's assignments through a forward hook on the layer's router (the layer and router
 code are untouched). :meth:`RoutingRecorder.topk_ids` returns ``[T_total, k]`` expert ids per layer
 (choice order, ``-1`` where a token has fewer experts, padding rows included as all ``-1``), the input of
-inter-layer affinity (ExFlow, systems.md §6.1). Hooks are removed on exit.
+inter-layer affinity (ExFlow: Yao et al. 2024, "Exploiting Inter-Layer Expert Affinity for Accelerating
+Mixture-of-Experts Model Inference", arXiv 2401.08383). Hooks are removed on exit.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``moesaic bench layer``: forward and forward+backward time and memory of one MoE layer, every moesaic
-expert backend against two floors and the transformers peers (systems.md §2, §13).
+expert backend against two floors and the transformers peers (docs/benchmarks.md, ``moesaic bench layer``).
 
 Before anything is timed, every implementation runs once in fp32 on the same input, and the outputs of
 implementations of one family (same routing semantics, identical copied weights) must agree within

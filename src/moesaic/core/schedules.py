@@ -6,8 +6,9 @@ A schedule is a typed config with a ``kind`` and a pure ``value(step) -> float``
 by ``on_optimizer_step(step)``, which :func:`moesaic.on_optimizer_step` calls on every module once per
 optimizer step with the new global step (0 before the first step).
 
-Formulas of the SMoE-Dropout ``calculate_gate_number`` modes (VITA-Group/Random-MoE-as-Dropout
-``new_utils.py``; routing.md §5), with ``lo = min_value``, ``hi = max_value``, ``S = total_steps`` and
+Formulas of the SMoE-Dropout ``calculate_gate_number`` modes (Chen et al. 2023, "Sparse MoE as the New
+Dropout: Scaling Dense and Self-Slimmable Transformers"; code: VITA-Group/Random-MoE-as-Dropout
+``new_utils.py``), with ``lo = min_value``, ``hi = max_value``, ``S = total_steps`` and
 ``s = min(step, S)``; ``rnd`` is Python's ``round`` (half to even, as in the original) when
 ``integer: true`` and the identity otherwise; every result is clipped to ``[lo, hi]``:
 
@@ -18,13 +19,14 @@ Formulas of the SMoE-Dropout ``calculate_gate_number`` modes (VITA-Group/Random-
 * ``exp_increase``: ``rnd((lo - hi) * base ** (s // (S // intervals))) + hi`` (base 0.99, 300 intervals)
 * ``multi_step_increase``/``multi_step_decrease``: ``values[int(len(values) * s / S)]``
 
-[DECISION] The step is clamped to ``S`` ("clamped after S_total", routing.md §5 property 2): the
-original's cosine would turn back after ``2S`` and its multi-step index overflows at ``s = S``; at
+The step is clamped to ``S``, unlike the original, so that every mode stays at its end value after the
+ramp: the original's cosine would turn back after ``2S`` and its multi-step index overflows at ``s = S``; at
 ``s = S`` the multi-step modes take the last value. ``exp_increase`` is the exception: it is monotone
 for every step, and like the original it is not at ``hi`` at ``s = S`` in general (``0.99^300 = 0.049``,
 so ``lo = 2, hi = 16`` gives 15 at ``S``); it keeps approaching ``hi`` after ``S``, as the original does.
 
-EvoMoE temperature (routing.md §10, ``fairseq/modules/moe/topkgate.py``), with ``D = decay_steps``:
+EvoMoE temperature (Nie et al. 2021, arXiv 2112.14397; code: codecaution/EvoMoE
+``fairseq/modules/moe/topkgate.py``), with ``D = decay_steps``:
 
 * ``exp_decay``: ``max(hi * exp(step * ln(lo / hi) / D), lo)``
 * linear decay is ``linear_decrease`` with ``integer: false`` and ``total_steps: D``:
@@ -113,7 +115,7 @@ _register("constant", ConstantScheduleConfig)
 
 @dataclasses.dataclass
 class RampScheduleConfig(ScheduleConfig):
-    """Moves between ``min_value`` and ``max_value`` over ``total_steps`` (SMoE-Dropout §5)."""
+    """Moves between ``min_value`` and ``max_value`` over ``total_steps`` (the SMoE-Dropout k schedules)."""
 
     kind: str = "linear_increase"
     min_value: float = 1.0

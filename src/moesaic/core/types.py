@@ -30,7 +30,7 @@ class AuxStatistic(Protocol):
 
 @dataclass(frozen=True)
 class RoutingDecision:
-    """Sparse assignments of tokens to experts in COO form (design §1).
+    """Sparse assignments of tokens to experts in COO form (docs/design.md, RoutingDecision).
 
     COO rather than ``[T, K]`` lets token choice, expert choice, capacity drops, variable k (top-p,
     zero experts) and soft routing share one contract. Assignment n sends token ``token_idx_N[n]`` to

@@ -2,9 +2,10 @@
 
 Usage: ``python -m moesaic.examples.ewa_merge configs/papers/ewa.yaml [--set k=v ...]``
 
-Experts Weights Averaging (Huang et al. 2023; routing.md §11): the experts are averaged toward each other
-after every optimizer step, so at the end the merged FFN (the mean of the experts) should predict about as
-well as the MoE it replaces. Prints the held-out MSE of both and the relative spread of the experts.
+Experts Weights Averaging (Huang et al. 2023, arXiv 2308.06093; docs/papers.md): the experts are averaged
+toward each other after every optimizer step, so at the end the merged FFN (the mean of the experts) should
+predict about as well as the MoE it replaces. Prints the held-out MSE of both and the relative spread of the
+experts.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ reason) and the moesaic tensors that are not weights (training state such as the
 counter). Nothing is guessed from names or shapes: a layout that does not fit the checkpoint exactly is an
 error, never a silent skip.
 
-:func:`import_weights` enforces the conversion contract of the reliability spec (§3.2, §4.4 H4/H5):
+:func:`import_weights` enforces the conversion contract of docs/hf.md (Safety rules):
 every target tensor is written exactly once, every source tensor is used exactly once or explicitly
 ignored, every shape matches, and a weight-layout tag in the file metadata must agree with the declared
 ``out,in`` orientation. All violations are collected and raised as one :class:`ConversionError` listing

@@ -2,9 +2,9 @@
 
 A Hugging Face weight folder holds either one ``model.safetensors`` or several shards listed by
 ``model.safetensors.index.json`` (``{"weight_map": {key: file}}``). :class:`WeightReader` opens either,
-checks that every shard the index names exists and holds exactly the keys the index gives it (reliability
-spec §3.3: a missing shard fails with the list of missing keys), and reads tensors lazily. Pickle files
-(``pytorch_model.bin``) are refused: no code execution on load (§3.2).
+checks that every shard the index names exists and holds exactly the keys the index gives it (a missing
+shard fails with the list of missing keys; docs/hf.md, Safety rules), and reads tensors lazily. Pickle
+files (``pytorch_model.bin``) are refused: unpickling can run arbitrary code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA; DeepSeek-V2, arXiv 2405.04434 §2.1; DeepSeek-V3, arXiv 2412.19437 §2.1.1).
+"""Multi-head Latent Attention (MLA; DeepSeek-V2, arXiv 2405.04434 Sec. 2.1; DeepSeek-V3, arXiv 2412.19437 Sec. 2.1.1).
 
 Keys and values are compressed into one latent ``c_KV`` of width ``kv_lora_rank`` per token (RMS-normed),
 plus one rotary key ``k_R`` of width ``qk_rope_head_dim`` shared by all heads ("decoupled RoPE"). The

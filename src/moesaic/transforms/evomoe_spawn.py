@@ -1,12 +1,13 @@
 """EvoMoE expert diversify: spawn the N experts of an MoE layer from one trained expert (Nie et al. 2021).
 
-routing.md §10 phase 1 [PAPER-MEM], Appendix C.7 UNRESOLVED: the paper trains a single shared FFN for a
-while and then "spawns" diverse experts from it; whether the experts differ by a random weight mask or
-by noise could not be confirmed, so both readings are offered and neither is the only one:
+EvoMoE ("EvoMoE: An Evolutional Mixture-of-Experts Training Framework via Dense-To-Sparse Gate", arXiv
+2112.14397) trains a single shared FFN for a while and then "spawns" diverse experts from it. Its released
+code has no such step, and the paper text we could reach does not say whether the experts differ by a
+random weight mask or by noise, so both readings are offered and neither is the only one:
 
-* ``method: mask`` (the spec's reading): ``W_i = W * M_i`` with an independent Bernoulli(``keep_ratio``)
-  mask per expert and weight entry (``rescale: true`` divides by ``keep_ratio``, dropout-style, so
-  ``E[W_i] = W``);
+* ``method: mask`` (the default; our reading of the paper, not confirmed): ``W_i = W * M_i`` with an
+  independent Bernoulli(``keep_ratio``) mask per expert and weight entry (``rescale: true`` divides by
+  ``keep_ratio``, dropout-style, so ``E[W_i] = W``);
 * ``method: noise``: ``W_i = W + eps_i`` with ``eps_i ~ N(0, (noise_std * std(W))^2)`` per tensor;
 * ``method: copy``: plain copies (sparse upcycling; no diversification), useful as a control.
 

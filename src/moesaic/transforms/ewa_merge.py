@@ -1,6 +1,7 @@
 """Merge an MoE layer back into one dense FFN: the end of Experts Weights Averaging training.
 
-routing.md §11 (EWA; Huang et al. 2023): after training, every parameter tensor of the N experts is
+Experts Weights Averaging (Huang et al. 2023, "Experts Weights Averaging: A New General Training Scheme for
+Vision Transformers", arXiv 2308.06093): after training, every parameter tensor of the N experts is
 averaged, ``W_FFN = (1/N) sum_i W_i``, and the model is the original dense network again. With the
 random-partition router (weight 1 per token) the merged FFN is exact when the experts are equal, which
 EWA drives them toward; for other routers the merge is the same average but not output-preserving.

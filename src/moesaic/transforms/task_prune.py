@@ -1,4 +1,6 @@
-"""Task-level sparsity for M3ViT task gates (routing.md §13.1 inference, §13.2 Edge-MoE).
+"""Task-level sparsity for M3ViT task gates: single-task inference keeps only that task's experts (Liang et
+al. 2022, "M3ViT: Mixture-of-Experts Vision Transformer for Efficient Multi-task Learning with
+Model-Accelerator Co-design"; Sarkar et al. 2023, "Edge-MoE", which runs that pruned path on an FPGA).
 
 :func:`prune_to_task` returns a copy of a ``task_gates`` MoE layer that holds only the experts one task
 uses, plus that task's gate (all its logits, so the softmax weights are unchanged). For inputs whose
