@@ -1,4 +1,5 @@
-"""Hang soak for expert parallelism (reliability.md §4.2 D6): 500 steps with adversarial random loads.
+"""Hang soak for expert parallelism (docs/benchmarks.md, Expert-parallel hang soak): 500 steps with adversarial
+random loads.
 
 Every step draws expert loads from Dirichlet(0.1) (the same vector on every rank; tokens drawn per rank),
 so many experts get zero tokens and a few get almost all, and ~30% of the ranks have zero valid tokens

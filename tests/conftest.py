@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic, single-threaded-friendly, tiny sizes (design §7)."""
+"""Shared test settings: deterministic, single-threaded-friendly, tiny sizes."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Typed configs (design "Configs"; reliability §3.1): strict parsing, YAML round trip, --set overrides."""
+"""Typed configs (docs/design.md, Configs): strict parsing, YAML round trip, --set overrides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Schedules (src/moesaic/core/schedules.py): SMoE-Dropout k modes (routing.md §5), EvoMoE temperature (§10)."""
+"""Schedules (src/moesaic/core/schedules.py): SMoE-Dropout k modes (Chen et al. 2023), EvoMoE temperature
+(Nie et al. 2021)."""
 
 import math
 
@@ -51,7 +52,7 @@ def test_matches_original_formula(mode, lo, hi):
 
 
 def test_golden_values():
-    # Script setting of routing.md §5: E = 16, k from 8 to 16 over 400k steps.
+    # The SMoE-Dropout Transformer-XL script's setting: E = 16, k from 8 to 16 over 400k steps.
     lin = _k_schedule("linear_increase")
     assert [lin.value(s) for s in (0, 100_000, 200_000, 400_000, 10**7)] == [8, 10, 12, 16, 16]
     cos_inc = _k_schedule("cosine_increase")

@@ -1,5 +1,5 @@
-"""``moesaic check`` rejects bad configs with exit 2 and exactly one ``error: ...`` line naming the field
-(reliability §3.1), and accepts good ones with exit 0.
+"""``moesaic check`` rejects bad configs with exit 2 and exactly one ``error: ...`` line naming the field,
+before anything is built, and accepts good ones with exit 0.
 
 Every case runs the real command ``python -m moesaic check FILE``. Importing torch costs seconds per
 interpreter on 2 cores, so one helper interpreter imports moesaic once and then forks one child per case;

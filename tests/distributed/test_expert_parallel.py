@@ -1,5 +1,6 @@
-"""Expert parallelism on real gloo processes vs one process on the same global batch (reliability.md
-§4.2 D1, D2, D4, D5, D7). One spawn per world size runs every case; the tests read its results."""
+"""Expert parallelism on real gloo processes vs one process on the same global batch (docs/parallel.md): losses,
+parameters, dispatcher outputs, gradients and counts. One spawn per world size runs every case; the tests read
+its results."""
 
 import dataclasses
 
@@ -106,7 +107,7 @@ def test_reruns_bitwise_equal(ep):
 
 @pytest.mark.parametrize("name", ["fp64", "unequal", "sequence"])
 def test_dispatcher_equivalence_outputs_grads_counts(ep, name):
-    """The all-to-all dispatcher vs the local sort dispatcher on the global batch (D7, D3), fp64."""
+    """The all-to-all dispatcher vs the local sort dispatcher on the global batch, fp64."""
     W, res, reference = ep
     ref = reference[name]
     per = cases(W)[name].batch // W

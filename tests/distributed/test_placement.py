@@ -1,4 +1,4 @@
-"""Affinity-aware placement (systems.md §6.4) and the routing recorder."""
+"""Affinity-aware expert placement (ExFlow: Yao et al. 2024, arXiv 2401.08383) and the routing recorder."""
 
 import numpy as np
 import pytest

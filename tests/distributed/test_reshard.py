@@ -1,4 +1,4 @@
-"""Multi-process training with global expert checkpoints (reliability.md §4.3 C4, C5; §4.2 D9):
+"""Multi-process training with global expert checkpoints (docs/parallel.md):
 train at EP=2, resume at EP=4, EP=1 and back at EP=2; every expert tensor bitwise equal after the
 round trips; the next step's loss equals the one-process reference; `moesaic train --nproc 2` and a
 failing rank."""

@@ -1,5 +1,5 @@
-"""Bad Hugging Face inputs give typed errors that name the keys, fields or files (reliability spec §3.3,
-§4.4 H4-H6): unsupported architectures, mismatched configs, missing shards, transposed weights, tensors
+"""Bad Hugging Face inputs give typed errors that name the keys, fields or files (docs/hf.md, Safety
+rules): unsupported architectures, mismatched configs, missing shards, transposed weights, tensors
 neither used nor ignored, undeclared layouts, pickle-only folders."""
 
 from __future__ import annotations

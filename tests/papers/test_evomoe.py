@@ -120,7 +120,7 @@ def test_argmax_guard_for_many_experts():
     assert off.router(torch.randn(10, D, dtype=torch.float64)).num_assignments == 0
 
 
-# ------------------------------------------------------------------------------ expert diversify (C.7)
+# ------------------------------------------------- expert diversify (mask or noise: the paper leaves it open)
 def source_ffn():
     torch.manual_seed(1)
     return DenseFFN(D, F).double()

@@ -1,4 +1,5 @@
-"""Experts Weights Averaging (routing.md §11 + Appendix C decision): RUP routing, averaging, merge."""
+"""Experts Weights Averaging (Huang et al. 2023, arXiv 2308.06093; our share_rate convention in docs/papers.md):
+random uniform partition routing, averaging, merge."""
 
 import pytest
 import torch

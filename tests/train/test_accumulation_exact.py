@@ -1,4 +1,4 @@
-"""Exact aux accumulation (reliability.md U14, §3.1): with ``train.aux_accumulation: exact`` (the default),
+"""Exact aux accumulation (docs/training.md, Trainer): with ``train.aux_accumulation: exact`` (the default),
 gradient accumulation 4 x 2 equals batch 8 in float64 (step loss, aux loss and every parameter gradient
 within 1e-12) for batch-statistic balance losses too, with unequal valid tokens per micro-batch. The
 definition is in moesaic/train/loss.py, the mechanism in moesaic/train/global_aux.py."""

@@ -1,4 +1,4 @@
-"""Corruption fuzz (reliability §3.2, C7): 500 random mutations of a checkpoint are all detected: a typed
+"""Corruption fuzz (docs/training.md, Checkpoints): 500 random mutations of a checkpoint are all detected: a typed
 error on explicit load, and auto-resume falls back to the previous valid checkpoint."""
 
 import random

@@ -1,4 +1,4 @@
-"""Gradient accumulation 4 x 2 equals batch 8 (float64; reliability U14): LM loss, aux loss and gradients,
+"""Gradient accumulation 4 x 2 equals batch 8 (float64; docs/training.md, Trainer): LM loss, aux loss and gradients,
 with unequal valid tokens per micro-batch (padding and ignored labels). Definition: moesaic/train/loss.py."""
 
 import copy

@@ -1,4 +1,4 @@
-"""Bit-exact resume (reliability §3.5, C1-C3): 40 straight steps vs 20 + kill -9 + --resume, kills inside a
+"""Bit-exact resume (docs/training.md, Checkpoints): 40 straight steps vs 20 + kill -9 + --resume, kills inside a
 save (fault hooks), SIGTERM preemption; real subprocesses, fp32, CPU, one thread."""
 
 import json

@@ -1,5 +1,6 @@
-"""THOR in the trainer (routing.md §4): ``train.consistency_alpha`` runs two stochastic passes per micro-batch
-with the objective CE1 + CE2 + alpha * CR (moesaic.train.thor.thor_lm_step)."""
+"""THOR in the trainer (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic Experts"):
+``train.consistency_alpha`` runs two stochastic passes per micro-batch with the objective CE1 + CE2 + alpha * CR
+(moesaic.train.thor.thor_lm_step)."""
 
 import copy
 

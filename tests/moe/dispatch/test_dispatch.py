@@ -1,4 +1,4 @@
-"""Dispatchers (design §1; routing.md §1.2-1.3; reliability U4, U9): exact round trip, sort == capacity when
+"""Dispatchers (docs/design.md, Dispatcher; capacity as in Switch and GShard): exact round trip, sort == capacity when
 nothing drops, and the capacity grid against an independent per-expert count."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def independent_keep(d: RoutingDecision, C: int, policy: str) -> set[tuple[int, 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("cf", [0.25, 0.5, 1.0, 1.25, 2.0, "E/k+1"])
 def test_capacity_grid(cf, k, policy, adversarial):
-    """U9: routed <= C per expert, dropped + kept == T*k, the reported drop count equals an independent
+    """Routed <= C per expert, dropped + kept == T*k, the reported drop count equals an independent
     count, and the kept assignments are exactly the first C per expert in the policy's order."""
     T = 20
     cf = E / k + 1 if cf == "E/k+1" else cf

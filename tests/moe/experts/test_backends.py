@@ -1,4 +1,4 @@
-"""Every expert backend agrees with ``loop`` (systems.md §2.4): outputs and gradients, edge loads."""
+"""Every expert backend agrees with ``loop`` (the readable reference): outputs and gradients, edge loads."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Expert collections (design §1): every backend equals ``loop`` in float64, segmentation, per-expert state."""
+"""Expert collections (docs/design.md, Experts): every backend equals ``loop`` in float64, segmentation,
+per-expert state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MoE layer (design §1; reliability U3, U6, U10): dense equivalence, aux coefficients, gradients of
+"""The MoE layer (docs/design.md, The layer): dense equivalence, aux coefficients, gradients of
 unused experts, shared experts, aux-loss collection."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def copy_into_dense(layer, gated: bool, act: str, e: int = 0) -> DenseFFN:
 
 @pytest.mark.parametrize("kind,act", [("glu", "silu"), ("mlp", "gelu")])
 def test_one_expert_top1_equals_the_dense_ffn(kind, act):
-    """U3: E=1, k=1 is the dense FFN: output and every gradient within 1e-12 in float64."""
+    """E=1, k=1 is the dense FFN: output and every gradient within 1e-12 in float64."""
     layer = moesaic.moe_layer(D, F, 1, 1, router={"normalization": "none"},
                               experts={"kind": kind, "activation": act}).double()
     gated = kind == "glu"
@@ -64,7 +64,7 @@ def test_identical_experts_with_k_equal_E_renormalised_equal_the_dense_ffn():
 
 
 def test_aux_coefficient_zero_gives_exactly_zero_aux_gradient():
-    """U6: coefficient 0 adds nothing to the router gradient (bit for bit); > 0 adds a non-zero gradient."""
+    """Coefficient 0 adds nothing to the router gradient (bit for bit); > 0 adds a non-zero gradient."""
     x = torch.randn(24, D, dtype=torch.float64)
 
     def router_grads(coef):
@@ -84,7 +84,7 @@ def test_aux_coefficient_zero_gives_exactly_zero_aux_gradient():
 
 
 def test_unused_experts_still_get_a_grad():
-    """U10: an expert that received no token has .grad (zeros) after backward, for every backend."""
+    """An expert that received no token has .grad (zeros) after backward, for every backend."""
     from moesaic.moe.experts.backends import BACKENDS
 
     for backend in sorted(BACKENDS):
