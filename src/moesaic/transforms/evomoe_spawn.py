@@ -5,7 +5,7 @@ EvoMoE ("EvoMoE: An Evolutional Mixture-of-Experts Training Framework via Dense-
 code has no such step, and the paper text we could reach does not say whether the experts differ by a
 random weight mask or by noise, so both readings are offered and neither is the only one:
 
-* ``method: mask`` (the default; our reading of the paper, not confirmed): ``W_i = W * M_i`` with an
+* ``method: mask`` (the default, not claimed to be the paper's): ``W_i = W * M_i`` with an
   independent Bernoulli(``keep_ratio``) mask per expert and weight entry (``rescale: true`` divides by
   ``keep_ratio``, dropout-style, so ``E[W_i] = W``);
 * ``method: noise``: ``W_i = W + eps_i`` with ``eps_i ~ N(0, (noise_std * std(W))^2)`` per tensor;
