@@ -166,7 +166,8 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: in
     sentence-transformers files of the model's source folder (``model.hf_info["source"]``) or of the
     tokenizer folder; ``pooling`` (``mean``, ``cls``, ``max``), ``normalize`` and ``max_length`` override
     them. Without such files, ``pooling`` must be given (normalisation then defaults to off, truncation to
-    the model's ``max_position_embeddings``)."""
+    the model's ``max_position_embeddings``). Batches are formed longest text first; row ``i`` of the
+    result is ``texts[i]``."""
     if batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be >= 1")
     declared = _declared(model, tokenizer)
@@ -185,13 +186,20 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: in
     batcher = _Batcher(tokenizer, max_length, pad_id)
     use_types = getattr(cfg, "type_vocab_size", 0) > 0
     device = next(model.parameters()).device
+    # Longest texts first (by characters, as sentence-transformers orders them) so that each batch pads
+    # little; the rows are put back in input order at the end.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out: list[Tensor] = []
     for start in range(0, len(texts), batch_size):
-        batch = batcher(list(texts[start:start + batch_size]))
+        batch = batcher([texts[i] for i in order[start:start + batch_size]])
         kw = {"token_type_ids": batch["token_type_ids"].to(device)} if use_types and "token_type_ids" in batch else {}
         mask_BS = batch["attention_mask"].to(device)
         h_BSD = model(batch["input_ids"].to(device), attention_mask=mask_BS, **kw).last_hidden_state
         e_BD = pool(h_BSD.float(), mask_BS, pooling)
         out.append((F.normalize(e_BD, p=2, dim=1) if normalize else e_BD).cpu())
-    d = getattr(cfg, "d_model", 0)
-    return torch.cat(out) if out else torch.zeros(0, d)
+    if not out:
+        return torch.zeros(0, getattr(cfg, "d_model", 0))
+    sorted_ND = torch.cat(out)
+    result_ND = torch.empty_like(sorted_ND)
+    result_ND[torch.tensor(order)] = sorted_ND
+    return result_ND
