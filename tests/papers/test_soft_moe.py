@@ -83,6 +83,33 @@ def test_padding_invariance_and_gradients():
     assert layer.router.phi_SD.grad.abs().sum() > 0 and (x.grad[0, 4:] == 0).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_masked_padding_is_ignored(bad):
+    """Padding may hold anything (as for every router): NaN or inf in masked rows raises nothing, and outputs
+    and gradients (input and slot parameters) equal those with zero padding; NaN in a real token raises."""
+    layer = _layer()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    runs = []
+    for fill in (0.0, bad):
+        xi = x.clone()
+        xi[0, 4:] = fill
+        xi.requires_grad_()
+        layer.zero_grad()
+        y = layer(xi, mask=mask)
+        y.square().sum().backward()
+        runs.append((y.detach(), xi.grad, layer.router.phi_SD.grad.clone()))
+    (y0, gx0, gp0), (y1, gx1, gp1) = runs
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=0)
+    assert (y1[0, 4:] == 0).all() and (gx1[0, 4:] == 0).all()
+    torch.testing.assert_close(gx1, gx0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gp1, gp0, atol=1e-12, rtol=0)
+    x[1, 2, 3] = bad
+    with pytest.raises(moesaic.NonFiniteInputError, match="1 of 10 valid tokens"):
+        layer(x, mask=mask)
+
+
 def test_refuses_causal_and_needs_soft_dispatcher():
     with pytest.raises(CausalityError, match="soft_moe"):
         moesaic.moe_layer(16, 32, 2, 1, router={"kind": "soft_moe"}, dispatcher={"kind": "soft"}, causal=True)
