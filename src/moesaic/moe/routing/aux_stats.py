@@ -78,8 +78,9 @@ def share(stat: AuxStat, local: Mapping[str, Tensor], total: Mapping[str, Tensor
 
 
 def count(n: int, like: Tensor) -> Tensor:
-    """A count statistic (tokens, sequences) as a 0-dim tensor of ``like``'s dtype and device."""
-    return torch.tensor(float(n), dtype=like.dtype, device=like.device)
+    """A count statistic (tokens, sequences) as a 0-dim tensor of ``like``'s dtype and device (a fill on the
+    device, not a copy from the host, so no accelerator sync per forward)."""
+    return like.new_full((), float(n))
 
 
 class TokenMean(AuxStat):
