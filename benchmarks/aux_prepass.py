@@ -1,7 +1,7 @@
 """Cost of exact aux accumulation (``train.aux_accumulation: exact``): the step time of the demo LM with
 gradient accumulation, exact vs ``micro_batch``, measured side by side in one process (steps alternate
 between two identical trainers, so load from other processes hits both equally), and the time of the
-no-grad pre-pass itself inside the exact steps (moesaic.train.global_aux).
+no-grad pre-pass itself inside the exact steps (moesaic.train.exact_aux.aux_totals).
 
 Usage: ``python benchmarks/aux_prepass.py [configs/demo.yaml] [--grad-accum 4] [--steps 24] [--threads 1]
 [--set k=v ...] [--json out.json]``
@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 
-from moesaic.moe.routing import global_aux
+from moesaic.train import aux_accumulation
 from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
@@ -32,14 +32,15 @@ def main() -> None:
     a = ap.parse_args()
 
     prepass_s: list[float] = []
-    original = global_aux.GlobalAux.prepass
+    original = aux_accumulation.aux_totals
 
-    def timed(self, *args, **kw):
+    def timed(*args, **kw):
         t0 = time.perf_counter()
-        original(self, *args, **kw)
+        out = original(*args, **kw)
         prepass_s.append(time.perf_counter() - t0)
+        return out
 
-    global_aux.GlobalAux.prepass = timed
+    aux_accumulation.aux_totals = timed
     trainers = {}
     for mode in ("micro_batch", "exact"):
         cfg = load_run_config(a.config, overrides=[*a.overrides, f"train.aux_accumulation={mode}",

@@ -15,8 +15,8 @@ import argparse
 import sys
 import time
 
-from moesaic.distributed.equivalence import Case, ep_worker
 from moesaic.distributed.launch import spawn
+from moesaic.train.ep_equivalence import Case, ep_worker
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from moesaic.distributed.equivalence import Case, ep_worker, run
 from moesaic.distributed.launch import spawn
+from moesaic.train.ep_equivalence import Case, ep_worker, run
 
 ROUTER = {"expert_bias": True, "bias_update_rate": 0.01, "z_loss_coef": 1e-3}
 VALID = {"unequal": {2: [6, 0], 4: [6, 0, 3, 5]}, "sequence": {2: [0, 16], 4: [16, 3, 0, 9]}}

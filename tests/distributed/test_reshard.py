@@ -114,8 +114,11 @@ def test_cli_nproc_and_failing_rank(tmp_path):
     assert (tmp_path / "ok" / "step-00000002" / "experts.json").is_file()
     assert [r["step"] for r in map(json.loads, open(tmp_path / "ok" / "metrics.jsonl"))] == [1, 2]
     t0 = time.time()
-    bad = subprocess.run([*cmd, "--out", str(tmp_path / "bad")], env={**env, "MOESAIC_FAIL_RANK": "1",
-                         "MOESAIC_FAIL_STEP": "0"}, capture_output=True, text=True, timeout=240)
+    launch = str(Path(__file__).resolve().parents[1] / "fault_launch.py")  # rank 1 raises at step 0
+    failing = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+               launch, "fail", "step.begin", "0", "--rank", "1", "--", "train", str(cfg)]
+    bad = subprocess.run([*failing, "--out", str(tmp_path / "bad")], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240)
     assert bad.returncode != 0 and "rank 1 fails" in bad.stderr
     assert time.time() - t0 < 30 + 60
     assert not list((tmp_path / "bad").glob("step-*")) and not (tmp_path / "bad" / "LATEST").exists()

@@ -27,4 +27,5 @@ def test_lm_recipes_validate(name):
     cfg = load_run_config(str(ROOT / "configs" / "papers" / f"{name}.yaml"))
     assert cfg.model.kind == "decoder_lm" and cfg.data.kind == "shakespeare"
     if name == "thor_lm":
-        assert cfg.train.consistency_alpha == 5.0 and cfg.model.moe.router.kind == "thor"
+        assert cfg.train.objective.kind == "thor" and cfg.train.objective.alpha == 5.0
+        assert cfg.model.moe.router.kind == "thor"

@@ -7,7 +7,7 @@ from torch import nn
 import moesaic
 from moesaic.core.errors import ConfigError
 from moesaic.moe.routing.thor import thor_consistency_loss
-from moesaic.train.thor import thor_step
+from moesaic.train.objectives.thor import thor_step
 
 V = 11
 

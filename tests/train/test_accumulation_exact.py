@@ -1,7 +1,8 @@
-"""Exact aux accumulation (docs/training.md, Trainer): with ``train.aux_accumulation: exact`` (the default),
-gradient accumulation 4 x 2 equals batch 8 in float64 (step loss, aux loss and every parameter gradient
-within 1e-12) for batch-statistic balance losses too, with unequal valid tokens per micro-batch. The
-definition is in moesaic/train/loss.py, the mechanism in moesaic/train/global_aux.py."""
+"""Exact aux accumulation (docs/training.md, "Loss under accumulation and padding"): with
+``train.aux_accumulation: exact`` (the default), gradient accumulation 4 x 2 equals batch 8 in float64 (step
+loss, aux loss and every parameter gradient within 1e-12) for batch-statistic balance losses too, with unequal
+valid tokens per micro-batch. The definition is in moesaic/train/loss.py, the mechanism in
+moesaic/train/exact_aux.py."""
 
 import copy
 
@@ -111,7 +112,7 @@ def test_micro_batch_mode_differs(tiny_data, data_cache, tmp_path):
 @NO_PREPASS_MISMATCH
 def test_thor_two_passes_exact(tiny_data, data_cache, tmp_path):
     """THOR's step (two passes per micro-batch) with a Switch balance loss: one total per pass."""
-    t1, t4 = _pair(tiny_data, tmp_path, "topk_switch_z", 4, consistency_alpha=1.0)
+    t1, t4 = _pair(tiny_data, tmp_path, "topk_switch_z", 4, objective={"kind": "thor", "alpha": 1.0})
     batch = _batch(t1.data.vocab_size)
     (r1, g1), (r4, g4) = _grads(t1, batch), _grads(t4, batch)
     assert abs(r1["aux_loss"] - r4["aux_loss"]) <= 1e-12 and r4["aux_loss"] > 1e-3
@@ -179,8 +180,8 @@ def test_prepass_only_where_a_loss_needs_batch_totals(tiny_data, data_cache, tmp
 
 
 def _ep_worker(rank, world, tiny_data, root, names):
-    """Expert parallelism 2 x gradient accumulation 2 (DistributedTrainer) on gloo: one step's gradients."""
-    from moesaic.train.distributed_trainer import DistributedTrainer
+    """Expert parallelism 2 x gradient accumulation 2 (the trainer's expert + data parallel strategy) on gloo:
+    one step's gradients."""
 
     out = {}
     for name in names:
@@ -189,7 +190,7 @@ def _ep_worker(rank, world, tiny_data, root, names):
         d["model"]["moe"].update(router=router, top_k=k)
         d["train"].update(batch_size=8, grad_accum=2, dtype="float64", grad_clip=0.0)
         d["parallel"] = {"ep_size": world}
-        t = DistributedTrainer(load_run_config(data=d), f"{root}/{name}")
+        t = Trainer(load_run_config(data=d), f"{root}/{name}")
         r, g = _grads(t, _batch(t.data.vocab_size))
         shards = {n: layer.experts.ep_shard.offset for n, layer in
                   ((lay.layer_name, lay) for lay in moesaic.moe_layers(t.model))}

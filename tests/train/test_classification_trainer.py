@@ -111,7 +111,7 @@ def test_ga_2x2_equals_batch_4_float64(tmp_path, data_cache):
     (lambda d: d.update(data={"kind": "shakespeare", "tokenizer": "char", "seq_len": 16,
                               "train_plays": ["macbeth"], "val_plays": ["tempest"]}), "data.kind"),
     (lambda d: d["model"].update(kind="decoder_lm", moe=None, num_labels=None), "model.kind"),
-    (lambda d: d["train"].update(consistency_alpha=1.0), "train.consistency_alpha"),
+    (lambda d: d["train"].update(objective={"kind": "thor", "alpha": 1.0}), "train.objective.kind"),
 ])
 def test_mismatched_model_and_data_are_typed_errors(edit, path, tmp_path, data_cache, capsys):
     d = tiny_genre()
@@ -157,12 +157,12 @@ def test_demo_trains_classifier_and_dense_twin(genre_config, tmp_path, capsys):
 @pytest.mark.slow
 def test_kill9_inside_a_save_then_resume_is_bitwise(trained, genre_config, tmp_path):
     """A real process killed (SIGKILL) right after publishing the step-3 checkpoint, then `--resume`: the
-    losses and accuracies of steps 1..6 equal the straight run's (fault hook of train/checkpoint.py)."""
+    losses and accuracies of steps 1..6 equal the straight run's (fault point of moesaic.train.faults)."""
     import signal
 
-    from train.test_resume import _env, _train
+    from train.test_resume import _train
 
-    r = _train(genre_config, tmp_path, env=_env(MOESAIC_FAULT="after_rename", MOESAIC_FAULT_STEP="3"))
+    r = _train(genre_config, tmp_path, kill_at=("checkpoint.after_publish", 3))
     assert r.returncode == -signal.SIGKILL, r.stderr
     r = _train(genre_config, tmp_path, "--resume")
     assert r.returncode == 0, r.stderr

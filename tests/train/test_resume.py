@@ -1,5 +1,6 @@
-"""Bit-exact resume (docs/training.md, Checkpoints): 40 straight steps vs 20 + kill -9 + --resume, kills inside a
-save (fault hooks), SIGTERM preemption; real subprocesses, fp32, CPU, one thread."""
+"""Bit-exact resume (docs/training.md, "Checkpoints"): 40 straight steps vs 20 + kill -9 + --resume, kills
+inside a save (fault points of moesaic.train.faults, installed by tests/fault_launch.py), SIGTERM preemption;
+real subprocesses, fp32, CPU, one thread."""
 
 import json
 import os
@@ -14,12 +15,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[2] / "src")
+LAUNCH = str(Path(__file__).resolve().parents[1] / "fault_launch.py")
 
 
 def _env(**extra):
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    env.pop("MOESAIC_FAULT", None)
-    env.pop("MOESAIC_FAULT_STEP", None)
     env.update(extra)
     return env
 
@@ -28,8 +28,12 @@ def _cmd(cfg, out, *args):
     return [sys.executable, "-m", "moesaic", "train", str(cfg), "--out", str(out), *args]
 
 
-def _train(cfg, out, *args, env=None):
-    return subprocess.run(_cmd(cfg, out, *args), env=env or _env(), capture_output=True, text=True, timeout=300)
+def _train(cfg, out, *args, env=None, kill_at=None):
+    """``moesaic train``; ``kill_at=(point, step)``: SIGKILL at that fault point (tests/fault_launch.py)."""
+    cmd = _cmd(cfg, out, *args)
+    if kill_at is not None:
+        cmd = [sys.executable, LAUNCH, "kill", kill_at[0], str(kill_at[1]), "--", *cmd[3:]]
+    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
 
 
 def _losses(out):
@@ -80,9 +84,9 @@ def test_kill9_then_resume_is_bitwise_identical(reference, tiny_config, tmp_path
     assert _losses(tmp_path) == reference  # bitwise: float equality at every step 1..40
 
 
-@pytest.mark.parametrize("point,expect_step", [("after_manifest", 15), ("after_rename", 20)])
+@pytest.mark.parametrize("point,expect_step", [("checkpoint.before_publish", 15), ("checkpoint.after_publish", 20)])
 def test_kill_during_save_resumes_from_latest_complete(reference, tiny_config, tmp_path, point, expect_step):
-    r = _train(tiny_config, tmp_path, env=_env(MOESAIC_FAULT=point, MOESAIC_FAULT_STEP="20"))
+    r = _train(tiny_config, tmp_path, kill_at=(point, 20))
     assert r.returncode == -signal.SIGKILL, r.stderr
     r = _train(tiny_config, tmp_path, "--resume")
     assert r.returncode == 0, r.stderr

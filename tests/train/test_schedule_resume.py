@@ -24,7 +24,9 @@ def _cfg(tiny_data, name, max_steps):
     d = copy.deepcopy(tiny_data)
     d["model"]["moe"].update(num_experts=4, top_k=k, router=router)
     d["train"].update(max_steps=max_steps, save_every=3, eval_at_end=False, batch_size=4, grad_accum=1,
-                      consistency_alpha=alpha, log_every=1)
+                      log_every=1)
+    if alpha is not None:
+        d["train"]["objective"] = {"kind": "thor", "alpha": alpha}
     return load_run_config(data=d)
 
 

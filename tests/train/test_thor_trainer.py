@@ -1,6 +1,5 @@
-"""THOR in the trainer (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic Experts"):
-``train.consistency_alpha`` runs two stochastic passes per micro-batch with the objective CE1 + CE2 + alpha * CR
-(moesaic.train.thor.thor_lm_step)."""
+"""THOR in the trainer (Zuo et al. 2022): ``train.objective: {kind: thor, alpha}`` runs two stochastic passes
+per micro-batch with the objective CE1 + CE2 + alpha * CR (moesaic.train.objectives.thor)."""
 
 import copy
 
@@ -14,7 +13,9 @@ from moesaic.train.trainer import Trainer
 def _trainer(tiny_data, tmp_path, name, E, alpha):
     d = copy.deepcopy(tiny_data)
     d["model"]["moe"].update(num_experts=E, top_k=1, router={"kind": "thor"})
-    d["train"].update(batch_size=4, grad_accum=2, dtype="float64", grad_clip=0.0, consistency_alpha=alpha)
+    d["train"].update(batch_size=4, grad_accum=2, dtype="float64", grad_clip=0.0)
+    if alpha is not None:
+        d["train"]["objective"] = {"kind": "thor", "alpha": alpha}
     return Trainer(load_run_config(data=d), tmp_path / name)
 
 
@@ -45,7 +46,7 @@ def test_one_expert_thor_step_is_twice_the_dense_objective(tiny_data, data_cache
 
 
 def test_two_experts_step_objective(tiny_data, data_cache, tmp_path):
-    from moesaic.train.thor import thor_lm_step
+    from moesaic.train.objectives.thor import thor_lm_step
 
     t = _trainer(tiny_data, tmp_path, "thor2", 2, 1.0)
     batch = _batch(t.data.vocab_size)

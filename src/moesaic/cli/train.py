@@ -43,15 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.parallel.ep_size > world:
         raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, f"needs at least that many processes (got "
                                                                      f"{world}); use --nproc N or torchrun")
-    trainer: Trainer
     if world > 1:
         from moesaic.distributed.groups import init_process_group
-        from moesaic.train.distributed_trainer import DistributedTrainer
 
-        init_process_group()
-        trainer = DistributedTrainer(cfg, out, resume=args.resume)
-    else:
-        trainer = Trainer(cfg, out, resume=args.resume)
+        init_process_group()  # the trainer then picks expert + data parallelism (distributed/strategy.py)
+    trainer = Trainer(cfg, out, resume=args.resume)
     code = trainer.run()
     if not trainer.is_writer:
         return code

@@ -83,3 +83,5 @@ EXPERTS: Registry[Any] = Registry("experts", "moesaic.moe.experts")
 MODELS: Registry[Any] = Registry("model", "moesaic.models")
 DATASETS: Registry[Any] = Registry("dataset", "moesaic.train.datasets")
 SCHEDULES: Registry[Any] = Registry("schedule", "moesaic.core.schedules")
+#: Training objectives (``train.objective: {kind: NAME}``): the default task loss, THOR, ... (docs/training.md).
+OBJECTIVES: Registry[Any] = Registry("objective", "moesaic.train.objectives")

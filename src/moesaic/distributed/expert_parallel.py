@@ -1,38 +1,17 @@
-"""Expert parallelism applied from outside the model: shard experts, swap the dispatcher, make aux
-losses and balancing global, and reduce gradients over the right groups.
+"""Expert parallelism applied from outside the model: shard the experts, swap the dispatcher and make
+the aux-loss-free bias global (docs/parallel.md).
 
 Usage (every rank, after ``torch.distributed`` is initialised and the model is built identically)::
 
-    groups = build_groups(ep_size)
     apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
-    ...
-    loss = task_loss_sum / global_count(n_local, groups.dp) + collect_aux_losses(model)
-    loss.backward(); sync_gradients(model, groups); opt.step(); on_optimizer_step(model, step)
 
-**Loss definition (global batch, equal to one process).** The global batch is split over every rank of
-``batch_group``. Each rank's objective is its *share* of the one-process objective, so the shares sum
-to it and gradients are SUM-reduced (never averaged):
-
-* task loss: ``sum over local tokens / number of tokens in the global batch`` (:func:`global_count`);
-* aux losses: one router hook shared with exact gradient accumulation
-  (:mod:`moesaic.train.global_aux`) all-reduces each router's additive statistics
-  (:mod:`moesaic.moe.routing.aux_stats`) and rewrites its losses to this rank's share. Switch/GShard
-  ``E * sum_e f_e P_e`` and ``device_balance``: ``f_e`` from the global counts, ``P_e`` = this rank's
-  probability sum over the global token count; the sequence-wise loss: the sum of this rank's
-  per-sequence losses over the global sequence count; CV^2 losses: the linearised share; token means
-  (z-loss, entropy; also any undeclared loss, as before): local value times ``T_local / T_global``.
-  Under gradient accumulation with ``train.aux_accumulation: exact`` the totals are those of the whole
-  step (pre-pass, then one all-reduce).
-* aux-loss-free bias: the router's ``reduce_load`` sums the step's loads over ``batch_group`` before
-  the sign update, so every rank moves its bias identically, as one process would.
-
-**Gradients.** Expert parameters are summed over the expert-data-parallel group only (their gradient
-already holds the contributions of the whole EP group through the all-to-all backward); every other
-parameter is summed over the data-parallel group. We use one explicit flat all-reduce per group after
-``backward`` instead of DDP: it is deterministic (bitwise reruns), it never interleaves with the
-all-to-alls of the backward pass on the same gloo group, experts with zero tokens need no
-``find_unused_parameters``, and the group of every parameter is explicit (and tested). At the tiny
-scale this toolkit tests, overlapping the reduction with backward would buy nothing.
+Nothing here changes how a loss is computed or reduced: the training step does that explicitly. Each
+rank's aux losses are its share of the global batch's (:func:`moesaic.train.exact_aux.global_aux`, or the
+pre-pass totals of :func:`moesaic.train.exact_aux.aux_totals` all-reduced once), and gradients are summed
+by the strategy (:class:`moesaic.distributed.strategy.ExpertDataParallel`: DDP for every non-expert
+parameter, expert parameters over the expert-data-parallel group). The aux-loss-free bias's
+``reduce_load`` sums the step's loads over ``batch_group`` before the sign update, so every rank moves its
+bias identically, as one process would.
 """
 
 from __future__ import annotations
@@ -45,11 +24,10 @@ from torch import nn
 
 from moesaic.core.errors import ConfigError
 from moesaic.distributed.collectives import all_reduce_sum
-from moesaic.distributed.groups import ParallelGroups, group_rank, group_size
+from moesaic.distributed.groups import group_rank, group_size
 from moesaic.moe.api import moe_layers
 from moesaic.moe.dispatch.all_to_all import AllToAllDispatcher
 from moesaic.moe.layer import MoELayer
-from moesaic.train.global_aux import GlobalAux
 
 
 @dataclasses.dataclass
@@ -65,7 +43,7 @@ def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same"
     """Shard every MoE layer's experts over ``group`` and install the all-to-all dispatcher (in place).
 
     ``group`` is the expert-parallel process group (``None`` or size 1: nothing is sharded, but the
-    global-batch aux losses still apply over ``batch_group``). ``batch_group`` is the group the global
+    aux-loss-free bias still sums its loads over ``batch_group``). ``batch_group`` is the group the global
     batch is split over (default: ``group``). Raises :class:`ConfigError` naming the layer when a
     layer's expert count is not divisible by the group size. The layer code is untouched.
     """
@@ -85,7 +63,6 @@ def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same"
         cfg = AllToAllDispatcher.Config(local=local.cfg)
         layer.dispatcher = AllToAllDispatcher(cfg, layer.num_experts, layer.top_k, local=local, group=group)
         _make_router_global(layer, batch_group)
-    GlobalAux.install(model, batch_group)  # aux losses: this rank's share of the global batch's
     model._moesaic_ep = (group, batch_group)  # type: ignore[attr-defined]
     return model
 
@@ -105,7 +82,7 @@ def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
     experts.ep_shard = ExpertShard(r * L, L, E)
 
 
-# ------------------------------------------------------------------------------------ global aux losses
+# ------------------------------------------------------------------------------- aux-loss-free bias
 def _make_router_global(layer: MoELayer, batch_group) -> None:
     router = layer.router
     if hasattr(router, "reduce_load"):
@@ -120,39 +97,6 @@ def is_expert_param(model: nn.Module) -> dict[str, bool]:
         if getattr(layer.experts, "ep_shard", None) is not None:
             expert_ids.update(id(p) for p in layer.experts.parameters())
     return {n: id(p) in expert_ids for n, p in model.named_parameters()}
-
-
-def _reduce_flat(params: list[nn.Parameter], group) -> None:
-    if not params or group_size(group) == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for ps in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
-        all_reduce_sum(flat, group)
-        start = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[start:start + n].view_as(p.grad))
-            start += n
-
-
-def sync_gradients(model: nn.Module, groups: ParallelGroups) -> dict[str, list[str]]:
-    """SUM-reduce gradients: expert parameters over ``groups.edp``, the rest over ``groups.dp``.
-
-    Returns the parameter names reduced per group (``{"edp": [...], "dp": [...]}``) for inspection.
-    """
-    kinds = is_expert_param(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    expert = [(n, p) for n, p in named if kinds[n]]
-    dense = [(n, p) for n, p in named if not kinds[n]]
-    _reduce_flat([p for _, p in expert], groups.edp)
-    _reduce_flat([p for _, p in dense], groups.dp)
-    return {"edp": [n for n, _ in expert], "dp": [n for n, _ in dense]}
 
 
 def global_count(n_local: int | float, group) -> float:

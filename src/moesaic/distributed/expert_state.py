@@ -1,4 +1,5 @@
-"""Checkpoints of expert-parallel models with *global* expert keys (reliability.md §4.3 C4, C5).
+"""Checkpoints of expert-parallel models with *global* expert keys (docs/parallel.md, "Checkpoints with
+global expert keys").
 
 A checkpoint never depends on the EP size it was written at: each stacked expert tensor is saved under
 its one-process name with all ``E`` experts (``[E, ...]``), gathered over the expert-parallel group; a
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 from moesaic.core.errors import CheckpointMismatchError
 from moesaic.distributed.groups import group_size
 from moesaic.moe.api import moe_layers
-from moesaic.train import checkpoint as ckpt
 
 
 def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, object, object]]:
@@ -46,9 +46,28 @@ def _gather0(t: Tensor, group) -> Tensor:
     return torch.cat(parts, 0)
 
 
+def unique_state_names(model: nn.Module) -> set[str]:
+    """State-dict names with tied tensors once (the first name)."""
+    seen, names = set(), set()
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            continue
+        seen.add(ptr)
+        names.add(name)
+    return names
+
+
+def local_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """This process's state of the model on the CPU, tied tensors once (the first name)."""
+    keep = unique_state_names(model)
+    return {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if n in keep}
+
+
 def gather_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Global model state (collective over every EP group): expert tensors with all E experts."""
-    state = ckpt.gather_model_state(model)
+    """Global model state (collective over every EP group): expert tensors with all E experts. Without
+    sharded experts it is :func:`local_model_state`."""
+    state = local_model_state(model)
     for name, (p, _shard, group) in expert_tensors(model).items():
         state[name] = _gather0(p, group).cpu()
     return state
@@ -59,7 +78,7 @@ def scatter_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     rank's expert slice and every other tensor."""
     experts = expert_tensors(model)
     target = model.state_dict()
-    keep = ckpt.gather_model_state_names(model)
+    keep = unique_state_names(model)
     missing = [n for n in keep if n not in state]
     unexpected = [n for n in state if n not in target]
     if missing or unexpected:

@@ -8,7 +8,7 @@ Routers that need context get the input's cluster (nearest cluster centre of the
 ``token_ids`` (hash), ``task_id`` (M3ViT gates) or ``domain_id`` (domain routing). Inputs are fed as
 sequences of 16 samples (``[n / 16, 16, d_in]``), the group a Soft MoE slot mixes. With ``d_out > 1``
 the task becomes classification: the target is cut into ``d_out`` equally likely bins and the loss is
-cross-entropy; THOR routers then train with :func:`moesaic.train.thor.thor_step` (two passes plus
+cross-entropy; THOR routers then train with :func:`moesaic.train.objectives.thor.thor_step` (two passes plus
 ``alpha`` times the consistency loss, divided by the batch size to match the mean cross-entropy).
 """
 
@@ -64,7 +64,7 @@ def train_eval(cfg: Any, alpha: float, label: str) -> dict[str, float]:
     for step in range(1, cfg.train.max_steps + 1):
         batch = data.batch(cfg.train.batch_size, gen)
         if kind == "thor" and edges is not None:
-            from moesaic.train.thor import thor_step
+            from moesaic.train.objectives.thor import thor_step
 
             loss = thor_step(model, batch, loss_fn, alpha / cfg.train.batch_size).loss
         else:

@@ -13,3 +13,6 @@ from moesaic.core.registry import MODELS
 class ModelConfig(ComponentConfig):
     registry: ClassVar = MODELS
     kind: str = "moe_regression"
+    #: What the model is trained for (the trainer's task, moesaic.train.task): "lm", "classification",
+    #: "regression". Declared by each model config, never guessed from its fields.
+    task: ClassVar[str] = "lm"

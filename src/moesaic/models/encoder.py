@@ -8,7 +8,7 @@ the first token) feeds a linear ``score`` head (Hugging Face's ``*ForSequenceCla
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -22,6 +22,7 @@ from moesaic.moe.api import collect_aux_losses, name_layers
 @dataclasses.dataclass
 class EncoderClassifierConfig(TransformerConfig):
     kind: str = "encoder_classifier"
+    task: ClassVar[str] = "classification"
     num_labels: int = rule(2, ge=1)
     pooling: Literal["mean", "first"] = "mean"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -17,6 +17,7 @@ from moesaic.moe.layer import MoEConfig
 @dataclasses.dataclass
 class RegressionModelConfig(ModelConfig):
     kind: str = "moe_regression"
+    task: ClassVar[str] = "regression"
     d_in: int = rule(8, ge=1)
     d_model: int = rule(32, ge=1)
     d_out: int = rule(1, ge=1)

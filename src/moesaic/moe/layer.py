@@ -107,6 +107,7 @@ class MoELayer(nn.Module):
                                if sh.num > 0 else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if sh.num > 0 and sh.gate == "sigmoid" else None
         self.aux_losses: dict[str, Tensor] = {}
+        self.aux_stats: dict[str, Any] = {}  # the last forward's unweighted statistic objects (exact shares)
         self.last_stats: dict[str, Any] = {}
 
     @property
@@ -153,6 +154,7 @@ class MoELayer(nn.Module):
 
         coefs = self.router.loss_coefs()
         self.aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
+        self.aux_stats = dict(decision.aux_stats)
         self._record(decision, counts_E, state.dropped)
         return y_TD.reshape(shape)
 

@@ -1,61 +1,75 @@
-"""``train.aux_accumulation``: how batch-statistic aux losses are accumulated over micro-batches.
+"""``train.aux_accumulation``: how batch-statistic aux losses are accumulated over micro-batches and ranks.
 
-``exact`` (default): the aux loss of a step is the one of the whole step batch (:mod:`moesaic.train.loss`);
-when ``grad_accum > 1`` and some router has a batch-statistic loss with a non-zero coefficient, every step
-runs a no-grad pre-pass over its micro-batches (:class:`moesaic.train.global_aux.GlobalAux`). A router
-loss that is neither a token mean nor declared as additive statistics is rejected here, at trainer
-construction (reliability.md §3.1). ``micro_batch``: each micro-batch's own statistics, weighted by its
-routed tokens (no pre-pass; the convention of Megatron-LM and transformers).
+``exact`` (default): the aux loss of a step is the one of the whole step batch (docs/training.md, "Loss
+under accumulation and padding"); when ``grad_accum > 1`` and some router has a batch-statistic loss with a
+non-zero coefficient, every step runs the no-grad pre-pass of :func:`moesaic.train.exact_aux.aux_totals`. A
+router loss that is neither a token mean nor declared as additive statistics is rejected here, at trainer
+construction, because no share of it would add up to the batch's loss. ``micro_batch``: each micro-batch's
+own statistics, weighted by its routed tokens (no pre-pass; the convention of Megatron-LM and transformers).
+Under data/expert parallelism the statistics of each forward (or the pre-pass totals) are summed over the
+ranks, so a step equals one process's (docs/parallel.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from moesaic.core.errors import ConfigError
+from moesaic.distributed.groups import group_size
+from moesaic.moe.api import moe_layers
 from moesaic.moe.layer import MoELayer
-from moesaic.train.global_aux import ATTR, GlobalAux, _group_size, batch_stat_losses, unsplittable_losses
+from moesaic.train.exact_aux import DEFAULT_TOKEN_MEAN, AuxFn, RunFn, aux_totals, global_aux
+
+
+def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
+    """``(layer, router kind, loss, router)`` for every router aux loss with a non-zero coefficient."""
+    for layer in moe_layers(model):
+        r = layer.router
+        kind = getattr(getattr(r, "cfg", None), "kind", type(r).__name__)
+        for name, coef in r.loss_coefs().items():
+            if coef > 0:
+                yield layer.layer_name, kind, name, r
+
+
+def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient that is not a token mean."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model)
+            if loss not in getattr(r, "token_mean_losses", DEFAULT_TOKEN_MEAN)]
+
+
+def unsplittable_losses(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Batch-statistic losses (non-zero coefficient) whose router declares no statistics for them."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model)
+            if loss not in getattr(r, "token_mean_losses", DEFAULT_TOKEN_MEAN) | getattr(r, "stat_losses", frozenset())]
 
 
 class AuxAccumulation:
-    """Per-trainer state: whether steps need the pre-pass, and the model's :class:`GlobalAux` (if any)."""
+    """Per trainer: whether steps need the pre-pass, and the aux function of each micro-batch's forwards."""
 
-    def __init__(self, model: nn.Module, mode: str, grad_accum: int):
-        self.model = model
-        self.global_aux: GlobalAux | None = getattr(model, ATTR, None)  # installed by expert parallelism
-        ranks = _group_size(self.global_aux.batch_group) if self.global_aux is not None else 1
+    def __init__(self, model: nn.Module, mode: str, grad_accum: int, group: Any = None):
+        self.model, self.group = model, group
         self.prepass = False
-        if mode != "exact" or (grad_accum == 1 and ranks == 1):
+        if mode != "exact" or (grad_accum == 1 and group_size(group) == 1):
             return
         bad = unsplittable_losses(model)
         if bad:
             layer, kind, loss = bad[0]
             raise ConfigError(f"{layer}.router", kind, f"its aux loss {loss!r} is a batch statistic that cannot be "
-                              "accumulated exactly over micro-batches or ranks (reliability.md §3.1); set "
-                              "train.aux_accumulation: micro_batch to use each micro-batch's own statistics")
+                              "accumulated exactly over micro-batches or ranks (it declares no additive statistics); "
+                              "set train.aux_accumulation: micro_batch to use each micro-batch's own statistics")
         others = [n for n, m in model.named_modules() if hasattr(m, "aux_losses") and not isinstance(m, MoELayer)]
         if others:
             raise ConfigError(others[0], None, "holds aux losses outside an MoE layer, which exact aux accumulation "
                               "cannot split; set train.aux_accumulation: micro_batch", show_value=False)
-        if grad_accum > 1 and batch_stat_losses(model):
-            self.global_aux = GlobalAux.install(model)
-            self.prepass = True
+        self.prepass = grad_accum > 1 and bool(batch_stat_losses(model))
 
-    def next_micro(self) -> None:
-        if self.global_aux is not None:
-            self.global_aux.next_micro()
-
-    @contextlib.contextmanager
-    def step(self, micro: list[Any], forward: Callable[[Any], Any], enabled: bool = True) -> Iterator[bool]:
-        """Pre-pass for the step (when needed and ``enabled``); yields True when the aux losses of the
-        micro-batches' forwards are now their shares of the step's (no further weighting)."""
-        if not (self.prepass and enabled):
-            yield False
-            return
-        assert self.global_aux is not None
-        with self.global_aux.step(self.model, micro, forward) as exact:
-            yield exact
+    def collectors(self, micro: list[Any], run: RunFn) -> tuple[list[AuxFn], bool]:
+        """One aux function per micro-batch, and whether they return shares of the whole step (True: add them
+        as they are) or of their own micro-batch (weigh them by the micro-batch's token share)."""
+        if self.prepass:
+            totals = aux_totals(self.model, micro, run, self.group)
+            return [totals.collector(i) for i in range(len(micro))], True
+        return [global_aux(self.group)] * len(micro), False

@@ -6,11 +6,11 @@ Layout of ``OUT/step-00000020/``: ``config.yaml`` (the resolved run config), ``m
 device RNG), ``tokenizer.json`` when the data has one, and ``manifest.json`` last: per-file size and
 sha256, the step, the expert weight layout tag and a hash of itself (so a garbled manifest is detected).
 
-Publication (reliability spec §3.5.1): files go to ``.step-N.tmp/``, are fsynced, the directory is
+Publication: files go to ``.step-N.tmp/``, are fsynced, the directory is
 fsynced and renamed to ``step-N/``, the parent is fsynced, then ``LATEST`` is replaced via ``os.replace``.
-A kill at any instant leaves either the previous state or the new complete one. ``MOESAIC_FAULT=POINT``
-(``after_files``, ``after_manifest``, ``after_rename``; optional ``MOESAIC_FAULT_STEP=N``) kills the
-process with SIGKILL at that point, for the crash tests.
+A kill at any instant leaves either the previous state or the new complete one; the crash tests kill the
+process at the fault points ``checkpoint.after_files``, ``checkpoint.before_publish`` and
+``checkpoint.after_publish`` (:mod:`moesaic.train.faults`).
 
 Expert parallelism hook: :func:`save_checkpoint` takes the model state as a dict of *global* names
 (``gather_model_state``, replaceable); a sharded trainer gathers (or writes per-rank files and lists them
@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,11 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from moesaic.distributed.expert_state import local_model_state, unique_state_names
+from moesaic.train.faults import fault_point
+
+#: The saved state of an unsharded model, tied tensors once (expert parallelism gathers global experts).
+gather_model_state = local_model_state
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -57,13 +61,6 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _fault(point: str, step: int) -> None:
-    if os.environ.get("MOESAIC_FAULT") == point:
-        at = os.environ.get("MOESAIC_FAULT_STEP")
-        if at is None or int(at) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -75,12 +72,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def gather_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Global state of the model, tied tensors once (the first name). Replace for sharded experts."""
-    keep = gather_model_state_names(model)
-    return {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if n in keep}
 
 
 def save_checkpoint(out_dir: str | Path, step: int, *, config_yaml: str, model_state: dict[str, torch.Tensor],
@@ -113,7 +104,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, config_yaml: str, model_s
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    _fault("after_files", step)
+    fault_point("checkpoint.after_files", step=step)
     body = {"format": FORMAT, "step": step, "complete": True, "expert_weight_layout": EXPERT_LAYOUT,
             "files": {n: {"size": len(d), "sha256": _sha256(d)} for n, d in sorted(files.items())},
             "num_tensors": len(model_state)}
@@ -123,12 +114,12 @@ def save_checkpoint(out_dir: str | Path, step: int, *, config_yaml: str, model_s
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    _fault("after_manifest", step)
+    fault_point("checkpoint.before_publish", step=step)
     if final.exists():  # a re-save of the same step (e.g. after resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(out)
-    _fault("after_rename", step)
+    fault_point("checkpoint.after_publish", step=step)
     latest_tmp = out / ".LATEST.tmp"
     with open(latest_tmp, "w") as f:
         f.write(final.name + "\n")
@@ -264,7 +255,7 @@ def prune(out_dir: str | Path, keep_last: int, newest_valid: Path) -> list[Path]
 def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Every target tensor written exactly once with the right shape and dtype (tied copies excepted)."""
     target = model.state_dict()
-    tied = {n for n, t in target.items() if n not in gather_model_state_names(model)}
+    tied = {n for n, t in target.items() if n not in unique_state_names(model)}
     missing = [n for n in target if n not in state and n not in tied]
     unexpected = [n for n in state if n not in target]
     if missing or unexpected:
@@ -274,17 +265,6 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: s
         if tuple(t.shape) != tuple(target[n].shape):
             raise CheckpointMismatchError(f"{where}: {n} has shape {tuple(t.shape)}, the model expects "
                                           f"{tuple(target[n].shape)}")
-
-
-def gather_model_state_names(model: nn.Module) -> set[str]:
-    seen, names = set(), set()
-    for name, t in model.state_dict().items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel() > 0:
-            continue
-        seen.add(ptr)
-        names.add(name)
-    return names
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint",

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from moesaic.core.config import Section, require, rule
+from moesaic.train.objectives.base import ObjectiveConfig
 
 
 @dataclasses.dataclass
@@ -23,7 +24,6 @@ class TrainConfig(Section):
     log_every: int = rule(10, ge=1)
     eval_every: int = rule(100, ge=1)
     save_every: int = rule(100, ge=1)
-    # --- added by the trainer (issue 5) ---
     grad_accum: int = rule(1, ge=1, doc="micro-batches per optimizer step; must divide batch_size")
     warmup_steps: int = rule(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -42,8 +42,8 @@ class TrainConfig(Section):
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = rule(None, ge=1, doc="torch intra-op threads (default: torch's choice)")
-    consistency_alpha: float | None = rule(None, ge=0.0, doc="THOR (routing.md §4): two stochastic passes per "
-                                           "micro-batch, CE1 + CE2 + alpha * consistency; None = one pass")
+    # what a micro-batch contributes to the loss: {kind: task} (default), {kind: thor, alpha: 5.0}, ...
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     aux_accumulation: Literal["exact", "micro_batch"] = rule(
         "exact", doc="exact: batch-statistic aux losses (Switch balance, CV^2) of the whole step under grad_accum "
         "(a no-grad pre-pass collects the statistics); micro_batch: each micro-batch's own statistics, "

@@ -1,5 +1,5 @@
-"""Workers for the multi-process trainer tests (resharding, reliability.md §4.3 C4/C5): resume a run
-directory at a given EP size, re-save the restored step, then train on."""
+"""Workers for the multi-process trainer tests (resharding, docs/parallel.md "Checkpoints with global expert
+keys"): resume a run directory at a given EP size, re-save the restored step, then train on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 import torch.distributed as dist
 
 from moesaic.distributed.groups import ParallelGroups, build_groups
-from moesaic.train.distributed_trainer import DistributedTrainer
+from moesaic.distributed.strategy import ExpertDataParallel
 from moesaic.train.run_config import load_run_config
+from moesaic.train.trainer import Trainer
 
 
 def copy_run(src: str | Path, dst: str | Path, step_dir: str) -> None:
@@ -26,7 +27,7 @@ def resume(data: dict[str, Any], out: str | Path, ep_size: int, groups: Parallel
            max_steps: int) -> dict[str, Any]:
     """Resume ``out`` (or start) at ``ep_size``, optionally re-save the restored step, train to ``max_steps``."""
     data = {**data, "parallel": {"ep_size": ep_size}, "train": {**data["train"], "max_steps": max_steps}}
-    tr = DistributedTrainer(load_run_config(data=data), out, resume=True, groups=groups)
+    tr = Trainer(load_run_config(data=data), out, resume=True, strategy=ExpertDataParallel(groups))
     start = tr.step
     if resave and start > 0:
         tr.save()  # the restored state, re-gathered at this EP size (collective)

@@ -9,7 +9,8 @@
 Both return ``(summed loss, number of valid targets)`` from :meth:`loss_sum`, which is all the step
 objective of :mod:`moesaic.train.loss` needs: the step loss stays the mean over every valid target of
 the step (tokens for an LM, sequences for a classifier), exact under gradient accumulation.
-:func:`select_task` picks the task and rejects mismatched pairs with a :class:`ConfigError` naming the field.
+:func:`select_task` takes the task the model config declares (``ModelConfig.task``) and rejects a dataset of
+another kind with a :class:`ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from moesaic.train.loss import IGNORE_INDEX, count_tokens, lm_loss_sum
 
 class LMTask:
     kind = "lm"
+
+    def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's output on ``batch`` (``input_ids``, optional ``attention_mask``)."""
+        return model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # type: ignore[no-any-return]
 
     def loss_sum(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
         return lm_loss_sum(logits, labels)
@@ -84,24 +89,22 @@ class ClassificationTask(LMTask):
         return f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}"
 
 
-def _is_classifier(model_cfg: Any) -> bool:
-    return hasattr(model_cfg, "num_labels")
-
-
 def select_task(cfg: Any, data: Any) -> LMTask:
-    """The task of run config ``cfg`` (``model``, ``data``, ``train`` sections) with the built dataset ``data``."""
+    """The task of run config ``cfg`` (``model``, ``data`` sections) with the built dataset ``data``: the one
+    the model config declares (``ModelConfig.task``); the dataset must provide it."""
+    declared = getattr(type(cfg.model), "task", None)
     data_classes = getattr(data, "num_labels", None)
-    if _is_classifier(cfg.model):
+    if declared == "classification":
         if data_classes is None:
             raise ConfigError("data.kind", cfg.data.kind, f"model.kind {cfg.model.kind} is a classifier and "
                               "needs a classification dataset (e.g. shakespeare_genre)")
         if cfg.model.num_labels != data_classes:
             raise ConfigError("model.num_labels", cfg.model.num_labels,
                               f"must equal the number of classes of data.kind {cfg.data.kind} ({data_classes})")
-        if getattr(cfg.train, "consistency_alpha", None) is not None:
-            raise ConfigError("train.consistency_alpha", cfg.train.consistency_alpha,
-                              "THOR's consistency step is implemented for language models only")
         return ClassificationTask(data_classes, tuple(getattr(data, "label_names", ()) or ()) or None)
+    if declared != "lm":
+        raise ConfigError("model.kind", cfg.model.kind, f"declares the task {declared!r}; the trainer trains "
+                          "language models (task lm) and classifiers (task classification)")
     if data_classes is not None:
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
                           "and needs a classifier model (e.g. encoder_classifier)")
@@ -127,7 +130,7 @@ def evaluate(model: nn.Module, task: LMTask, batches: Iterable[dict[str, Tensor]
     try:
         for b in batches:
             with autocast():
-                logits = model(b["input_ids"], attention_mask=b.get("attention_mask")).logits
+                logits = task.logits(model, b)
             task.eval_update(sums, logits, b["labels"])
     finally:
         model.train(was_training)

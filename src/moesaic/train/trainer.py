@@ -1,10 +1,15 @@
 """The training loop: AdamW, warm-up + cosine, exact gradient accumulation, clipping, bf16 autocast,
 evaluation, routing statistics, metrics, atomic checkpoints, bit-exact resume and SIGTERM handling.
 
-``Trainer(cfg, out_dir, resume=...)`` then ``run()`` (returns 0, or 143 after a SIGTERM-triggered save).
-The step objective is defined in :mod:`moesaic.train.loss`. Resuming restores model, optimizer, step
-(the schedule is a function of it), data position and RNG, so the continued run is bitwise identical to
-an uninterrupted one (fp32/fp64, CPU, same thread count).
+``Trainer(cfg, out_dir, resume=..., strategy=...)`` then ``run()`` (returns 0, or 143 after a
+SIGTERM-triggered save). One step (docs/training.md, "The training step"): the batch is cut into
+``grad_accum`` micro-batches, the strategy keeps this rank's sequences of each
+(:mod:`moesaic.distributed.strategy`: one process, or expert + data parallelism), the objective
+(``train.objective``, :mod:`moesaic.train.objectives`) returns each micro-batch's loss pieces, and the aux
+losses are exact shares of the step's (:mod:`moesaic.train.exact_aux`), so the step loss of
+:mod:`moesaic.train.loss` does not depend on the split. Resuming restores model, optimizer, step (the
+schedule is a function of it), data position and RNG, so the continued run is bitwise identical to an
+uninterrupted one (fp32/fp64, CPU, same thread count).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -23,21 +30,25 @@ import torch
 import moesaic
 from moesaic.core.config import dump_yaml, loads_yaml, parse, to_dict
 from moesaic.core.errors import CheckpointMismatchError, ConfigError
+from moesaic.distributed.strategy import SingleProcess, strategy_from_config
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.aux_accumulation import AuxAccumulation
+from moesaic.train.exact_aux import AuxFn
+from moesaic.train.faults import fault_point
 from moesaic.train.loss import count_tokens, count_valid
 from moesaic.train.lr_schedule import lr_factor
 from moesaic.train.metrics import MetricsWriter, RoutingStats
+from moesaic.train.objectives.base import LossPieces, ObjectiveContext
 from moesaic.train.optim import build_adamw
+from moesaic.train.progress import NoMetrics, Progress, log_line
 from moesaic.train.task import eval_batch_size, evaluate, select_task
-from moesaic.train.thor import thor_lm_step
 
 EXIT_PREEMPTED = 143
 #: Config fields that may change on resume (logging, cadence, length); anything else is a mismatch.
 RESUME_ALLOWED = {f"train.{k}" for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_last",
                                           "progress", "tensorboard", "threads", "eval_at_end", "save_at_end",
                                           "handle_sigterm", "eval_batch_size")}
-RESUME_ALLOWED |= {"parallel.ep_size"}  # checkpoints hold global expert keys (parallel/expert_state.py)
+RESUME_ALLOWED |= {"parallel.ep_size"}  # checkpoints hold global expert keys (distributed/expert_state.py)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -60,17 +71,23 @@ def check_writable(out: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Any = None):
+    def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None,
+                 strategy: SingleProcess | None = None):
         from moesaic.train.run_config import RunConfig
 
+        self.strategy = strategy if strategy is not None else strategy_from_config(cfg.parallel.ep_size)
+        self.is_writer = self.strategy.is_writer
         self.out = Path(out_dir)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if log is None:
+            log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.is_writer else (lambda msg: None)
+        self.log = log
         check_writable(self.out)
         tc = cfg.train
+        self.strategy.check_batch(tc.batch_size, tc.grad_accum)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.data = cfg.data.build()
-        self.task = select_task(cfg, self.data)  # LM or classification (train/task.py); mismatches raise
+        self.task = select_task(cfg, self.data)  # the task the model config declares (train/task.py)
         vocab = self.data.vocab_size
         if getattr(cfg.model, "vocab_size", 0) is None:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
@@ -79,19 +96,20 @@ class Trainer:
         self.cfg: RunConfig = cfg
         self.tc = tc
         self.dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+        self.objective = tc.objective.build()
         torch.manual_seed(tc.seed)
         self.model = cfg.model.build().to(self.dtype)
-        self.model = self.prepare_model(self.model)  # hook: expert parallelism shards the experts here
-        self.aux_acc = AuxAccumulation(self.model, tc.aux_accumulation, tc.grad_accum)  # train/loss.py
+        self.forward_model = self.strategy.prepare(self.model)  # shards experts, wraps in DDP (or itself)
+        self.objective.setup(self.model, self.task)
+        self.aux_acc = AuxAccumulation(self.model, tc.aux_accumulation, tc.grad_accum, self.strategy.batch_group)
         self.opt = build_adamw(self.model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
         self.loader = self.data.loader(tc.seed)
         self.eval_data = self.data.eval_batches(eval_batch_size(tc))
         self.step = 0
         self.stats = RoutingStats(self.model)
-        self.gather_model_state = ckpt.gather_model_state  # hook: expert parallelism gathers global experts
-        self.scatter_model_state = None
         self._stop = False
-        self.metrics = MetricsWriter(self.out, tc.tensorboard) if self.is_writer else _NoMetrics()
+        self.metrics: MetricsWriter | NoMetrics = MetricsWriter(self.out, tc.tensorboard) if self.is_writer \
+            else NoMetrics()
         existing = ckpt.list_steps(self.out)
         if resume:
             found = ckpt.latest_valid(self.out, warn=lambda m: self.log(f"warning: {m}"))
@@ -108,35 +126,17 @@ class Trainer:
         if self.is_writer:
             (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
 
-    # ------------------------------------------------------------- hooks (parallel/trainer.py overrides)
-    #: Whether this process writes checkpoints, metrics and config (rank 0 of a distributed run).
-    is_writer = True
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def gather_optimizer_state(self, state: dict) -> dict:
-        return state
-
-    def scatter_optimizer_state(self, state: dict) -> dict:
-        return state
-
-    def checkpoint_extra_files(self, model_state: dict[str, torch.Tensor]) -> dict[str, bytes]:
-        return {}
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-
     # ------------------------------------------------------------------------------ checkpointing
     def save(self) -> Path:
         t0 = time.perf_counter()
         tok = getattr(self.data, "tokenizer", None)
-        model_state = self.gather_model_state(self.model)  # collective under expert parallelism
-        optimizer_state = self.gather_optimizer_state(self.opt.state_dict())
+        model_state = self.strategy.gather_model_state(self.model)  # collective under expert parallelism
+        optimizer_state = self.strategy.gather_optimizer_state(self.model, self.opt, self.opt.state_dict())
         if not self.is_writer:
             return self.out
         path = ckpt.save_checkpoint(
-            self.out, self.step, config_yaml=dump_yaml(self.cfg), extra_files=self.checkpoint_extra_files(model_state),
+            self.out, self.step, config_yaml=dump_yaml(self.cfg),
+            extra_files=self.strategy.checkpoint_extra_files(self.model, model_state),
             model_state=model_state, optimizer_state=optimizer_state,
             trainer_state={"step": self.step, "data": self.loader.state_dict(),
                            "schedule": {"kind": self.tc.lr_schedule, "step": self.step}},
@@ -156,9 +156,10 @@ class Trainer:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_ALLOWED)
         if diff:
             raise CheckpointMismatchError(f"{path}: the config differs from the checkpoint's in {', '.join(diff)}")
-        ckpt.load_model_state(self.model, files["model_state"], str(path), self.scatter_model_state)
+        ckpt.load_model_state(self.model, files["model_state"], str(path), self.strategy.scatter_model_state)
         try:
-            self.opt.load_state_dict(self.scatter_optimizer_state(files["optimizer_state"]))
+            self.opt.load_state_dict(self.strategy.scatter_optimizer_state(self.model, self.opt,
+                                                                           files["optimizer_state"]))
         except (ValueError, KeyError) as e:
             raise CheckpointMismatchError(f"{path}: optimizer state does not fit: {e}") from None
         st = files["trainer_state"]
@@ -171,59 +172,59 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------- stepping
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.tc.autocast == "bf16":
             dev = next(self.model.parameters()).device.type
             return torch.autocast(device_type=dev, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _objective(self, mb: dict[str, torch.Tensor], aux: AuxFn) -> LossPieces:
+        return self.objective(self.forward_model, mb, self.task, ObjectiveContext(aux, self._autocast))
+
     def accumulate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward and backward of ``batch`` split into ``grad_accum`` micro-batches; gradients are those of
-        the step objective of train/loss.py. Returns the step's LM loss, aux loss and valid tokens."""
+        """Forward and backward of ``batch`` (the global step batch) split into ``grad_accum`` micro-batches,
+        each cut to this rank's sequences; gradients are those of the step objective of train/loss.py,
+        reduced over the ranks. Returns the step's task loss, aux loss and valid targets."""
         ga = self.tc.grad_accum
         keys = [k for k in ("input_ids", "labels", "attention_mask") if batch.get(k) is not None]
-        micro = [{k: batch[k].chunk(ga)[i] for k in keys} for i in range(ga)]
-        N = count_valid(batch["labels"])
+        chunks = [{k: batch[k].chunk(ga)[i] for k in keys} for i in range(ga)]
+        micro = [self.strategy.local_part(c) for c in chunks]
+        N = count_valid(batch["labels"])  # the global batch is known on every rank: no collective needed
         T = count_tokens(batch)
-        ce_total, aux_total = 0.0, 0.0
-        alpha = self.tc.consistency_alpha
-
-        def forward(mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """The micro-batch's forward(s): objective sum, CE sum, aux (also the exact-aux pre-pass)."""
-            if alpha is not None:  # THOR: two stochastic passes + consistency (moesaic.train.thor)
-                th = thor_lm_step(self.model, mb, alpha, self._autocast)
-                return th.ce1 + th.ce2 + alpha * th.cr, (th.ce1 + th.ce2) / 2, th.aux
-            with self._autocast():
-                out = self.model(mb["input_ids"], attention_mask=mb.get("attention_mask"))
-            ce_sum, _ = self.task.loss_sum(out.logits, mb["labels"])
-            return ce_sum, ce_sum, moesaic.collect_aux_losses(self.model)
-
-        with self.aux_acc.step(micro, forward, enabled=N > 0) as aux_is_share:
-            for mb in micro if N > 0 else []:
-                self.aux_acc.next_micro()
-                obj_sum, ce_sum, aux = forward(mb)
-                w = 1.0 if aux_is_share else count_tokens(mb) / T  # exact shares need no weighting
-                loss = obj_sum / N + w * aux
-                loss.backward()
-                ce_total += float(ce_sum.detach()) / N
-                aux_total += float(aux.detach()) * w
+        logged = torch.zeros(2, dtype=torch.float64)
+        if N > 0:
+            aux_fns, shares = self.aux_acc.collectors(micro, self._objective)
+            for i, mb in enumerate(micro):
+                last = i == ga - 1
+                with contextlib.nullcontext() if last else self.strategy.no_sync(self.forward_model):
+                    pieces = self._objective(mb, aux_fns[i])
+                    w = 1.0 if shares else count_tokens(chunks[i]) / T  # exact shares need no weighting
+                    loss = pieces.loss_sum / N + w * pieces.aux
+                    loss.backward()
+                logged[0] += pieces.task_loss_sum.detach().double() / N
+                logged[1] += pieces.aux.detach().double() * w
                 self.stats.update()
-        return {"loss": ce_total, "aux_loss": aux_total, "tokens": N}
+            self.strategy.finish_backward(self.model)
+        self.strategy.sum_(logged)
+        return {"loss": float(logged[0]), "aux_loss": float(logged[1]), "tokens": N}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step: lr from the schedule, :meth:`accumulate`, clip, AdamW, step hooks. An
-        all-padding batch gives loss 0 and no update (reliability spec §3.4)."""
+        all-padding batch gives loss 0 and no update."""
+        fault_point("step.begin", step=self.step, rank=self.strategy.rank)
         for g in self.opt.param_groups:
             g["lr"] = self.tc.lr * lr_factor(self.step, self.tc)
         out: dict[str, float] = self.accumulate(batch)
+        fault_point("step.after_backward", step=self.step, rank=self.strategy.rank)
         if out["tokens"] > 0:
             if self.tc.grad_clip > 0:
-                out["grad_norm"] = self.clip_grad_norm(self.tc.grad_clip)
+                out["grad_norm"] = self.strategy.clip_grad_norm_(self.model, self.tc.grad_clip)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         moesaic.on_optimizer_step(self.model, self.step)
         out["lr"] = self.opt.param_groups[0]["lr"]
+        self._stop = self.strategy.any_(self._stop)
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -231,7 +232,7 @@ class Trainer:
         return evaluate(self.model, self.task, self.eval_data, self._autocast)
 
     # -------------------------------------------------------------------------------------- loop
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
         self._stop = True
 
     def run(self) -> int:
@@ -241,7 +242,7 @@ class Trainer:
         self.summary: dict[str, Any] = {"start_step": self.step}
         win_tokens, win_time, all_tokens, all_time = 0, 0.0, 0, 0.0
         last: dict[str, Any] = {}
-        progress = _Progress(tc.max_steps, self.step, enabled=tc.progress)
+        progress = Progress(tc.max_steps, self.step, enabled=tc.progress)
         code = 0
         try:
             while self.step < tc.max_steps:
@@ -263,7 +264,7 @@ class Trainer:
                     rec["routing"] = self.stats.summary()
                     win_tokens, win_time = 0, 0.0
                     if progress.bar is None:
-                        self.log(_log_line(rec, tc.max_steps))
+                        self.log(log_line(rec, tc.max_steps))
                 self.stats.reset()
                 if self.step % tc.eval_every == 0 or (end and tc.eval_at_end):
                     rec.update(self.evaluate())
@@ -289,45 +290,3 @@ class Trainer:
         return code
 
 
-class _NoMetrics:
-    """Metrics sink of the non-writing ranks of a distributed run."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _log_line(rec: dict[str, Any], total: int) -> str:
-    worst = max((v["max_over_mean"] for v in rec.get("routing", {}).values()), default=None)
-    load = f"  max/mean load {worst:.2f}" if worst is not None else ""
-    return (f"step {rec['step']}/{total}  loss {rec['loss']:.4f}  aux {rec['aux_loss']:.4f}  "
-            f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s{load}")
-
-
-class _Progress:
-    """A rich progress bar (step, loss, tokens/s, ETA) on a terminal; nothing otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
-            self.bar.start()
-
-    def update(self, step: int, loss: float, tps: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

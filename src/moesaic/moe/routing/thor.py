@@ -8,7 +8,7 @@ a random one per token (``inference_level: 0``, config default) or per sentence 
 IWSLT script); here only the chosen expert runs. ``inference_average: true`` averages all experts
 instead (an option; the code does not do this). The randomness comes from torch's global generator, so a
 fixed seed reproduces the draws. The consistency-regularised loss is :func:`thor_consistency_loss`; the
-two-pass training step is :func:`moesaic.train.thor.thor_step`.
+two-pass training step is :func:`moesaic.train.objectives.thor.thor_step`.
 """
 
 from __future__ import annotations

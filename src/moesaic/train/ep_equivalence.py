@@ -1,10 +1,13 @@
 """Equivalence harness: train a tiny MoE model in one process and under expert parallelism on the same
-global batch, and record what must agree (reliability.md §4.2 D1-D5, D7; used by the tests and by
-``benchmarks/soak_ep.py``).
+global batch, and record what must agree (docs/parallel.md, "Tests and scripts"; used by the tests and by
+``benchmarks/soak_ep.py``). It is a training loop of its own, built from the same parts as the trainer: the
+strategy (:class:`~moesaic.distributed.strategy.ExpertDataParallel`: DDP for the dense parameters, expert
+gradients over the expert-data-parallel group) and the explicit global aux shares
+(:func:`~moesaic.train.exact_aux.global_aux`).
 
 The global batch of ``batch`` sequences is split by sequence over the ranks. The objective is the
 one-process one: the mean squared error over the *valid* tokens of the global batch plus the aux losses
-(see :mod:`moesaic.distributed.expert_parallel` for how each rank computes its share).
+(each rank's share of the global batch's).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from torch import Tensor
 
 import moesaic
 from moesaic.distributed.collectives import all_reduce_sum
-from moesaic.distributed.expert_parallel import apply_expert_parallel_, global_count, is_expert_param, sync_gradients
+from moesaic.distributed.expert_parallel import apply_expert_parallel_, global_count, is_expert_param
 from moesaic.distributed.groups import ParallelGroups
+from moesaic.distributed.strategy import ExpertDataParallel
 from moesaic.models.regression import RegressionModel, RegressionModelConfig
+from moesaic.train.exact_aux import global_aux
 
 
 @dataclasses.dataclass
@@ -113,8 +118,9 @@ def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
     groups = groups or ParallelGroups()
     W, r = groups.world_size, groups.rank
     model = build_model(case)
-    if groups.world_size > 1:
-        apply_expert_parallel_(model, groups.ep, batch_group=groups.dp)
+    strategy = ExpertDataParallel(groups)
+    forward = strategy.prepare(model) if groups.world_size > 1 else model
+    aux_fn = global_aux(groups.dp)
     opt = torch.optim.AdamW(model.parameters(), lr=case.lr)
     kinds = is_expert_param(model)
     out: dict[str, Any] = {"loss": [], "aux": [], "counts": [], "nonfinite": 0}
@@ -128,14 +134,15 @@ def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
         if case.random_loads:
             mask = _random_mask(case, step, W)
         x, y, mask = x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], mask[r * per:(r + 1) * per]
-        pred = model(x, mask=mask)
+        pred = forward(x, mask=mask)
         n_glob = global_count(int(mask.sum()), groups.dp)
         task = (((pred - y) ** 2).squeeze(-1) * mask).sum() / max(n_glob, 1.0)
-        aux = moesaic.collect_aux_losses(model)
+        aux = aux_fn(model)
         loss = task + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        names = sync_gradients(model, groups)
+        strategy.finish_backward(model)
+        names = strategy.gradient_groups(model)
         if step == 0:
             out["reduced"] = names
             if case.record_grads:
@@ -179,7 +186,7 @@ def ep_worker(rank: int, world: int, jobs: dict[tuple[int, str], Case]) -> dict[
             except ConfigError as e:
                 out[size, name] = str(e)
             continue
-        if name.startswith("emulated"):  # the all-gather fallback of the exchange (systems.md §0)
+        if name.startswith("emulated"):  # the all-gather fallback of the exchange (PyTorch #88245)
             from moesaic.distributed import collectives
 
             collectives.FORCE_EMULATION = True
