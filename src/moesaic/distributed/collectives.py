@@ -1,7 +1,7 @@
 """Collectives for expert parallelism, with gradients.
 
 gloo supports ``all_to_all_single`` with uneven splits on CPU but not the list form ``all_to_all``
-(PyTorch issue #88245; systems.md §0). We therefore (a) use ``all_to_all_single`` with explicit split
+(PyTorch issue #88245). We therefore (a) use ``all_to_all_single`` with explicit split
 sizes, (b) probe it once per group, and (c) fall back to an all-gather-then-slice emulation if the probe
 fails. :class:`_AllToAll` makes the exchange differentiable: its backward is the same exchange with the
 split sizes swapped (the mechanism of ``torch.distributed.nn.functional.all_to_all_single``, which is

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moesaic.core.errors import ConfigError
@@ -39,7 +40,8 @@ class ExpertShard:
     num_global: int
 
 
-def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same") -> nn.Module:
+def apply_expert_parallel_(model: nn.Module, group: dist.ProcessGroup | None, *, batch_group: Any = "same"
+                           ) -> nn.Module:
     """Shard every MoE layer's experts over ``group`` and install the all-to-all dispatcher (in place).
 
     ``group`` is the expert-parallel process group (``None`` or size 1: nothing is sharded, but the
@@ -63,7 +65,6 @@ def apply_expert_parallel_(model: nn.Module, group, *, batch_group: Any = "same"
         cfg = AllToAllDispatcher.Config(local=local.cfg)
         layer.dispatcher = AllToAllDispatcher(cfg, layer.num_experts, layer.top_k, local=local, group=group)
         _make_router_global(layer, batch_group)
-    model._moesaic_ep = (group, batch_group)  # type: ignore[attr-defined]
     return model
 
 
@@ -83,7 +84,7 @@ def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
 
 
 # ------------------------------------------------------------------------------- aux-loss-free bias
-def _make_router_global(layer: MoELayer, batch_group) -> None:
+def _make_router_global(layer: MoELayer, batch_group: dist.ProcessGroup | None) -> None:
     router = layer.router
     if hasattr(router, "reduce_load"):
         router.reduce_load = lambda t: all_reduce_sum(t, batch_group)
@@ -92,14 +93,14 @@ def _make_router_global(layer: MoELayer, batch_group) -> None:
 # ------------------------------------------------------------------------------------------- gradients
 def is_expert_param(model: nn.Module) -> dict[str, bool]:
     """Parameter name -> whether it is an expert-parallel (sharded) expert weight."""
-    expert_ids = set()
+    expert_ids: set[int] = set()
     for layer in moe_layers(model):
         if getattr(layer.experts, "ep_shard", None) is not None:
             expert_ids.update(id(p) for p in layer.experts.parameters())
     return {n: id(p) in expert_ids for n, p in model.named_parameters()}
 
 
-def global_count(n_local: int | float, group) -> float:
+def global_count(n_local: int | float, group: dist.ProcessGroup | None) -> float:
     """Sum of a per-rank count over ``group`` (e.g. the tokens of the global batch)."""
     t = torch.tensor([float(n_local)], dtype=torch.float64)
     return float(all_reduce_sum(t, group)[0])

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from moesaic.core.errors import CheckpointMismatchError
+from moesaic.distributed.expert_parallel import ExpertShard
 from moesaic.distributed.groups import group_size
 from moesaic.moe.api import moe_layers
 
 
-def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, object, object]]:
+def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertShard, dist.ProcessGroup | None]]:
     """Global name -> (local parameter, shard info, EP group) for every sharded stacked expert tensor."""
     out = {}
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -37,7 +39,7 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, object, ob
     return out
 
 
-def _gather0(t: Tensor, group) -> Tensor:
+def _gather0(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     W = group_size(group)
     if W == 1:
         return t.detach().clone()
@@ -108,7 +110,7 @@ def _param_index(opt: torch.optim.Optimizer) -> dict[int, int]:
     return ids
 
 
-def gather_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+def gather_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
     """The optimizer state with expert moments gathered to all E experts (collective)."""
     idx = _param_index(opt)
     st = dict(state["state"])
@@ -120,7 +122,7 @@ def gather_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: 
     return {**state, "state": st}
 
 
-def scatter_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+def scatter_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
     """Slice the global expert moments of a checkpoint's optimizer state for this rank."""
     idx = _param_index(opt)
     st = dict(state["state"])

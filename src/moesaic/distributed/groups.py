@@ -1,4 +1,5 @@
-"""Process groups for expert parallelism (DeepSpeed-MoE layout, systems.md §3.1).
+"""Process groups for expert parallelism (the DeepSpeed-MoE layout: Rajbhandari et al. 2022,
+"DeepSpeed-MoE"; docs/parallel.md, "Layout").
 
 For world size ``W`` and ``ep_size = P`` (``W % P == 0``):
 

@@ -1,4 +1,4 @@
-"""Affinity-aware expert placement (ExFlow, Yao et al. 2024, arXiv 2401.08383; systems.md §6).
+"""Affinity-aware expert placement (ExFlow, Yao et al. 2024, arXiv 2401.08383).
 
 Tokens that pick expert i at MoE layer l often pick a predictable expert j at layer l+1. If i and j live
 on the same rank, the token does not cross ranks between the two layers (in context-coherent EP it simply

@@ -92,14 +92,17 @@ class SingleProcess:
         return {}
 
 
-def _sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP comm hook: SUM the bucket over ``group`` (every rank's loss is its share of the global one)."""
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()  # type: ignore[union-attr]
+def _sum_hook(group: dist.ProcessGroup, bucket: Any) -> torch.futures.Future[Tensor]:
+    """DDP comm hook: SUM the bucket (a ``dist.GradBucket``) over ``group`` (every rank's loss is its share of
+    the global one)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    assert work is not None
+    fut: torch.futures.Future[list[Tensor]] = work.get_future()
     return fut.then(lambda f: f.value()[0])
 
 
 # DDP checks the hook's annotations at registration; postponed (string) annotations would fail its check
-_sum_hook.__annotations__ = {"group": dist.ProcessGroup, "bucket": dist.GradBucket,
+_sum_hook.__annotations__ = {"group": dist.ProcessGroup, "bucket": dist.GradBucket,  # type: ignore[attr-defined]
                              "return": torch.futures.Future[Tensor]}
 
 
@@ -144,7 +147,7 @@ class ExpertDataParallel(SingleProcess):
         if group_size(self.groups.dp) == 1:
             return model
         experts = [n for n, e in is_expert_param(model).items() if e]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)  # type: ignore[no-untyped-call]
         # find_unused_parameters: a rank may route no token through a layer's router (zero valid tokens)
         ddp = DistributedDataParallel(model, process_group=self.groups.dp, forward_sync_buffers=False,
                                       find_unused_parameters=True)

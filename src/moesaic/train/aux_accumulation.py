@@ -34,16 +34,24 @@ def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
                 yield layer.layer_name, kind, name, r
 
 
+def _needs_totals(router: nn.Module, loss: str) -> bool:
+    needs = getattr(router, "needs_batch_totals", None)
+    if callable(needs):  # every loss is a statistic object: the router says whether any needs the totals
+        return bool(needs())
+    return loss not in getattr(router, "token_mean_losses", DEFAULT_TOKEN_MEAN)
+
+
 def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient that is not a token mean."""
-    return [(n, k, loss) for n, k, loss, r in _losses(model)
-            if loss not in getattr(r, "token_mean_losses", DEFAULT_TOKEN_MEAN)]
+    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient whose split needs the
+    batch totals (anything but a token mean such as the z-loss)."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model) if _needs_totals(r, loss)]
 
 
 def unsplittable_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """Batch-statistic losses (non-zero coefficient) whose router declares no statistics for them."""
+    """Batch-statistic losses (non-zero coefficient) that the router does not declare as statistics."""
     return [(n, k, loss) for n, k, loss, r in _losses(model)
-            if loss not in getattr(r, "token_mean_losses", DEFAULT_TOKEN_MEAN) | getattr(r, "stat_losses", frozenset())]
+            if not callable(getattr(r, "needs_batch_totals", None)) and _needs_totals(r, loss)
+            and loss not in getattr(r, "stat_losses", frozenset())]
 
 
 class AuxAccumulation:

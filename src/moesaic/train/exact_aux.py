@@ -230,7 +230,7 @@ def aux_totals(model: nn.Module, micro_batches: Iterable[Any], run: RunFn, group
     layers = moe_layers(model)
     buffers = [(b, b.detach().clone()) for layer in layers for b in layer.buffers()]
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     out = AuxTotals()
     try:
         with torch.no_grad():

@@ -14,18 +14,17 @@ batch-statistic balance losses (Switch/GShard/DeepSeek ``E * sum_e f_e P_e``, th
 load, the sequence-wise loss): ``M x b`` and ``1 x M*b`` give the same loss and gradients (tested to
 1e-12 in float64 with unequal valid tokens per micro-batch, tests/train/test_accumulation_exact.py).
 
-How. Micro-batch ``m``'s forward reports its *share* ``aux_m`` of ``AUX`` with ``sum_m aux_m = AUX`` and
+How. Micro-batch ``m``'s objective reports its *share* ``aux_m`` of ``AUX`` with ``sum_m aux_m = AUX`` and
 ``sum_m d aux_m = d AUX``, and the trainer adds ``CE_sum_m / N + aux_m`` (no further weighting). Token
 means (z-loss, entropy) have share ``(t_m / T) * mean_m``; a batch-statistic loss ``L(S)`` of additive
 statistics ``S = sum_m S_m`` has the linearised share ``(t_m/T) L(S) + g . (S_m - (t_m/T) S)``,
 ``g = dL/dS`` (:mod:`moesaic.moe.routing.aux_stats`); the step totals ``S`` come from a no-grad **pre-pass**
-over the step's micro-batches (:mod:`moesaic.train.global_aux`: RNG and MoE buffers restored, so the
-real pass routes identically; it stops each micro-batch's forward after the last router). The pre-pass
-runs only when ``grad_accum > 1`` and a router has a batch-statistic loss with a non-zero coefficient;
-on the demo config with ``grad_accum: 4`` it adds about 30% to the step time (docs/training.md).
-Without it (only token-mean aux losses, or ``grad_accum: 1``) the trainer weighs each micro-batch's aux by
-``t_m / T`` itself, which is the same share. Under
-expert/data parallelism the same router hook all-reduces the totals, so the step equals one process's.
+over the step's micro-batches (:func:`moesaic.train.exact_aux.aux_totals`: RNG and MoE buffers restored,
+so the real pass routes identically). The pre-pass runs only when ``grad_accum > 1`` and a router has a
+batch-statistic loss with a non-zero coefficient (docs/training.md gives its cost). Without it (only
+token-mean aux losses, or ``grad_accum: 1``) the trainer weighs each micro-batch's aux by ``t_m / T``
+itself, which is the same share. Under expert/data parallelism the statistics (or the pre-pass totals) are
+all-reduced over the ranks, so the step equals one process's.
 
 ``train.aux_accumulation: micro_batch`` keeps the cheaper definition of Megatron-LM and transformers:
 ``L = sum_m [CE_sum_m / N + (t_m / T) * aux_m]`` with ``aux_m`` the aux losses of micro-batch ``m``'s own

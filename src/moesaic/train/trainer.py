@@ -179,7 +179,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _objective(self, mb: dict[str, torch.Tensor], aux: AuxFn) -> LossPieces:
-        return self.objective(self.forward_model, mb, self.task, ObjectiveContext(aux, self._autocast))
+        pieces: LossPieces = self.objective(self.forward_model, mb, self.task, ObjectiveContext(aux, self._autocast))
+        return pieces
 
     def accumulate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Forward and backward of ``batch`` (the global step batch) split into ``grad_accum`` micro-batches,
@@ -200,7 +201,7 @@ class Trainer:
                     pieces = self._objective(mb, aux_fns[i])
                     w = 1.0 if shares else count_tokens(chunks[i]) / T  # exact shares need no weighting
                     loss = pieces.loss_sum / N + w * pieces.aux
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                 logged[0] += pieces.task_loss_sum.detach().double() / N
                 logged[1] += pieces.aux.detach().double() * w
                 self.stats.update()
@@ -250,7 +251,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = self.train_step(batch)
                 dt = time.perf_counter() - t0
-                n_tok = self.task.throughput_tokens(batch, r["tokens"])
+                n_tok = self.task.throughput_tokens(batch, int(r["tokens"]))
                 win_tokens, win_time = win_tokens + n_tok, win_time + dt
                 all_tokens, all_time = all_tokens + n_tok, all_time + dt
                 rec: dict[str, Any] = {"step": self.step, "loss": r["loss"], "aux_loss": r["aux_loss"],
