@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from moesaic.cli import SubParsers
 
@@ -66,7 +67,7 @@ def hf_export(args: argparse.Namespace) -> int:
     from moesaic.train.checkpoint import load_files, load_model, resolve
 
     ckpt = resolve(args.checkpoint)
-    model = load_model(ckpt)
+    model: Any = load_model(ckpt)  # the attributes hf_info / tokenizer travel on the module
     names = load_files(ckpt)["manifest"]["files"]
     info = ckpt / (HF_PREFIX + "info.json")
     if HF_PREFIX + "info.json" in names:

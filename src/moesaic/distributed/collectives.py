@@ -12,6 +12,8 @@ Every rank must call these functions in the same order, whatever its load: zero 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -66,12 +68,13 @@ def exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup | None) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         return exchange(x, out_splits, in_splits, group)
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
         out_splits, in_splits = ctx.splits
         return exchange(g, in_splits, out_splits, ctx.group), None, None, None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Any
 
 import torch.distributed as dist
 
@@ -50,7 +51,7 @@ def timeout_s() -> float:
     return float(os.environ.get("MOESAIC_PG_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
-def init_process_group(backend: str | None = None, *, timeout: float | None = None, **kwargs) -> None:
+def init_process_group(backend: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> None:
     """``torch.distributed.init_process_group`` with our timeout (env:// by default, as torchrun sets)."""
     if dist.is_initialized():
         return

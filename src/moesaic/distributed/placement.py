@@ -25,6 +25,8 @@ continues on that rank). We
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -81,7 +83,7 @@ def traffic(placement: Placement, counts: list[np.ndarray]) -> float:
 
 def heuristic(counts: list[np.ndarray], num_experts: int, ranks: int, first: np.ndarray | None = None) -> Placement:
     """Layer by layer: fix layer l, then assign layer l+1's experts to rank slots by maximum gain."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
 
     _check(num_experts, ranks)
     per = num_experts // ranks
@@ -124,18 +126,18 @@ def refine(placement: Placement, counts: list[np.ndarray], ranks: int, sweeps: i
 
 
 def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: float = 10.0,
-         return_status: bool = False):
+         return_status: bool = False) -> Placement | tuple[Placement | None, bool] | None:
     """The integer program (HiGHS via scipy): the optimum, or the best solution found in ``time_limit``
     (``return_status``: also whether it is proven optimal). None if no solution was found."""
     from scipy.optimize import Bounds, LinearConstraint
     from scipy.optimize import milp as _milp
-    from scipy.sparse import lil_matrix
+    from scipy.sparse import lil_matrix  # type: ignore[import-untyped]
 
     _check(num_experts, ranks)
     L, E, G = len(counts) + 1, num_experts, ranks
     nx = L * E * G
 
-    def xi(ly, e, g):
+    def xi(ly: int, e: int, g: int) -> int:
         return (ly * E + e) * G + g
 
     pairs = [(ly, i, j, g) for ly, N in enumerate(counts) for i in range(E) for j in range(E) if N[i, j] > 0
@@ -145,7 +147,8 @@ def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: flo
     for n, (ly, i, j, _g) in enumerate(pairs):
         c[nx + n] = -counts[ly][i, j]
     A = lil_matrix((L * E + L * G + 2 * ny, nx + ny))
-    lo, hi = [], []
+    lo: list[float] = []
+    hi: list[float] = []
     r = 0
     for ly in range(L):
         for e in range(E):  # each expert on exactly one rank
@@ -188,7 +191,7 @@ def solve(counts: list[np.ndarray], num_experts: int, ranks: int, method: str = 
              "heuristic": refine(heuristic(counts, num_experts, ranks), counts, ranks)}
     if method == "milp":
         p = milp(counts, num_experts, ranks, time_limit)
-        if p is not None:
+        if isinstance(p, list):
             cands["milp"] = p
     scores = {k: traffic(p, counts) for k, p in cands.items()}
     best = min(scores, key=lambda k: (scores[k], k != "round_robin"))  # ties keep round-robin
@@ -206,11 +209,11 @@ def permute_experts_(layer: nn.Module, order: np.ndarray) -> None:
     """Renumber one MoE layer's experts: new expert s is old expert ``order[s]``. Permutes the router's
     per-expert rows (weight, aux-loss-free bias, loads: every parameter or buffer with ``E`` rows) and the
     stacked expert weights. Top-k ties may resolve differently (ties prefer the lower index)."""
-    E = layer.num_experts
+    E = int(cast(int, layer.num_experts))
     idx = torch.as_tensor(order, dtype=torch.long)
     if sorted(order.tolist()) != list(range(E)):
         raise ValueError("order must be a permutation of the experts")
-    for mod in (layer.router, layer.experts):
+    for mod in (layer.get_submodule("router"), layer.get_submodule("experts")):
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
             if t.dim() >= 1 and t.shape[0] == E:
                 t.copy_(t[idx.to(t.device)])

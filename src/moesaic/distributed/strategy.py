@@ -102,7 +102,7 @@ def _sum_hook(group: dist.ProcessGroup, bucket: Any) -> torch.futures.Future[Ten
 
 
 # DDP checks the hook's annotations at registration; postponed (string) annotations would fail its check
-_sum_hook.__annotations__ = {"group": dist.ProcessGroup, "bucket": dist.GradBucket,  # type: ignore[attr-defined]
+_sum_hook.__annotations__ = {"group": dist.ProcessGroup, "bucket": dist.GradBucket,
                              "return": torch.futures.Future[Tensor]}
 
 
@@ -147,7 +147,7 @@ class ExpertDataParallel(SingleProcess):
         if group_size(self.groups.dp) == 1:
             return model
         experts = [n for n, e in is_expert_param(model).items() if e]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)  # type: ignore[no-untyped-call]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         # find_unused_parameters: a rank may route no token through a layer's router (zero valid tokens)
         ddp = DistributedDataParallel(model, process_group=self.groups.dp, forward_sync_buffers=False,
                                       find_unused_parameters=True)

@@ -75,8 +75,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, *, config_yaml: str, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict | None = None, trainer_state: dict | None = None,
-                    rng_state: dict | None = None, tokenizer_json: str | None = None,
+                    optimizer_state: dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
+                    rng_state: dict[str, Any] | None = None, tokenizer_json: str | None = None,
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``OUT/step-N`` atomically and point ``OUT/LATEST`` at it. Returns the directory."""
     out = Path(out_dir)
@@ -282,7 +282,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: st
             target[n].copy_(t.to(target[n].dtype))
 
 
-def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
     """``moesaic.load(dir)``: build the model from ``config.yaml`` and load ``model.safetensors`` (hashes
     checked). Returns the model in eval mode; ``model.tokenizer`` holds the tokenizer when saved and
     ``model.label_names`` a classifier's class names (from its dataset; None otherwise)."""

@@ -13,12 +13,15 @@ one-process one: the mean squared error over the *valid* tokens of the global ba
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import moesaic
+from moesaic.core.config import parse, validate_tree
+from moesaic.core.types import RoutingDecision
 from moesaic.distributed.collectives import all_reduce_sum
 from moesaic.distributed.expert_parallel import apply_expert_parallel_, global_count, is_expert_param
 from moesaic.distributed.groups import ParallelGroups
@@ -40,7 +43,7 @@ class Case:
     seq: int = 8
     lr: float = 1e-2
     seed: int = 0
-    router: dict = dataclasses.field(default_factory=dict)
+    router: dict[str, Any] = dataclasses.field(default_factory=dict)
     valid_per_rank: list[int] | None = None  # valid tokens of each batch chunk (one chunk per rank)
     zero_router: bool = False  # all scores tie: every token goes to experts 0..k-1
     random_loads: bool = False  # adversarial: router biased by a fresh Dirichlet(0.1) draw every step
@@ -50,11 +53,11 @@ class Case:
 
 def build_model(case: Case) -> RegressionModel:
     cfg = RegressionModelConfig(d_in=case.d_in, d_model=case.d_model, d_out=1)
-    cfg.moe = moesaic.core.config.parse(type(cfg.moe), {
+    cfg.moe = parse(type(cfg.moe), {
         "d_ff": case.d_ff, "num_experts": case.num_experts, "top_k": case.top_k,
         "router": {"kind": "topk", "aux_loss_coef": 0.01, **case.router},
         "experts": {"kind": "glu", "backend": case.backend}}, "model.moe")
-    moesaic.core.config.validate_tree(cfg, "model")
+    validate_tree(cfg, "model")
     torch.manual_seed(case.seed)  # after parsing: the first registry lookup imports modules that draw
     model = RegressionModel(cfg).to(getattr(torch, case.dtype))
     if case.zero_router:
@@ -79,11 +82,11 @@ def global_batch(case: Case, step: int, world: int) -> tuple[Tensor, Tensor, Ten
     return x, y, mask
 
 
-def _adversarial_hook(case: Case, rank: int, step_ref: list[int]):
+def _adversarial_hook(case: Case, rank: int, step_ref: list[int]) -> Callable[..., RoutingDecision]:
     """Replace the router's choices by draws from Dirichlet(0.1) expert loads, fresh every step (the same
     load vector on every rank, different tokens): many experts get zero tokens, some get almost all."""
 
-    def hook(router, args, decision):
+    def hook(router: nn.Module, args: tuple[Any, ...], decision: RoutingDecision) -> RoutingDecision:
         step = step_ref[0]
         with torch.random.fork_rng():
             torch.manual_seed(50_000 + step)
@@ -147,7 +150,7 @@ def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
             out["reduced"] = names
             if case.record_grads:
                 out["pred0"] = pred.detach().clone()
-                out["grads0"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+                out["grads0"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         moesaic.on_optimizer_step(model, step + 1)
         logged = torch.stack([loss.detach(), aux.detach()]).to(torch.float64)

@@ -149,7 +149,7 @@ def global_aux(group: Any) -> AuxFn:
     of the group holds a part of one batch and calls it after the same forward). Without a group of more
     than one rank it is :func:`moesaic.collect_aux_losses`."""
     if group_size(group) == 1:
-        return collect_aux_losses  # type: ignore[return-value]
+        return collect_aux_losses
 
     def aux(model: nn.Module) -> Tensor:
         parts = read_parts(model)
@@ -230,7 +230,7 @@ def aux_totals(model: nn.Module, micro_batches: Iterable[Any], run: RunFn, group
     layers = moe_layers(model)
     buffers = [(b, b.detach().clone()) for layer in layers for b in layer.buffers()]
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     out = AuxTotals()
     try:
         with torch.no_grad():

@@ -201,7 +201,7 @@ class Trainer:
                     pieces = self._objective(mb, aux_fns[i])
                     w = 1.0 if shares else count_tokens(chunks[i]) / T  # exact shares need no weighting
                     loss = pieces.loss_sum / N + w * pieces.aux
-                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss.backward()
                 logged[0] += pieces.task_loss_sum.detach().double() / N
                 logged[1] += pieces.aux.detach().double() * w
                 self.stats.update()

@@ -39,7 +39,7 @@ class ThorStepOutput:
 
 
 def thor_step(model: nn.Module, batch: Any, loss_fn: PassFn, alpha: float = 1.0,
-              aux: Callable[[nn.Module], Tensor] = collect_aux_losses) -> ThorStepOutput:  # type: ignore[assignment]
+              aux: Callable[[nn.Module], Tensor] = collect_aux_losses) -> ThorStepOutput:
     """Run two stochastic forward passes of ``model`` on ``batch`` and combine them.
 
     Each pass draws its own experts (THOR routers use torch's global generator), so the two passes
@@ -58,7 +58,7 @@ def thor_step(model: nn.Module, batch: Any, loss_fn: PassFn, alpha: float = 1.0,
 
 def thor_lm_step(model: nn.Module, batch: dict[str, Tensor], alpha: float,
                  autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                 aux: Callable[[nn.Module], Tensor] = collect_aux_losses) -> ThorStepOutput:  # type: ignore[assignment]
+                 aux: Callable[[nn.Module], Tensor] = collect_aux_losses) -> ThorStepOutput:
     """:func:`thor_step` for a language model batch (``input_ids``, ``labels``, optional
     ``attention_mask``): summed token cross-entropies and the consistency over positions with a label."""
     ctx = autocast or contextlib.nullcontext
