@@ -84,10 +84,7 @@ class BPETokenizer(TextTokenizer):
     def __init__(self, tok: Tokenizer):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
-        eos = tok.token_to_id(EOS)
-        if eos is None:
-            raise ValueError(f"the BPE tokenizer has no {EOS} token (documents are separated by it)")
-        self.eos_id = eos
+        self.eos_id = tok.token_to_id(EOS)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
