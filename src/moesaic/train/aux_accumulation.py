@@ -2,9 +2,8 @@
 
 ``exact`` (default): the aux loss of a step is the one of the whole step batch (docs/training.md, "Loss
 under accumulation and padding"); when ``grad_accum > 1`` and some router has a batch-statistic loss with a
-non-zero coefficient, every step runs the no-grad pre-pass of :func:`moesaic.train.exact_aux.aux_totals`. A
-router loss that is neither a token mean nor declared as additive statistics is rejected here, at trainer
-construction, because no share of it would add up to the batch's loss. ``micro_batch``: each micro-batch's
+non-zero coefficient, every step runs the no-grad pre-pass of :func:`moesaic.train.exact_aux.aux_totals`
+(every router loss is a statistic object, so every one splits exactly). ``micro_batch``: each micro-batch's
 own statistics, weighted by its routed tokens (no pre-pass; the convention of Megatron-LM and transformers).
 Under data/expert parallelism the statistics of each forward (or the pre-pass totals) are summed over the
 ranks, so a step equals one process's (docs/parallel.md).
@@ -13,7 +12,7 @@ ranks, so a step equals one process's (docs/parallel.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -21,37 +20,24 @@ from moesaic.core.errors import ConfigError
 from moesaic.distributed.groups import group_size
 from moesaic.moe.api import moe_layers
 from moesaic.moe.layer import MoELayer
-from moesaic.train.exact_aux import DEFAULT_TOKEN_MEAN, AuxFn, RunFn, aux_totals, global_aux
+from moesaic.moe.routing.base import Router
+from moesaic.train.exact_aux import AuxFn, RunFn, aux_totals, global_aux
 
 
-def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
+def _losses(model: nn.Module) -> Iterator[tuple[str, str, str, Router]]:
     """``(layer, router kind, loss, router)`` for every router aux loss with a non-zero coefficient."""
     for layer in moe_layers(model):
-        r = layer.router
+        r = cast(Router, layer.router)
         kind = getattr(getattr(r, "cfg", None), "kind", type(r).__name__)
         for name, coef in r.loss_coefs().items():
             if coef > 0:
                 yield layer.layer_name, kind, name, r
 
 
-def _needs_totals(router: nn.Module, loss: str) -> bool:
-    needs = getattr(router, "needs_batch_totals", None)
-    if callable(needs):  # every loss is a statistic object: the router says whether any needs the totals
-        return bool(needs())
-    return loss not in getattr(router, "token_mean_losses", DEFAULT_TOKEN_MEAN)
-
-
 def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient whose split needs the
-    batch totals (anything but a token mean such as the z-loss)."""
-    return [(n, k, loss) for n, k, loss, r in _losses(model) if _needs_totals(r, loss)]
-
-
-def unsplittable_losses(model: nn.Module) -> list[tuple[str, str, str]]:
-    """Batch-statistic losses (non-zero coefficient) that the router does not declare as statistics."""
-    return [(n, k, loss) for n, k, loss, r in _losses(model)
-            if not callable(getattr(r, "needs_batch_totals", None)) and _needs_totals(r, loss)
-            and loss not in getattr(r, "stat_losses", frozenset())]
+    """``(layer, router kind, loss)`` for every aux loss with a non-zero coefficient of a router whose split
+    batches need the batch totals (``Router.needs_batch_totals``: anything but a token mean such as the z-loss)."""
+    return [(n, k, loss) for n, k, loss, r in _losses(model) if r.needs_batch_totals()]
 
 
 class AuxAccumulation:
@@ -62,12 +48,6 @@ class AuxAccumulation:
         self.prepass = False
         if mode != "exact" or (grad_accum == 1 and group_size(group) == 1):
             return
-        bad = unsplittable_losses(model)
-        if bad:
-            layer, kind, loss = bad[0]
-            raise ConfigError(f"{layer}.router", kind, f"its aux loss {loss!r} is a batch statistic that cannot be "
-                              "accumulated exactly over micro-batches or ranks (it declares no additive statistics); "
-                              "set train.aux_accumulation: micro_batch to use each micro-batch's own statistics")
         others = [n for n, m in model.named_modules() if hasattr(m, "aux_losses") and not isinstance(m, MoELayer)]
         if others:
             raise ConfigError(others[0], None, "holds aux losses outside an MoE layer, which exact aux accumulation "

@@ -8,7 +8,8 @@ losses (``layer.aux_losses``). Given the batch totals ``S`` of a layer, a declar
 
     w L(S) + g . (S_m - w S),    g = dL/dS at S,    w = t_m / T (routed tokens of the layer)
 
-(:func:`moesaic.moe.routing.aux_stats.share`) and a token-mean loss (z-loss) gets ``value * w``. The totals
+(:meth:`moesaic.moe.routing.aux_stats.AuxStat.share`; a token mean such as the z-loss is the statistic pair
+(sum, count), so its share is ``sum_m / T``). The totals
 come from
 
 * :func:`aux_totals`: a no-grad **pre-pass** over the step's micro-batches (exact gradient accumulation),
@@ -45,15 +46,11 @@ from moesaic.distributed.collectives import all_reduce_sum
 from moesaic.distributed.groups import group_size
 from moesaic.moe.api import collect_aux_losses, moe_layers
 from moesaic.moe.layer import MoELayer
-from moesaic.moe.routing import aux_stats
 
 #: ``aux(model) -> Tensor``: the aux loss of the forward that just ran, as its share of the step's.
 AuxFn = Callable[[nn.Module], Tensor]
 #: ``run(micro_batch, aux)``: the forward(s) of one micro-batch, calling ``aux(model)`` after each.
 RunFn = Callable[[Any, AuxFn], object]
-
-DEFAULT_TOKEN_MEAN = frozenset({"z"})
-
 
 class AuxSplitError(RuntimeError):
     """The real pass does not match the pre-pass, or a loss cannot be split exactly."""
@@ -67,10 +64,6 @@ class LayerPart:
     stats: dict[str, dict[str, Tensor]]
 
 
-def _token_mean(layer: MoELayer) -> frozenset[str]:
-    return frozenset(getattr(layer.router, "token_mean_losses", DEFAULT_TOKEN_MEAN))
-
-
 def read_parts(model: nn.Module) -> list[tuple[MoELayer, LayerPart]]:
     """Every MoE layer with the statistics of its last forward (only losses with a non-zero coefficient)."""
     out = []
@@ -81,19 +74,19 @@ def read_parts(model: nn.Module) -> list[tuple[MoELayer, LayerPart]]:
 
 
 def layer_share(layer: MoELayer, local: LayerPart, total: LayerPart, strict: bool = True) -> dict[str, Tensor]:
-    """The layer's weighted aux losses as shares of ``total``. ``strict``: a loss that is neither declared
-    nor a token mean raises (non-strict weighs it like a token mean)."""
+    """The layer's weighted aux losses as shares of ``total``. ``strict``: a loss without a statistic object
+    raises (non-strict weighs it by the token share)."""
     w = local.tokens / total.tokens if total.tokens > 0 else 0.0
     coefs = layer.router.loss_coefs()
     out: dict[str, Tensor] = {}
     for name, value in layer.aux_losses.items():
         if name in local.stats and name in total.stats:
-            out[name] = coefs[name] * aux_stats.share(layer.aux_stats[name], local.stats[name], total.stats[name], w)
-        elif name in _token_mean(layer) or not strict:
+            out[name] = coefs[name] * layer.aux_stats[name].share(local.stats[name], total.stats[name], w)
+        elif not strict:
             out[name] = value * w
         else:
-            raise AuxSplitError(f"{layer.layer_name}: aux loss {name!r} is neither a token mean nor declared in "
-                                "layer.aux_stats; it cannot be split exactly")
+            raise AuxSplitError(f"{layer.layer_name}: aux loss {name!r} has no statistic object in layer.aux_stats; "
+                                "it cannot be split exactly")
     return out
 
 
