@@ -49,9 +49,18 @@ def run(args: argparse.Namespace) -> int:
         init_process_group()  # the trainer then picks expert + data parallelism (distributed/strategy.py)
     trainer = Trainer(cfg, out, resume=args.resume)
     code = trainer.run()
-    if not trainer.is_writer:
+    s, writer = trainer.summary, trainer.is_writer
+    if world > 1:  # release DDP's reducer before its process groups, then leave together (no abort at exit)
+        import gc
+
+        import torch.distributed as dist
+
+        del trainer
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    if not writer:
         return code
-    s = trainer.summary
     val = f"  val_loss {s['val_loss']:.4f}" if "val_loss" in s else ""
     val += f"  val_accuracy {s['val_accuracy']:.4f}" if "val_accuracy" in s else ""
     print(f"step {s['steps']}  loss {s.get('loss', float('nan')):.4f}{val}  {s['tokens_per_s']:.0f} tokens/s  "
