@@ -83,7 +83,7 @@ def traffic(placement: Placement, counts: list[np.ndarray]) -> float:
 
 def heuristic(counts: list[np.ndarray], num_experts: int, ranks: int, first: np.ndarray | None = None) -> Placement:
     """Layer by layer: fix layer l, then assign layer l+1's experts to rank slots by maximum gain."""
-    from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
+    from scipy.optimize import linear_sum_assignment
 
     _check(num_experts, ranks)
     per = num_experts // ranks
@@ -131,7 +131,7 @@ def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: flo
     (``return_status``: also whether it is proven optimal). None if no solution was found."""
     from scipy.optimize import Bounds, LinearConstraint
     from scipy.optimize import milp as _milp
-    from scipy.sparse import lil_matrix  # type: ignore[import-untyped]
+    from scipy.sparse import lil_matrix
 
     _check(num_experts, ranks)
     L, E, G = len(counts) + 1, num_experts, ranks
@@ -164,9 +164,9 @@ def milp(counts: list[np.ndarray], num_experts: int, ranks: int, time_limit: flo
             hi.append(E // G)
             r += 1
     for n, (ly, i, j, g) in enumerate(pairs):  # y <= x[ly,i,g], y <= x[ly+1,j,g]
-        for x in (xi(ly, i, g), xi(ly + 1, j, g)):
+        for col in (xi(ly, i, g), xi(ly + 1, j, g)):
             A[r, nx + n] = 1
-            A[r, x] = -1
+            A[r, col] = -1
             lo.append(-np.inf)
             hi.append(0)
             r += 1
