@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moesaic.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -16,11 +18,20 @@ EOS = "<|eos|>"
 
 
 class TextTokenizer:
-    """``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eos_id``."""
+    """``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eos_id``.
+
+    ``eos_id`` is None only for a tokenizer imported from elsewhere (a Hugging Face ``tokenizer.json``)
+    that lacks ``<|eos|>``; the ones moesaic trains always have it."""
 
     kind = ""
     vocab_size: int
-    eos_id: int
+    eos_id: int | None
+
+    def require_eos(self, path: str = "data.tokenizer") -> int:
+        """The document separator's id, for data streams that need one."""
+        if self.eos_id is None:
+            raise ConfigError(path, self.kind, f"has no {EOS} token to separate documents")
+        return self.eos_id
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError

@@ -92,9 +92,10 @@ def _encode(tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
     enc = (tokenizer.encode_batch(texts) if isinstance(tokenizer, BPETokenizer)
            else [tokenizer.encode(t) for t in texts])
     ids: list[int] = []
+    eos = tokenizer.require_eos()
     for e in enc:
         ids.extend(e)
-        ids.append(tokenizer.eos_id)
+        ids.append(eos)
     dtype = np.uint16 if tokenizer.vocab_size < 65536 else np.int32
     return np.asarray(ids, dtype=dtype)
 

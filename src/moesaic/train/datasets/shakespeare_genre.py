@@ -136,7 +136,7 @@ class ShakespeareGenre:
         self.train_plays, self.val_plays = split_plays(cfg)
         self.tokenizer, tr, va, self.cache_dir = tokenize_plays(self.train_plays, self.val_plays, cfg.tokenizer,
                                                                 cfg.vocab_size, cfg.cache_dir)
-        eos = self.tokenizer.eos_id
+        eos = self.tokenizer.require_eos()
         self.train_x, self.train_y, self.train_play_of = self._examples(
             split_streams(tr, eos, len(self.train_plays)), self.train_plays, cfg.windows_per_play)
         self.val_x, self.val_y, self.val_play_of = self._examples(
