@@ -1,8 +1,10 @@
 """Typed configs: nested dataclasses, strict YAML, ``--set`` overrides, validation with field paths.
 
-Every component has a dataclass config. Swappable components (routers, dispatchers, experts, models,
-datasets) derive from :class:`ComponentConfig`; their ``kind`` field names a registry entry whose class
-carries the concrete ``Config``. Parsing is strict: unknown keys, wrong types, duplicate YAML keys and
+Every component has a dataclass config. Swappable components (routers, dispatchers, experts, attention,
+models, datasets, schedules) derive from :class:`ComponentConfig`; their ``kind`` field names a registry
+entry (a registered name or a ``module.path:Class`` plugin) whose class carries the concrete ``Config``.
+A Config's default ``kind`` is the name its class was registered under, so the name is written once.
+Parsing is strict: unknown keys, wrong types, duplicate YAML keys and
 python tags raise :class:`~moesaic.core.errors.ConfigError` with the field path, the value and the rule.
 
 Simple numeric rules are declared on the field (``field(default=1, metadata={"ge": 1})``); rules that
@@ -19,17 +21,17 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, Union
 
 import yaml
 
-from moesaic.core.errors import ConfigError
-from moesaic.core.registry import Registry
+from moesaic.core.errors import ConfigError, RegistryError
+from moesaic.core.registry import ComponentRegistry
 
-C = TypeVar("C")
+C = TypeVar("C", bound="ComponentConfig")
 
 __all__ = [
-    "Section", "ComponentConfig", "ConfigError", "parse", "to_dict", "validate_tree", "load_yaml",
+    "Section", "ComponentConfig", "LayerShape", "ConfigError", "parse", "to_dict", "validate_tree", "load_yaml",
     "apply_overrides", "dump_yaml", "require", "rule",
 ]
 
@@ -63,12 +65,58 @@ class Section:
         pass
 
 
+class LayerShape(Protocol):
+    """What a component's layer-level rules read: the MoE layer's routed expert count and k (after
+    fine-grained segmentation) and its sibling configs (``MoEConfig`` is one)."""
+
+    @property
+    def routed_experts(self) -> int: ...
+
+    @property
+    def routed_top_k(self) -> int: ...
+
+    @property
+    def router(self) -> ComponentConfig: ...
+
+    @property
+    def dispatcher(self) -> ComponentConfig: ...
+
+    @property
+    def experts(self) -> ComponentConfig: ...
+
+
 @dataclasses.dataclass
 class ComponentConfig(Section):
-    """A config whose ``kind`` selects a registered class; ``build`` instantiates it."""
+    """A config whose ``kind`` selects a registered class; ``build`` instantiates it.
 
-    registry: ClassVar[Registry | None] = None
+    ``kind`` defaults to the name the Config's class was registered under (its nearest registered base,
+    else the registry's default entry), so a registered Config never repeats its name."""
+
+    registry: ClassVar[ComponentRegistry | None] = None
     kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = type(self).default_kind()
+
+    @classmethod
+    def default_kind(cls) -> str:
+        return cls.registry.kind_of_config(cls) if cls.registry is not None else ""
+
+    @classmethod
+    def for_kind(cls: type[C], kind: str | None = None) -> C:
+        """The default Config of entry ``kind`` (the registry's default entry when None)."""
+        assert cls.registry is not None, f"{cls.__name__} has no registry"
+        name = kind or cls.registry.default
+        cfg_cls = cls.registry.config_of(name)
+        if cfg_cls is None or not issubclass(cfg_cls, cls):
+            raise TypeError(f"{cls.registry.kind} {name!r}: its Config must subclass {cls.__name__}")
+        return cfg_cls()
+
+    def validate_moe(self, path: str, layer: LayerShape) -> None:  # noqa: B027 - optional hook
+        """Rules that involve the MoE layer this component sits in (``path`` is the component's own
+        path); :meth:`MoEConfig.validate` calls it on the router, the dispatcher and the experts.
+        Override and call super()."""
 
     def build(self, *args: Any, **kwargs: Any) -> Any:
         assert self.registry is not None, f"{type(self).__name__} has no registry"
@@ -90,20 +138,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _resolve_component(base: type, data: Mapping[str, Any], path: str, default_kind: str) -> tuple[type, str]:
+def _resolve_component(base: type[ComponentConfig], data: Mapping[str, Any], path: str,
+                       default_kind: str) -> tuple[type[ComponentConfig], str]:
     reg = base.registry
+    assert reg is not None, f"{base.__name__} has no registry"
     kind = data.get("kind", default_kind)
     if not isinstance(kind, str) or not kind:
         raise ConfigError(f"{_j(path)}kind", kind, f"must name a {reg.kind}; known: {', '.join(reg.names())}")
-    if kind not in reg:
-        from difflib import get_close_matches
-
-        near = get_close_matches(kind, reg.names(), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{_j(path)}kind", kind, f"unknown {reg.kind} kind; known: {', '.join(reg.names())}{hint}")
-    cfg_cls = reg.get(kind).Config
+    try:
+        cfg_cls = reg.config_of(kind)
+    except RegistryError as e:
+        raise ConfigError(f"{_j(path)}kind", kind, e.rule) from None
     if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, base)):
-        raise TypeError(f"{reg.kind} {kind!r}: Config must subclass {base.__name__}")
+        raise ConfigError(f"{_j(path)}kind", kind, f"a {reg.kind}'s Config must subclass {base.__name__}")
     return cfg_cls, kind
 
 
@@ -176,8 +223,8 @@ def _parse_dataclass(cls: type, data: Any, path: str, default_kind: str | None =
         raise ConfigError(path, data, f"must be a mapping ({cls.__name__})")
     kind = None
     if issubclass(cls, ComponentConfig) and cls.registry is not None:
-        kind_default = default_kind if default_kind is not None else _field_default(cls, "kind")
-        cls, kind = _resolve_component(cls, data, path, kind_default or "")
+        kind_default = default_kind if default_kind is not None else cls.default_kind()
+        cls, kind = _resolve_component(cls, data, path, kind_default)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
@@ -200,16 +247,6 @@ def _parse_dataclass(cls: type, data: Any, path: str, default_kind: str | None =
     if kind is not None:
         obj.kind = kind
     return obj
-
-
-def _field_default(cls: type, name: str) -> Any:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    return None
 
 
 def _field_default_kind(f: dataclasses.Field) -> str | None:

@@ -42,3 +42,20 @@ class CheckpointMismatchError(CheckpointError):
 
 class ConversionError(MoesaicError, ValueError):
     """A model cannot be converted (unsupported architecture, unused or missing tensors)."""
+
+
+class RegistryError(MoesaicError, KeyError):
+    """A registry lookup failed: an unknown name, or a ``module:Object`` path that does not import, names a
+    missing attribute or an object of the wrong kind. ``rule`` says which (without the name)."""
+
+    def __init__(self, name: str, rule: str, *, message: str = ""):
+        self.name, self.rule = name, rule
+        self.message = message or f"{name}: {rule}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return self.message
+
+
+class PluginError(MoesaicError, ImportError):
+    """A ``moesaic.plugins`` entry point failed to import."""

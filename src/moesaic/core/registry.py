@@ -1,65 +1,220 @@
-"""Registries of swappable components: one per kind (routers, dispatchers, experts, models, ...).
+"""Registries: one typed :class:`Registry` per plugin kind (routers, dispatchers, experts, expert backends,
+attention kinds, models, datasets, schedules, HF architectures, training objectives).
 
-A component registers itself by name with a one-line description (its docstring's first line)::
+A component registers itself by name, written once; a class with a ``Config`` also gets that name as
+its Config's default ``kind``::
 
     @ROUTERS.register("topk")
     class TopKRouter(Router):
         '''Token-choice top-k (Shazeer 2017, Mixtral, DeepSeek-V3).'''
-        Config = TopKRouterConfig
+        Config = TopKRouterConfig      # TopKRouterConfig().kind == "topk"
 
-Modules inside the registry's package are imported on first lookup, so adding a router is adding one file.
+An entry is found three ways (docs/design.md, "Registries and plugins"):
+
+* by name: the registry's own package is imported on first lookup, so adding a router inside the
+  package is adding one file;
+* by dotted path, ``mypkg.routers:MyRouter``: the module is imported, the object checked against the
+  registry's base class and registered under that dotted name (so a saved config loads again);
+* by the Python entry-point group ``moesaic.plugins``: each entry point names a module whose import
+  registers its classes; all of them are imported once, on the first lookup in any registry.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
-from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from difflib import get_close_matches
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+
+from moesaic.core.errors import PluginError, RegistryError
+
+if TYPE_CHECKING:  # the registries name their entry types; the entries live in higher layers
+    from torch import nn
+
+    from moesaic.core.schedules import Schedule
+    from moesaic.interop.common import Arch
+    from moesaic.moe.dispatch.base import Dispatcher
+    from moesaic.moe.experts.base import Experts
+    from moesaic.moe.routing.base import Router
+    from moesaic.train.datasets.base import Dataset
+    from moesaic.train.objectives.base import Objective
 
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str | None = None):
-        self.kind = kind
-        self.package = package
-        self._entries: dict[str, T] = {}
-        self._loaded = False
+class RegistryView(Protocol):
+    """What listing a registry needs (``moesaic list``, the contract tests), whatever its entry type."""
 
-    def register(self, name: str):
+    kind: str
+
+    def names(self) -> list[str]: ...
+
+    def describe(self, name: str) -> str: ...
+
+
+class ComponentRegistry(RegistryView, Protocol):
+    """What a config needs of the registry its ``kind`` selects from: entries are classes built from a Config."""
+
+    default: str
+
+    def get(self, name: str) -> Callable[..., object]: ...
+
+    def config_of(self, name: str) -> type | None: ...
+
+    def kind_of_config(self, cfg_cls: type) -> str: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+#: The entry-point group of out-of-tree plugins: each entry point's value is a module to import.
+PLUGIN_GROUP = "moesaic.plugins"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every ``moesaic.plugins`` entry point once (later calls do nothing)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # first: a plugin that looks a name up while it is imported must not recurse
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            importlib.import_module(ep.value)
+        except Exception as e:
+            raise PluginError(f"entry point {ep.name} = {ep.value!r} (group {PLUGIN_GROUP}) failed to import: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _resolve_dotted(path: str) -> object:
+    """The object ``module.path:Attr.Sub`` names; :class:`RegistryError` when it cannot be found."""
+    module, _, attr = path.partition(":")
+    if not module or not attr or ":" in attr:
+        raise RegistryError(path, "must look like module.path:ClassName")
+    try:
+        obj: object = importlib.import_module(module)
+    except Exception as e:  # any failure while importing user code is a lookup failure of this field
+        raise RegistryError(path, f"cannot import module {module!r} ({type(e).__name__}: {e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RegistryError(path, f"module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry(Generic[T]):
+    """Named entries of one plugin kind.
+
+    ``kind`` names the kind in messages ("router"); ``package`` is imported module by module (names
+    starting with ``prefix``) on first lookup; ``base``, a ``module:Class`` path, is what an entry found
+    by dotted path must subclass (or be an instance of); ``default`` is the entry a config without
+    ``kind`` selects.
+    """
+
+    _all: list[RegistryView] = []
+
+    def __init__(self, kind: str, package: str | None = None, *, base: str | None = None,
+                 default: str = "", prefix: str = "") -> None:
+        self.kind, self.package, self.base, self.default, self.prefix = kind, package, base, default, prefix
+        self._entries: dict[str, T] = {}
+        self._docs: dict[str, str] = {}
+        self._config_kinds: dict[type, str] = {}
+        self._configs: dict[str, type] = {}
+        self._loaded = False
+        Registry._all.append(self)
+
+    @classmethod
+    def all(cls) -> list[RegistryView]:
+        """Every registry created so far (a package's registries exist once it is imported)."""
+        return list(cls._all)
+
+    # ------------------------------------------------------------------------------------ registering
+
+    def register(self, name: str, *, doc: str = "") -> Callable[[T], T]:
+        """Decorator: register the object under ``name`` (``doc`` overrides its docstring's first line)."""
+
         def deco(obj: T) -> T:
-            if name in self._entries and self._entries[name] is not obj:
-                raise KeyError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = obj
-            try:
-                obj.registry_name = name  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
-            return obj
+            return self.add(name, obj, doc=doc)
 
         return deco
 
+    def add(self, name: str, obj: T, *, doc: str = "") -> T:
+        """Register ``obj`` under ``name``; the same object may have several names (a dotted alias)."""
+        if not name:
+            raise ValueError(f"{self.kind}: empty name")
+        if name in self._entries and self._entries[name] is not obj:
+            raise RegistryError(name, f"{self.kind} {name!r} is registered twice")
+        cfg = getattr(obj, "Config", None) if isinstance(obj, type) else None
+        if isinstance(cfg, type) and ":" not in name:
+            owner = self._config_kinds.get(cfg)
+            if owner is not None and owner != name:
+                raise RegistryError(name, f"{self.kind} {name!r}: its Config {cfg.__name__} already belongs to "
+                                          f"{owner!r}; give each entry its own Config subclass")
+            self._config_kinds[cfg] = name
+        elif isinstance(cfg, type):
+            self._config_kinds.setdefault(cfg, name)  # a dotted path: a plain name registered first wins
+        if isinstance(cfg, type):
+            self._configs[name] = cfg
+        self._entries[name] = obj
+        if doc:
+            self._docs[name] = doc
+        return obj
+
+    def kind_of_config(self, cfg_cls: type) -> str:
+        """The entry name a Config class stands for: its own registration, else its nearest registered base,
+        else the registry's default. Never imports anything (it runs while modules are being imported)."""
+        for c in cfg_cls.__mro__:
+            if c in self._config_kinds:
+                return self._config_kinds[c]
+        return self.default
+
+    def config_of(self, name: str) -> type | None:
+        """The ``Config`` class of entry ``name`` (looked up like :meth:`get`); None for entries without one."""
+        self.get(name)
+        return self._configs.get(name)
+
+    # --------------------------------------------------------------------------------------- lookup
+
     def _load(self) -> None:
-        if self._loaded or self.package is None:
+        if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):  # a plain module: just import it
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
+        if self.package is not None:
+            pkg = importlib.import_module(self.package)
+            for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):  # a plain module: just import it
+                if not info.name.startswith("_") and info.name.startswith(self.prefix):
+                    importlib.import_module(f"{self.package}.{info.name}")
+        load_plugins()
+
+    def _check_kind(self, name: str, obj: object) -> T:
+        if self.base is None:
+            if not callable(obj):
+                raise RegistryError(name, f"{name} is not a {self.kind}: not callable")
+            return cast(T, obj)
+        base = _resolve_dotted(self.base)
+        ok = isinstance(obj, type) and isinstance(base, type) and issubclass(obj, base)
+        if not ok and isinstance(base, type) and isinstance(obj, base):
+            ok = True
+        if not ok:
+            what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+            raise RegistryError(name, f"{name} ({what}) is not a {self.kind}: must subclass "
+                                      f"{self.base.replace(':', '.')}")
+        return cast(T, obj)
 
     def get(self, name: str) -> T:
+        """The entry ``name`` (a registered name or ``module.path:Object``); :class:`RegistryError` if none."""
         self._load()
-        if name not in self._entries:
-            from difflib import get_close_matches
+        if name in self._entries:
+            return self._entries[name]
+        if ":" in name:
+            return self.add(name, self._check_kind(name, _resolve_dotted(name)))
+        near = get_close_matches(name, self._entries, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise RegistryError(name, f"unknown {self.kind} kind; known: {', '.join(self.names())}{hint}",
+                            message=f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}{hint}")
 
-            near = get_close_matches(name, self._entries, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}{hint}")
-        return self._entries[name]
-
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is a registered name (dotted paths count once they have been looked up)."""
         self._load()
         return name in self._entries
 
@@ -73,15 +228,33 @@ class Registry(Generic[T]):
             yield n, self._entries[n]
 
     def describe(self, name: str) -> str:
-        doc = getattr(self.get(name), "__doc__", None) or ""
+        """One line about the entry: the ``doc`` it was registered with, else its docstring's first line."""
+        obj = self.get(name)
+        if name in self._docs:
+            return self._docs[name]
+        doc = (obj.__doc__ if isinstance(obj, type) or callable(obj) else None) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
-ROUTERS: Registry[Any] = Registry("router", "moesaic.moe.routing")
-DISPATCHERS: Registry[Any] = Registry("dispatcher", "moesaic.moe.dispatch")
-EXPERTS: Registry[Any] = Registry("experts", "moesaic.moe.experts")
-MODELS: Registry[Any] = Registry("model", "moesaic.models")
-DATASETS: Registry[Any] = Registry("dataset", "moesaic.train.datasets")
-SCHEDULES: Registry[Any] = Registry("schedule", "moesaic.core.schedules")
+
+ROUTERS: Registry[type[Router]] = Registry(
+    "router", "moesaic.moe.routing", base="moesaic.moe.routing.base:Router", default="topk")
+DISPATCHERS: Registry[type[Dispatcher]] = Registry(
+    "dispatcher", "moesaic.moe.dispatch", base="moesaic.moe.dispatch.base:Dispatcher", default="sort")
+EXPERTS: Registry[type[Experts]] = Registry(
+    "experts", "moesaic.moe.experts", base="moesaic.moe.experts.base:Experts", default="glu")
+ATTENTIONS: Registry[type[nn.Module]] = Registry(
+    "attention", "moesaic.models", base="torch.nn:Module", default="mha")
+MODELS: Registry[type[nn.Module]] = Registry("model", "moesaic.models", base="torch.nn:Module",
+                                             default="moe_regression")
+DATASETS: Registry[type[Dataset]] = Registry(
+    "dataset", "moesaic.train.datasets", base="moesaic.train.datasets.base:Dataset", default="toy_regression")
+SCHEDULES: Registry[type[Schedule]] = Registry(
+    "schedule", "moesaic.core.schedules", base="moesaic.core.schedules:Schedule", default="constant")
+HF_ARCHITECTURES: Registry[Arch] = Registry(
+    "HF architecture", "moesaic.interop", base="moesaic.interop.common:Arch", prefix="arch_")
 #: Training objectives (``train.objective: {kind: NAME}``): the default task loss, THOR, ... (docs/training.md).
-OBJECTIVES: Registry[Any] = Registry("objective", "moesaic.train.objectives")
+OBJECTIVES: Registry[type[Objective]] = Registry(
+    "objective", "moesaic.train.objectives", base="moesaic.train.objectives.base:Objective", default="task")

@@ -35,6 +35,7 @@ from moesaic.interop.common import (
     moe_layers,
     per_layer_variants,
     refuse,
+    register_archs,
     rope_scaling,
     rope_theta,
     shared_expert_rules,
@@ -127,4 +128,4 @@ def layout(hf: Any, expert_layout: str) -> Layout:
     return Layout(f"{NAME} ({expert_layout} experts)", rules, ignore)
 
 
-ARCHS = [Arch(NAME, "deepseek_v3", "DeepseekV3ForCausalLM", to_moesaic, to_hf, unsupported, layout, rank=50)]
+register_archs(Arch(NAME, "deepseek_v3", "DeepseekV3ForCausalLM", to_moesaic, to_hf, unsupported, layout, rank=50))

@@ -27,6 +27,7 @@ from moesaic.interop.common import (
     mha_names,
     per_layer_variants,
     refuse,
+    register_archs,
 )
 from moesaic.interop.mapping import Layout
 
@@ -92,5 +93,5 @@ def _arch(name: str, hf_class: str, rank: int) -> Arch:
                 lambda cfg: _unsupported(cfg, name), lambda hf, xl: _layout(hf, name), rank=rank)
 
 
-ARCHS = [_arch("llama", "LlamaForCausalLM", 10), _arch("mistral", "MistralForCausalLM", 20),
-         _arch("qwen2", "Qwen2ForCausalLM", 30)]
+register_archs(_arch("llama", "LlamaForCausalLM", 10), _arch("mistral", "MistralForCausalLM", 20),
+               _arch("qwen2", "Qwen2ForCausalLM", 30))

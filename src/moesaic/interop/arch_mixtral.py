@@ -29,6 +29,7 @@ from moesaic.interop.common import (
     moe_layers,
     per_layer_variants,
     refuse,
+    register_archs,
 )
 from moesaic.interop.mapping import Layout
 
@@ -74,4 +75,4 @@ def layout(hf: Any, expert_layout: str) -> Layout:
     return Layout(f"{NAME} ({expert_layout} experts)", rules, IGNORE)
 
 
-ARCHS = [Arch(NAME, "mixtral", "MixtralForCausalLM", to_moesaic, to_hf, unsupported, layout, rank=10)]
+register_archs(Arch(NAME, "mixtral", "MixtralForCausalLM", to_moesaic, to_hf, unsupported, layout, rank=10))

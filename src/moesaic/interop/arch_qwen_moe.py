@@ -36,6 +36,7 @@ from moesaic.interop.common import (
     moe_layers,
     per_layer_variants,
     refuse,
+    register_archs,
     shared_expert_rules,
 )
 from moesaic.interop.mapping import Layout, copy_rule
@@ -144,5 +145,5 @@ def _arch(name: str, model_type: str, hf_class: str, qwen3: bool, rank: int) -> 
                 lambda hf, xl: _layout(hf, xl, name, qwen3), rank=rank)
 
 
-ARCHS = [_arch("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", False, 40),
-         _arch("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", True, 20)]
+register_archs(_arch("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", False, 40),
+               _arch("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", True, 20))

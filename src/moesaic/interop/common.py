@@ -1,6 +1,7 @@
 """Pieces shared by the architecture files: the Llama-family config fields, weight rules and feature checks.
 
-Every architecture in ``interop/arch_*.py`` is an :class:`Arch`: the ``model_type`` it reads, the
+Every architecture in ``interop/arch_*.py`` is an :class:`Arch`, registered in
+:data:`~moesaic.core.registry.HF_ARCHITECTURES` by :func:`register_archs`: the ``model_type`` it reads, the
 transformers class it writes, ``to_moesaic(hf_config) -> model config dict``, ``to_hf(model_cfg) -> HF
 config fields`` (after ``unsupported(model_cfg)`` found nothing missing) and ``layout(hf_config,
 expert_layout) -> Layout``. Fields that change the math and that moesaic cannot express are refused by
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from moesaic.core.errors import ConversionError
+from moesaic.core.registry import HF_ARCHITECTURES
 from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy_rule
 
 #: Expert weight layouts on disk. ``per_expert``: one ``[out, in]`` matrix per expert and projection, the
@@ -40,6 +42,12 @@ class Arch:
     rank: int = 50
     #: The moesaic model kind this architecture imports into and exports from.
     kind: str = "decoder_lm"
+
+
+def register_archs(*archs: Arch) -> None:
+    """Register each architecture under its name, described by the transformers class it reads and writes."""
+    for a in archs:
+        HF_ARCHITECTURES.add(a.name, a, doc=f"{a.hf_class} (model_type {a.model_type!r})")
 
 
 def refuse(arch: str, field: str, value: Any, why: str) -> NoReturn:

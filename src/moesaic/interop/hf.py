@@ -19,10 +19,8 @@ names, per architecture, the feature it lacks. See ``docs/hf.md``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import pkgutil
 import shutil
 import types
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 
 from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
+from moesaic.core.registry import HF_ARCHITECTURES
 from moesaic.interop.common import EXPERT_LAYOUTS, Arch
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
@@ -48,15 +47,9 @@ _GEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def architectures() -> dict[str, Arch]:
-    """Every supported architecture by name (from the ``interop/arch_*.py`` files)."""
-    import moesaic.interop as pkg
-
-    out: dict[str, Arch] = {}
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("arch_"):
-            for a in importlib.import_module(f"moesaic.interop.{info.name}").ARCHS:
-                out[a.name] = a
-    return dict(sorted(out.items(), key=lambda kv: (kv[1].rank, kv[0])))
+    """Every supported architecture by name, in order of preference (registered in
+    :data:`~moesaic.core.registry.HF_ARCHITECTURES` by the ``interop/arch_*.py`` files and by plugins)."""
+    return dict(sorted(HF_ARCHITECTURES.items(), key=lambda kv: (kv[1].rank, kv[0])))
 
 
 def _transformers() -> types.ModuleType:

@@ -5,27 +5,24 @@ Multi-head attention (Vaswani et al. 2017) with grouped-query attention (Ainslie
 projection biases (Qwen2). The math runs in :func:`torch.nn.functional.scaled_dot_product_attention`.
 Parameter names follow Hugging Face Llama: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
 ``k_norm``. Another attention kind (e.g. Multi-head Latent Attention) is one new file in ``models/``
-registering into :data:`ATTENTIONS` with the same ``forward`` signature.
+registering into :data:`moesaic.core.registry.ATTENTIONS` with the same ``forward`` signature.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig, require, rule
-from moesaic.core.registry import Registry
+from moesaic.core.registry import ATTENTIONS
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
 from moesaic.models.rope_scaling import RopeScalingConfig
-
-#: Attention kinds; modules of ``moesaic.models`` are imported on first lookup.
-ATTENTIONS: Registry[Any] = Registry("attention", "moesaic.models")
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from moesaic.core.config import Section, require, rule
 from moesaic.core.errors import RoutingInputError
+from moesaic.core.registry import ROUTERS
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.experts.base import ExpertsConfig
@@ -78,14 +79,12 @@ class MoEConfig(Section):
                 f"must be <= num_experts ({self.num_experts})")
         require(self.d_ff % self.granularity == 0, f"{path}.granularity", self.granularity,
                 f"must divide d_ff ({self.d_ff})")
-        self.router.validate_moe(f"{path}.router", self.routed_experts, self.routed_top_k)
-        self.dispatcher.validate_moe(f"{path}.dispatcher", self.routed_experts, self.routed_top_k)
-        need = self.router.registry.get(self.router.kind).requires_dispatcher
+        self.router.validate_moe(f"{path}.router", self)
+        self.dispatcher.validate_moe(f"{path}.dispatcher", self)
+        self.experts.validate_moe(f"{path}.experts", self)
+        need = ROUTERS.get(self.router.kind).requires_dispatcher
         require(need is None or self.dispatcher.kind == need, f"{path}.dispatcher.kind", self.dispatcher.kind,
                 f"router {self.router.kind!r} needs dispatcher {need!r}")
-        experts_rules = getattr(self.experts, "validate_moe", None)  # experts whose rules involve the layer
-        if experts_rules is not None:
-            experts_rules(f"{path}.experts", self)
 
     def build(self, d_model: int, *, causal: bool = False) -> MoELayer:
         return MoELayer(self, d_model, causal=causal)

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require
+from moesaic.core.config import LayerShape, require
 from moesaic.core.registry import DISPATCHERS
 from moesaic.core.types import RoutingDecision
 from moesaic.distributed.collectives import all_to_all, exchange_counts
@@ -63,8 +63,8 @@ class AllToAllDispatcherConfig(DispatcherConfig):
         require(self.local.kind != "all_to_all", f"{path}.local.kind", self.local.kind,
                 "the local dispatcher must group rows on one rank (e.g. sort or capacity)")
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        self.local.validate_moe(f"{path}.local", num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        self.local.validate_moe(f"{path}.local", layer)
 
 
 @DISPATCHERS.register("all_to_all")

@@ -26,9 +26,6 @@ class DispatcherConfig(ComponentConfig):
     registry: ClassVar = DISPATCHERS
     kind: str = "sort"
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:  # noqa: B027
-        pass
-
 
 @dataclasses.dataclass
 class DispatchState:

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import EXPERTS
 from moesaic.moe.experts.stacked_ffn import FFNExperts, GLUExpertsConfig
+from moesaic.moe.routing.dts import DTSRouterConfig
 
 Method = Literal["mask", "noise", "copy"]
 
@@ -56,9 +57,10 @@ class EvoMoEExpertsConfig(GLUExpertsConfig):
     noise_std: float = rule(0.01, ge=0.0)
     seed: int = 0
 
-    def validate_moe(self, path: str, moe: Any) -> None:
-        r = moe.router
-        if r.kind == "dts":
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        r = layer.router
+        if isinstance(r, DTSRouterConfig):
             require(r.dense_until_step == self.diversify_step, f"{path.rsplit('.', 1)[0]}.router.dense_until_step",
                     r.dense_until_step, f"must equal experts.diversify_step ({self.diversify_step}): the router "
                     "sends every token to expert 0 until the experts are diversified")

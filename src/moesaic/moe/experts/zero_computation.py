@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.activations import Activation
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import EXPERTS
 from moesaic.moe.experts.backends import BACKENDS, choose_backend
 from moesaic.moe.experts.base import Experts, ExpertsConfig
 from moesaic.moe.experts.stacked_ffn import add_stacked_ffn, init_stacked_ffn
+from moesaic.moe.routing.moepp import MoEPPRouterConfig
 
 
 @dataclasses.dataclass
@@ -51,13 +52,14 @@ class ZeroComputationExpertsConfig(ExpertsConfig):
         require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
                 f"must be auto or one of {', '.join(sorted(BACKENDS))}")
 
-    def validate_moe(self, path: str, moe: Any) -> None:
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
         """Rules involving the layer: at least one FFN expert, and a matching ``moepp`` router."""
-        E, zc = moe.routed_experts, self.num_zero_computation
+        super().validate_moe(path, layer)
+        E, zc = layer.routed_experts, self.num_zero_computation
         require(E > zc, path.rsplit(".", 1)[0] + ".num_experts", E,
                 f"must exceed the {zc} zero-computation experts (at least one FFN expert)")
-        r = moe.router
-        if r.kind == "moepp":
+        r = layer.router
+        if isinstance(r, MoEPPRouterConfig):
             require(r.zero_computation_experts == zc, f"{path.rsplit('.', 1)[0]}.router.zero_computation_experts",
                     r.zero_computation_experts, f"must equal num_constant + num_copy + num_zero of the experts ({zc})")
             if r.gating == "release":

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.config import ComponentConfig, require, rule
+from moesaic.core.config import ComponentConfig, LayerShape, require, rule
 from moesaic.core.errors import CausalityError, NonFiniteInputError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
@@ -31,11 +31,12 @@ class RouterConfig(ComponentConfig):
     z_loss_coef: float = rule(0.0, ge=0.0)
     init_std: float = rule(0.02, ge=0.0)
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        """Rules that involve the layer's expert count and k. Override and call super()."""
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        """Rules that involve the layer's routed expert count and k. Override and call super()."""
+        num_experts, top_k = layer.routed_experts, layer.routed_top_k
         k_path = path.rsplit(".", 1)[0] + ".top_k"
         require(1 <= top_k <= num_experts, k_path, top_k, f"must be in [1, num_experts] = [1, {num_experts}]")
-        fixed = getattr(self.registry.get(self.kind), "required_top_k", None) if self.kind in self.registry else None
+        fixed = ROUTERS.get(self.kind).required_top_k
         if fixed is not None:
             require(top_k == fixed, k_path, top_k,
                     f"router {self.kind!r} routes exactly top-{fixed}; set top_k: {fixed}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
@@ -51,8 +51,9 @@ class LatencyAwareRouterConfig(RouterConfig):
             require(all(math.isfinite(v) and v > 0 for v in self.latency), f"{path}.latency", self.latency,
                     "every latency must be a finite number > 0")
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts = layer.routed_experts
         if self.latency is not None:
             require(len(self.latency) == num_experts, f"{path}.latency", self.latency,
                     f"must hold one latency per expert ({num_experts})")

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.errors import MoesaicError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
@@ -69,8 +69,9 @@ class MoEPPRouterConfig(RouterConfig):
     capacity_factor: float | None = rule(None, gt=0.0)
     aux_loss_coef: float = rule(0.01, ge=0.0)
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts = layer.routed_experts
         # <= (not <): with moepp experts, their validate_moe demands at least one FFN expert
         require(self.zero_computation_experts <= num_experts, f"{path}.zero_computation_experts",
                 self.zero_computation_experts, f"must be <= num_experts ({num_experts})")

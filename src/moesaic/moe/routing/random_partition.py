@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require
+from moesaic.core.config import LayerShape, require
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing.base import Router, RouterConfig, router_dtype
@@ -30,8 +30,9 @@ class RandomPartitionRouterConfig(RouterConfig):
     kind: str = "random_partition"
     eval_mode: Literal["partition", "average"] = "partition"
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        top_k = layer.routed_top_k
         require(top_k == 1, path.rsplit(".", 1)[0] + ".top_k", top_k,
                 "random uniform partition sends each token to exactly one expert; top_k must be 1")
 

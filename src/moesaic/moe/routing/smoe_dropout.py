@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.config import ConfigError, require
+from moesaic.core.config import ConfigError, LayerShape, require
 from moesaic.core.registry import ROUTERS
 from moesaic.core.schedules import ScheduleConfig
 from moesaic.core.types import RoutingDecision
@@ -36,8 +36,9 @@ class SMoEDropoutRouterConfig(RouterConfig):
     freeze: bool = True
     aux_loss_coef: float = 0.0
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts = layer.routed_experts
         s = self.k_schedule
         if s is None:
             return

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.errors import RoutingInputError
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
@@ -78,8 +78,9 @@ class TaskGatesRouterConfig(RouterConfig):
     aux_loss_coef: float = rule(0.01, ge=0.0)
     balance_loss: Literal["switch", "cv2"] = "switch"
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts, top_k = layer.routed_experts, layer.routed_top_k
         if self.experts_per_task is not None:
             require(top_k <= self.experts_per_task <= num_experts, f"{path}.experts_per_task",
                     self.experts_per_task, f"must be in [top_k = {top_k}, num_experts = {num_experts}]")

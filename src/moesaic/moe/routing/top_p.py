@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
@@ -43,8 +43,9 @@ class TopPRouterConfig(RouterConfig):
     dynamic_loss_coef: float = rule(1e-4, ge=0.0)
     balance_normalization: Literal["selections", "tokens"] = "selections"
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts = layer.routed_experts
         if self.max_k is not None:
             require(self.max_k <= num_experts, f"{path}.max_k", self.max_k,
                     f"must be <= num_experts ({num_experts})")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from moesaic.core.config import require, rule
+from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
@@ -54,8 +54,9 @@ class TopKRouterConfig(RouterConfig):
             require(self.normalization != "softmax_topk", f"{path}.normalization", self.normalization,
                     "softmax_topk needs score_func: softmax")
 
-    def validate_moe(self, path: str, num_experts: int, top_k: int) -> None:
-        super().validate_moe(path, num_experts, top_k)
+    def validate_moe(self, path: str, layer: LayerShape) -> None:
+        super().validate_moe(path, layer)
+        num_experts, top_k = layer.routed_experts, layer.routed_top_k
         require(num_experts % self.n_groups == 0, f"{path}.n_groups", self.n_groups,
                 f"must divide num_experts ({num_experts})")
         require(self.topk_groups <= self.n_groups, f"{path}.topk_groups", self.topk_groups,

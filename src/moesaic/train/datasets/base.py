@@ -1,9 +1,9 @@
-"""The data config base: ``data: {kind: NAME, ...}`` selects a registered dataset."""
+"""The dataset interface: ``data: {kind: NAME, ...}`` selects a registered :class:`Dataset` subclass."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from moesaic.core.config import ComponentConfig
 from moesaic.core.registry import DATASETS
@@ -13,3 +13,13 @@ from moesaic.core.registry import DATASETS
 class DataConfig(ComponentConfig):
     registry: ClassVar = DATASETS
     kind: str = "toy_regression"
+
+
+class Dataset:
+    """Base of every registered dataset: built from its Config (``data.build()``); what it serves is up to
+    the task (regression pairs, token windows, labelled sequences)."""
+
+    Config: ClassVar[type[DataConfig]] = DataConfig
+
+    def __init__(self, cfg: DataConfig, **kw: Any) -> None:
+        self.cfg = cfg

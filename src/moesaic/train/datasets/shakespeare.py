@@ -23,7 +23,7 @@ import torch
 from moesaic.core.config import require, rule
 from moesaic.core.errors import ConfigError
 from moesaic.core.registry import DATASETS
-from moesaic.train.datasets.base import DataConfig
+from moesaic.train.datasets.base import DataConfig, Dataset
 from moesaic.train.loader import PackedLoader, eval_windows
 from moesaic.train.tokenizer import BPETokenizer, CharTokenizer, TextTokenizer
 
@@ -128,7 +128,7 @@ def tokenize_plays(train: list[str], val: list[str], tokenizer: str, vocab_size:
 
 
 @DATASETS.register("shakespeare")
-class ShakespeareData:
+class ShakespeareData(Dataset):
     """Shakespeare's plays, split by play; byte-level BPE or char tokens; packed windows."""
 
     Config = ShakespeareConfig

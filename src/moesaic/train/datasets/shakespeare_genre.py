@@ -31,6 +31,7 @@ from torch import Tensor
 from moesaic.core.config import require, rule
 from moesaic.core.errors import ConfigError
 from moesaic.core.registry import DATASETS
+from moesaic.train.datasets.base import Dataset
 from moesaic.train.datasets.shakespeare import PlayTextConfig, play_files, tokenize_plays
 from moesaic.train.example_loader import ExampleLoader
 
@@ -124,7 +125,7 @@ def play_windows(stream: np.ndarray, seq_len: int, limit: int | None) -> np.ndar
 
 
 @DATASETS.register("shakespeare_genre")
-class ShakespeareGenre:
+class ShakespeareGenre(Dataset):
     """Genre (comedy/history/tragedy, First Folio) of a Shakespeare passage; split by play, stratified."""
 
     Config = ShakespeareGenreConfig

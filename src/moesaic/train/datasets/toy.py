@@ -10,7 +10,7 @@ from torch import Tensor
 
 from moesaic.core.config import rule
 from moesaic.core.registry import DATASETS
-from moesaic.train.datasets.base import DataConfig
+from moesaic.train.datasets.base import DataConfig, Dataset
 
 
 @dataclasses.dataclass
@@ -22,7 +22,7 @@ class ToyRegressionConfig(DataConfig):
 
 
 @DATASETS.register("toy_regression")
-class ToyRegression:
+class ToyRegression(Dataset):
     """y = w_c . x + sin(x_0) for x drawn around one of ``clusters`` centres, w_c per cluster."""
 
     Config = ToyRegressionConfig
