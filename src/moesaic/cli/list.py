@@ -1,27 +1,35 @@
-"""``moesaic list``: every registered component with a one-line description."""
+"""``moesaic list``: every registry (routers, dispatchers, experts, expert backends, attention, models,
+datasets, schedules, HF architectures, ...) with each entry's one-line description."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from moesaic.cli import SubParsers
 
+#: Modules that create registries outside ``moesaic.core.registry``; imported so that every registry exists.
+REGISTRY_MODULES = ("moesaic.moe.experts.backends",)
+
 
 def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
-    return sub.add_parser("list", help="list registered routers, dispatchers, experts, backends, models, datasets")
+    return sub.add_parser("list", help="list registered routers, dispatchers, experts, backends, models, datasets, "
+                                       "schedules, attention kinds, HF architectures")
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.core.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS, SCHEDULES
-    from moesaic.moe.experts.backends import BACKENDS
+    from moesaic.core.registry import Registry
 
-    for title, reg in (("routers", ROUTERS), ("dispatchers", DISPATCHERS), ("experts", EXPERTS),
-                       ("models", MODELS), ("datasets", DATASETS), ("schedules", SCHEDULES)):
-        print(f"{title}:")
+    for module in REGISTRY_MODULES:
+        importlib.import_module(module)
+    for reg in Registry.all():
+        print(f"{reg.kind if reg.kind.endswith('s') else reg.kind + 's'}:")
         for name in reg.names():
             print(f"  {name:<22} {reg.describe(name)}")
-    print("expert backends:")
-    for name, fn in sorted(BACKENDS.items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
-        print(f"  {name:<22} {doc[0] if doc else ''}")
+    legacy = importlib.import_module("moesaic.moe.experts.backends").BACKENDS
+    if isinstance(legacy, dict):  # until the expert backends are a Registry
+        print("expert backends:")
+        for name, fn in sorted(legacy.items()):
+            doc = (fn.__doc__ or "").strip().splitlines()
+            print(f"  {name:<22} {doc[0] if doc else ''}")
     return 0

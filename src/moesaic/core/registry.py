@@ -1,8 +1,8 @@
 """Registries: one typed :class:`Registry` per plugin kind (routers, dispatchers, experts, expert backends,
 attention kinds, models, datasets, schedules, HF architectures, training objectives).
 
-A component registers itself by name, written once; a class with a ``Config`` also gets that name as
-its Config's default ``kind``::
+A component registers itself by name, written once; a class with a ``Config`` defined next to it (in the
+same module) also makes that name its Config's default ``kind``::
 
     @ROUTERS.register("topk")
     class TopKRouter(Router):
@@ -145,20 +145,22 @@ class Registry(Generic[T]):
         if name in self._entries and self._entries[name] is not obj:
             raise RegistryError(name, f"{self.kind} {name!r} is registered twice")
         cfg = getattr(obj, "Config", None) if isinstance(obj, type) else None
-        if isinstance(cfg, type) and ":" not in name:
-            owner = self._config_kinds.get(cfg)
-            if owner is not None and owner != name:
-                raise RegistryError(name, f"{self.kind} {name!r}: its Config {cfg.__name__} already belongs to "
-                                          f"{owner!r}; give each entry its own Config subclass")
-            self._config_kinds[cfg] = name
-        elif isinstance(cfg, type):
-            self._config_kinds.setdefault(cfg, name)  # a dotted path: a plain name registered first wins
         if isinstance(cfg, type):
             self._configs[name] = cfg
+            if cfg.__module__ == getattr(obj, "__module__", None):  # a Config of its own names its kind
+                self._claim(cfg, name)
         self._entries[name] = obj
         if doc:
             self._docs[name] = doc
         return obj
+
+    def _claim(self, cfg: type, name: str) -> None:
+        owner = self._config_kinds.get(cfg)
+        if owner is None or owner == name:
+            self._config_kinds[cfg] = name
+        elif ":" not in name:  # a dotted alias of an entry keeps the entry's name as the default kind
+            raise RegistryError(name, f"{self.kind} {name!r}: its Config {cfg.__name__} already belongs to "
+                                      f"{owner!r}; give each entry its own Config subclass")
 
     def kind_of_config(self, cfg_cls: type) -> str:
         """The entry name a Config class stands for: its own registration, else its nearest registered base,
