@@ -141,10 +141,13 @@ def test_one_file_router_example_trains_from_yaml(tmp_path: Path, data_cache: Pa
     assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in train_rows)
 
 
-def test_dotted_path_in_process_registers_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dotted_path_in_process_registers_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        request: pytest.FixtureRequest) -> None:
     (tmp_path / "myrouter_inproc.py").write_text(ONE_FILE_ROUTER)
     monkeypatch.syspath_prepend(str(tmp_path))
     kind = "myrouter_inproc:MyRouter"
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the module is imported for this test only
+    request.addfinalizer(lambda: ROUTERS.remove(kind))
     cfg = load_run_config(data=copy.deepcopy(TOY), overrides=[f"model.moe.router.kind={kind}"])
     router_cfg = cfg.model.moe.router
     assert type(router_cfg).__name__ == "MyRouterConfig" and router_cfg.kind == kind

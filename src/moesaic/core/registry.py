@@ -154,6 +154,14 @@ class Registry(Generic[T]):
             self._docs[name] = doc
         return obj
 
+    def remove(self, name: str) -> None:
+        """Forget entry ``name`` (and the default kind its Config had from it); tests use it to undo a lookup."""
+        self._entries.pop(name, None)
+        self._docs.pop(name, None)
+        cfg = self._configs.pop(name, None)
+        if cfg is not None and self._config_kinds.get(cfg) == name:
+            del self._config_kinds[cfg]
+
     def _claim(self, cfg: type, name: str) -> None:
         owner = self._config_kinds.get(cfg)
         if owner is None or owner == name:

@@ -50,8 +50,7 @@ from moesaic.core.registry import SCHEDULES
 class ScheduleConfig(ComponentConfig):
     """Base of every schedule config. ``value(step)`` is pure; ``build()`` gives the stateful module."""
 
-    registry: ClassVar = SCHEDULES
-    kind: str = "constant"
+    registry = SCHEDULES
 
     def value(self, step: int) -> float:
         raise NotImplementedError  # abstract: every registered schedule implements it
@@ -103,7 +102,6 @@ def _register(name: str, cfg_cls: type[ScheduleConfig]) -> type[ScheduleConfig]:
 class ConstantScheduleConfig(ScheduleConfig):
     """The same value at every step."""
 
-    kind: str = "constant"
     constant: float = 1.0
 
     def value(self, step: int) -> float:
@@ -117,7 +115,6 @@ _register("constant", ConstantScheduleConfig)
 class RampScheduleConfig(ScheduleConfig):
     """Moves between ``min_value`` and ``max_value`` over ``total_steps`` (the SMoE-Dropout k schedules)."""
 
-    kind: str = "linear_increase"
     min_value: float = 1.0
     max_value: float = 2.0
     total_steps: int = rule(1000, ge=1)
@@ -156,9 +153,9 @@ class RampScheduleConfig(ScheduleConfig):
 
 
 for _name in ("linear_increase", "linear_decrease", "cosine_increase", "cosine_decrease"):
-    # One Config class per name keeps `kind` defaults right when a YAML entry omits nothing but kind.
+    # One Config class per name: the registration makes the name its default kind.
     _register(_name, dataclasses.make_dataclass(
-        "".join(p.title() for p in _name.split("_")) + "ScheduleConfig", [("kind", str, _name)],
+        "".join(p.title() for p in _name.split("_")) + "ScheduleConfig", [],
         bases=(RampScheduleConfig,), namespace={"__doc__": (RampScheduleConfig.__doc__ or "").replace(
             "Moves", _name.replace("_", " ").capitalize() + ":", 1), "__module__": __name__}))
 
@@ -167,7 +164,6 @@ for _name in ("linear_increase", "linear_decrease", "cosine_increase", "cosine_d
 class ExpIncreaseScheduleConfig(RampScheduleConfig):
     """Exponential approach from min_value to max_value: ``hi + (lo - hi) * base^(s // (S // intervals))``."""
 
-    kind: str = "exp_increase"
     base: float = rule(0.99, gt=0.0, lt=1.0)
     intervals: int = rule(300, ge=1)
 
@@ -188,7 +184,6 @@ _register("exp_increase", ExpIncreaseScheduleConfig)
 class MultiStepScheduleConfig(ScheduleConfig):
     """Piecewise constant: ``values[int(len(values) * s / S)]`` clipped to [min_value, max_value]."""
 
-    kind: str = "multi_step_increase"
     values: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     total_steps: int = rule(1000, ge=1)
     min_value: float = rule(-math.inf, finite=False)
@@ -215,7 +210,6 @@ _register("multi_step_increase", MultiStepScheduleConfig)
 class MultiStepDecreaseScheduleConfig(MultiStepScheduleConfig):
     """Piecewise constant, decreasing: ``values[int(len(values) * s / S)]``, default [16, 8, 4, 2, 1]."""
 
-    kind: str = "multi_step_decrease"
     values: list[float] = dataclasses.field(default_factory=lambda: [16.0, 8.0, 4.0, 2.0, 1.0])
 
 
@@ -226,7 +220,6 @@ _register("multi_step_decrease", MultiStepDecreaseScheduleConfig)
 class ExpDecayScheduleConfig(ScheduleConfig):
     """EvoMoE temperature: ``max(max_value * exp(step * ln(min_value / max_value) / decay_steps), min_value)``."""
 
-    kind: str = "exp_decay"
     max_value: float = rule(2.0, gt=0.0)
     min_value: float = rule(0.3, gt=0.0)
     decay_steps: int = rule(1000, ge=1)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import moesaic
 from moesaic.core.errors import MoesaicError
-from moesaic.core.registry import ROUTERS
+from moesaic.core.registry import DISPATCHERS, ROUTERS
 from moesaic.models.regression import RegressionModelConfig
 from moesaic.moe.routing.base import RouterConfig
 from moesaic.train.run_config import load_run_config
@@ -110,7 +110,7 @@ def baseline(cfg: Any) -> Any:
     moe.router = ROUTERS.get("topk").Config(aux_loss_coef=0.01)
     assert isinstance(moe.router, RouterConfig)
     moe.top_k = min(2, moe.num_experts)
-    moe.dispatcher = type(moe.dispatcher).registry.get("sort").Config()
+    moe.dispatcher = DISPATCHERS.get("sort").Config()
     return base
 
 

@@ -11,7 +11,7 @@ registering into :data:`moesaic.core.registry.ATTENTIONS` with the same ``forwar
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,8 +29,7 @@ from moesaic.models.rope_scaling import RopeScalingConfig
 class AttentionConfig(ComponentConfig):
     """Fields shared by attention kinds. ``head_dim`` defaults to ``d_model // num_heads``."""
 
-    registry: ClassVar = ATTENTIONS
-    kind: str = "mha"
+    registry = ATTENTIONS
     num_heads: int = rule(4, ge=1)
     head_dim: int | None = rule(None, ge=1)
     rope_theta: float = rule(10000.0, gt=0.0)
@@ -46,7 +45,6 @@ class AttentionConfig(ComponentConfig):
 
 @dataclasses.dataclass
 class MHAConfig(AttentionConfig):
-    kind: str = "mha"
     num_key_value_heads: int | None = rule(None, ge=1)
     qk_norm: bool = False
     #: ``head``: RMSNorm over each head's ``head_dim`` (Qwen3); ``projection``: over the whole q / k

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 from moesaic.core.config import ComponentConfig
 from moesaic.core.registry import MODELS
@@ -11,8 +10,7 @@ from moesaic.core.registry import MODELS
 
 @dataclasses.dataclass
 class ModelConfig(ComponentConfig):
-    registry: ClassVar = MODELS
-    kind: str = "moe_regression"
+    registry = MODELS
     #: What the model is trained for (the trainer's task, moesaic.train.task): "lm", "classification",
     #: "regression". Declared by each model config, never guessed from its fields.
     task: ClassVar[str] = "lm"

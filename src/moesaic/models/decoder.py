@@ -24,7 +24,6 @@ from moesaic.moe.api import collect_aux_losses, name_layers
 
 @dataclasses.dataclass
 class DecoderLMConfig(TransformerConfig):
-    kind: str = "decoder_lm"
     tie_word_embeddings: bool = False
 
 

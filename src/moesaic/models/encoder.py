@@ -21,7 +21,6 @@ from moesaic.moe.api import collect_aux_losses, name_layers
 
 @dataclasses.dataclass
 class EncoderClassifierConfig(TransformerConfig):
-    kind: str = "encoder_classifier"
     task: ClassVar[str] = "classification"
     num_labels: int = rule(2, ge=1)
     pooling: Literal["mean", "first"] = "mean"

@@ -31,7 +31,6 @@ from moesaic.models.rope_scaling import softmax_scale_factor
 
 @dataclasses.dataclass
 class MLAConfig(AttentionConfig):
-    kind: str = "mla"
     q_lora_rank: int | None = rule(None, ge=1)
     kv_lora_rank: int = rule(32, ge=1)
     qk_nope_head_dim: int = rule(16, ge=0)

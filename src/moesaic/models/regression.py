@@ -16,7 +16,6 @@ from moesaic.moe.layer import MoEConfig
 
 @dataclasses.dataclass
 class RegressionModelConfig(ModelConfig):
-    kind: str = "moe_regression"
     task: ClassVar[str] = "regression"
     d_in: int = rule(8, ge=1)
     d_model: int = rule(32, ge=1)

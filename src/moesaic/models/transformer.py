@@ -42,15 +42,13 @@ class TransformerConfig(ModelConfig):
     (Mixtral: every layer; Qwen2-MoE ``decoder_sparse_step=2``: ``moe_every: 2, moe_offset: 1``;
     DeepSeekMoE/V3: ``first_k_dense: 1``). ``vocab_size: null`` is filled from the data's tokenizer."""
 
-    kind: str = ""
     vocab_size: int | None = rule(None, ge=1)
     d_model: int = rule(64, ge=1)
     num_layers: int = rule(2, ge=1)
     d_ff: int = rule(128, ge=1)
     activation: Activation = "silu"
     gated: bool = True
-    attention: AttentionConfig = dataclasses.field(
-        default_factory=lambda: AttentionConfig.registry.get("mha").Config())
+    attention: AttentionConfig = dataclasses.field(default_factory=lambda: AttentionConfig.for_kind("mha"))
     moe: MoEConfig | None = None
     moe_every: int = rule(1, ge=1)
     moe_offset: int = rule(0, ge=0)

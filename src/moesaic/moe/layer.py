@@ -55,10 +55,9 @@ class MoEConfig(Section):
     num_experts: int = rule(8, ge=1)
     top_k: int = rule(2, ge=1)
     granularity: int = rule(1, ge=1)
-    router: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig.registry.get("topk").Config())
-    dispatcher: DispatcherConfig = dataclasses.field(
-        default_factory=lambda: DispatcherConfig.registry.get("sort").Config())
-    experts: ExpertsConfig = dataclasses.field(default_factory=lambda: ExpertsConfig.registry.get("glu").Config())
+    router: RouterConfig = dataclasses.field(default_factory=lambda: RouterConfig.for_kind("topk"))
+    dispatcher: DispatcherConfig = dataclasses.field(default_factory=lambda: DispatcherConfig.for_kind("sort"))
+    experts: ExpertsConfig = dataclasses.field(default_factory=lambda: ExpertsConfig.for_kind("glu"))
     shared_experts: SharedExpertsConfig = dataclasses.field(default_factory=SharedExpertsConfig)
     mask_padding: bool = True
 

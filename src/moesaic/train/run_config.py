@@ -16,8 +16,8 @@ from moesaic.train.datasets.base import DataConfig
 
 @dataclasses.dataclass
 class RunConfig(Section):
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.registry.get(ModelConfig.kind).Config())
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig.registry.get(DataConfig.kind).Config())
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig.for_kind)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig.for_kind)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 

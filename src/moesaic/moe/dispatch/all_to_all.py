@@ -51,12 +51,11 @@ class _Tie(torch.autograd.Function):
 
 
 def _default_local() -> DispatcherConfig:
-    return DispatcherConfig.registry.get("sort").Config()
+    return DispatcherConfig.for_kind("sort")
 
 
 @dataclasses.dataclass
 class AllToAllDispatcherConfig(DispatcherConfig):
-    kind: str = "all_to_all"
     local: DispatcherConfig = dataclasses.field(default_factory=_default_local)
 
     def validate(self, path: str) -> None:

@@ -23,8 +23,7 @@ from moesaic.core.types import RoutingDecision
 
 @dataclasses.dataclass
 class DispatcherConfig(ComponentConfig):
-    registry: ClassVar = DISPATCHERS
-    kind: str = "sort"
+    registry = DISPATCHERS
 
 
 @dataclasses.dataclass

@@ -27,7 +27,6 @@ from moesaic.moe.dispatch.sort import SortDispatcher
 
 @dataclasses.dataclass
 class CapacityDispatcherConfig(DispatcherConfig):
-    kind: str = "capacity"
     capacity_factor: float = rule(1.25, gt=0.0)
     eval_capacity_factor: float | None = rule(2.0, gt=0.0)
     min_capacity: int = rule(0, ge=0)

@@ -23,7 +23,7 @@ from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, DispatchStat
 
 @dataclasses.dataclass
 class SoftDispatcherConfig(DispatcherConfig):
-    kind: str = "soft"
+    """Soft MoE slot mixing has no settings: the slots come from the router's decision."""
 
 
 def soft_weights(logits_BMS: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:

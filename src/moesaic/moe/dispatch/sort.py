@@ -13,7 +13,7 @@ from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, DispatchStat
 
 @dataclasses.dataclass
 class SortDispatcherConfig(DispatcherConfig):
-    kind: str = "sort"
+    """The dropless sort has no settings."""
 
 
 @DISPATCHERS.register("sort")

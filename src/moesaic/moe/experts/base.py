@@ -19,8 +19,7 @@ from moesaic.core.registry import EXPERTS
 
 @dataclasses.dataclass
 class ExpertsConfig(ComponentConfig):
-    registry: ClassVar = EXPERTS
-    kind: str = "glu"
+    registry = EXPERTS
 
 
 class Experts(nn.Module):

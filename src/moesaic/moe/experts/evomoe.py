@@ -48,7 +48,6 @@ def diversify_(experts: FFNExperts, base: dict[str, Tensor], method: Method = "m
 
 @dataclasses.dataclass
 class EvoMoEExpertsConfig(GLUExpertsConfig):
-    kind: str = "evomoe"
     gated: bool = True
     diversify_step: int = rule(1000, ge=0)
     method: Method = "mask"

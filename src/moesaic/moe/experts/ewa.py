@@ -28,7 +28,6 @@ from moesaic.moe.experts.stacked_ffn import FFNExperts, GLUExpertsConfig
 
 @dataclasses.dataclass
 class EWAExpertsConfig(GLUExpertsConfig):
-    kind: str = "ewa"
     gated: bool = True
     share_rate: float = rule(0.3, ge=0.0, le=1.0)
     every: int = rule(1, ge=1)  # average every `every` optimizer steps (1 = after every iteration, the paper)

@@ -24,7 +24,6 @@ from moesaic.moe.experts.grouped_glu import grouped_glu
 
 @dataclasses.dataclass
 class GLUExpertsConfig(ExpertsConfig):
-    kind: str = "glu"
     activation: Activation = "silu"
     backend: str = "auto"
     init_std: float | None = rule(None, gt=0.0)
@@ -38,7 +37,6 @@ class GLUExpertsConfig(ExpertsConfig):
 
 @dataclasses.dataclass
 class MLPExpertsConfig(GLUExpertsConfig):
-    kind: str = "mlp"
     activation: Activation = "gelu"
 
 

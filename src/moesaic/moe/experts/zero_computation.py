@@ -34,7 +34,6 @@ from moesaic.moe.routing.moepp import MoEPPRouterConfig
 
 @dataclasses.dataclass
 class ZeroComputationExpertsConfig(ExpertsConfig):
-    kind: str = "moepp"
     activation: Activation = "silu"
     gated: bool = True
     backend: str = "auto"

@@ -25,8 +25,7 @@ class RouterConfig(ComponentConfig):
     """Fields every router has. ``aux_loss_coef`` weighs the router's balance loss, ``z_loss_coef``
     the ST-MoE router z-loss; a coefficient of 0 skips the loss (exactly zero gradient)."""
 
-    registry: ClassVar = ROUTERS
-    kind: str = "topk"
+    registry = ROUTERS
     aux_loss_coef: float = rule(0.0, ge=0.0)
     z_loss_coef: float = rule(0.0, ge=0.0)
     init_std: float = rule(0.02, ge=0.0)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from moesaic.core.config import rule
 from moesaic.core.registry import ROUTERS
-from moesaic.core.schedules import ScheduleConfig
+from moesaic.core.schedules import ExpDecayScheduleConfig, ScheduleConfig
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat, count
@@ -48,14 +48,11 @@ from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 
 def _default_temperature() -> ScheduleConfig:
-    cfg: ScheduleConfig = ScheduleConfig.registry.get("exp_decay").Config(max_value=2.0, min_value=0.3,
-                                                                           decay_steps=1000)
-    return cfg
+    return ExpDecayScheduleConfig(max_value=2.0, min_value=0.3, decay_steps=1000)
 
 
 @dataclasses.dataclass
 class DTSRouterConfig(RouterConfig):
-    kind: str = "dts"
     temperature: ScheduleConfig = dataclasses.field(default_factory=_default_temperature)
     threshold: float = rule(0.001, ge=0.0, lt=1.0)
     use_gumbel_gates: bool = True

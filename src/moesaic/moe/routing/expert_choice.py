@@ -40,7 +40,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 @dataclasses.dataclass
 class ExpertChoiceRouterConfig(RouterConfig):
-    kind: str = "expert_choice"
     capacity_factor: float = rule(2.0, gt=0.0)
     causal_fallback: Literal["error", "topk_at_eval"] = "error"
 

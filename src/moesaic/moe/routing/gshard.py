@@ -30,7 +30,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 @dataclasses.dataclass
 class GShardRouterConfig(RouterConfig):
-    kind: str = "gshard"
     second_expert_policy: Literal["random", "all"] = "random"
     theta: float = rule(0.2, gt=0.0)
     random_at_eval: bool = False

@@ -34,7 +34,6 @@ from moesaic.moe.routing.base import Router, RouterConfig
 class HashRouterConfig(RouterConfig):
     """``vocab_size`` ids are hashed; ``seed`` fixes the random table. The layer's ``top_k`` must be 1."""
 
-    kind: str = "hash"
     variant: Literal["random", "balanced", "bigram"] = "random"
     vocab_size: int = rule(32000, ge=1)
     seed: int = 0

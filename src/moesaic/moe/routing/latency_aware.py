@@ -40,7 +40,6 @@ from moesaic.moe.routing.noisy_topk import smooth_load_prob
 
 @dataclasses.dataclass
 class LatencyAwareRouterConfig(RouterConfig):
-    kind: str = "latency_aware"
     latency: list[float] | None = None
     noise_std: float | None = rule(None, ge=0.0)  # None: 1 / num_experts (NoisyGate_V2)
     unbiased_cv: bool = True

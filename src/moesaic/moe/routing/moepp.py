@@ -57,7 +57,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_
 
 @dataclasses.dataclass
 class MoEPPRouterConfig(RouterConfig):
-    kind: str = "moepp"
     zero_computation_experts: int = rule(4, ge=0)
     gate_layers: int = rule(1, ge=1, le=2)
     gate_hidden_mult: int = rule(8, ge=1)

@@ -52,7 +52,6 @@ def smooth_load_prob(clean_TE: Tensor, noisy_TE: Tensor, sigma_TE: Tensor | floa
 
 @dataclasses.dataclass
 class NoisyTopKRouterConfig(RouterConfig):
-    kind: str = "noisy_topk"
     noisy: bool = True
     noise_eps: float = rule(1e-2, ge=0.0)
     importance_coef: float = rule(0.1, ge=0.0)

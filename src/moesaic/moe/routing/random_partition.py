@@ -27,7 +27,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, router_dtype
 
 @dataclasses.dataclass
 class RandomPartitionRouterConfig(RouterConfig):
-    kind: str = "random_partition"
     eval_mode: Literal["partition", "average"] = "partition"
 
     def validate_moe(self, path: str, layer: LayerShape) -> None:

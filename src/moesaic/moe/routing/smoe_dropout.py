@@ -31,7 +31,6 @@ class SMoEDropoutRouterConfig(RouterConfig):
     rounded to the nearest integer and must lie in [1, num_experts]. ``freeze`` keeps the random router
     fixed (the paper's ``--freeze_gate``)."""
 
-    kind: str = "smoe_dropout"
     k_schedule: ScheduleConfig | None = None
     freeze: bool = True
     aux_loss_coef: float = 0.0

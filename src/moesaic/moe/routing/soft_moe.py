@@ -30,7 +30,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, check_finite, router_
 class SoftMoERouterConfig(RouterConfig):
     """``slots_per_expert`` p; ``normalize`` = the L2 normalisation of X and Phi with a learned scale."""
 
-    kind: str = "soft_moe"
     slots_per_expert: int = rule(1, ge=1)
     normalize: bool = False
     aux_loss_coef: float = 0.0

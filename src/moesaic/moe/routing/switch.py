@@ -30,7 +30,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_
 
 @dataclasses.dataclass
 class SwitchRouterConfig(RouterConfig):
-    kind: str = "switch"
     jitter_eps: float = rule(1e-2, ge=0.0, lt=1.0)
     aux_loss_coef: float = rule(0.01, ge=0.0)
     init_scale: float = rule(0.1, gt=0.0)

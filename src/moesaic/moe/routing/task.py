@@ -68,7 +68,6 @@ class TaskGatesRouterConfig(RouterConfig):
     feature (``concat``); ``noise_std`` (V-MoE, scaled by 1/E) in training; ``experts_per_task`` = the hard
     window size n (None: every task may use every expert)."""
 
-    kind: str = "task_gates"
     num_tasks: int = rule(2, ge=1)
     conditioning: Literal["multi_gate", "concat"] = "multi_gate"
     task_dim: int = rule(8, ge=1)
@@ -167,7 +166,6 @@ class TaskGatesRouter(Router):
 class DomainRouterConfig(RouterConfig):
     """The layer's ``num_experts`` is the number of domains; ``top_k`` must be 1."""
 
-    kind: str = "domain"
     aux_loss_coef: float = 0.0
 
 

@@ -29,7 +29,6 @@ class THORRouterConfig(RouterConfig):
     """``granularity`` of the training draw; ``inference_level`` 0 = a random expert per token, 1 = per
     sequence; ``inference_average`` = mean of all experts at inference. The layer's ``top_k`` must be 1."""
 
-    kind: str = "thor"
     granularity: Literal["batch", "sequence", "token"] = "batch"
     inference_level: Literal[0, 1] = 0
     inference_average: bool = False

@@ -36,7 +36,6 @@ class TopPRouterConfig(RouterConfig):
     tokens (the other reading of the paper: the loss then equals the mean k_t at uniform routing and also
     penalises many experts)."""
 
-    kind: str = "top_p"
     threshold: float = rule(0.4, gt=0.0, lt=1.0)
     max_k: int | None = rule(None, ge=1)
     aux_loss_coef: float = rule(1e-2, ge=0.0)

@@ -36,7 +36,6 @@ from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 
 @dataclasses.dataclass
 class TopKRouterConfig(RouterConfig):
-    kind: str = "topk"
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     normalization: Literal["none", "renorm", "softmax_topk"] = "renorm"
     n_groups: int = rule(1, ge=1)

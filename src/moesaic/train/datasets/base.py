@@ -11,8 +11,7 @@ from moesaic.core.registry import DATASETS
 
 @dataclasses.dataclass
 class DataConfig(ComponentConfig):
-    registry: ClassVar = DATASETS
-    kind: str = "toy_regression"
+    registry = DATASETS
 
 
 class Dataset:

@@ -61,7 +61,6 @@ class PlayTextConfig(DataConfig):
 
 @dataclasses.dataclass
 class ShakespeareConfig(PlayTextConfig):
-    kind: str = "shakespeare"
     seq_len: int = rule(128, ge=2)
     val_plays: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "twelfth_night", "julius_caesar"])
     train_plays: list[str] | None = None  # None: every other play

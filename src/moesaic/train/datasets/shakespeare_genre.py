@@ -69,7 +69,6 @@ def plays_by_genre() -> dict[str, list[str]]:
 
 @dataclasses.dataclass
 class ShakespeareGenreConfig(PlayTextConfig):
-    kind: str = "shakespeare_genre"
     seq_len: int = rule(64, ge=1, doc="tokens per example window")
     val_plays: list[str] | None = None  # None: val_per_class plays per genre drawn with split_seed
     val_per_class: int = rule(2, ge=1)

@@ -15,7 +15,6 @@ from moesaic.train.datasets.base import DataConfig, Dataset
 
 @dataclasses.dataclass
 class ToyRegressionConfig(DataConfig):
-    kind: str = "toy_regression"
     d_in: int = rule(8, ge=1)
     clusters: int = rule(4, ge=1)
     seed: int = 0
