@@ -36,10 +36,11 @@ __all__ = [
 ]
 
 
-def rule(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, finite: bool = True,
+def rule(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None, finite: bool = True,
          default_factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
     """A dataclass field with declarative numeric rules, checked by :func:`validate_tree`."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    meta: dict[str, Any] = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     meta["finite"] = finite
     if doc:
         meta["doc"] = doc
@@ -249,7 +250,7 @@ def _parse_dataclass(cls: type, data: Any, path: str, default_kind: str | None =
     return obj
 
 
-def _field_default_kind(f: dataclasses.Field) -> str | None:
+def _field_default_kind(f: dataclasses.Field[Any]) -> str | None:
     if f.default_factory is not dataclasses.MISSING:
         return getattr(f.default_factory(), "kind", None)
     if f.default is not dataclasses.MISSING and f.default is not None:
@@ -310,7 +311,7 @@ def to_dict(obj: Any) -> Any:
 class _StrictLoader(yaml.SafeLoader):
     """Safe loading that rejects duplicate keys (PyYAML silently keeps the last one)."""
 
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -361,7 +362,7 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    return str(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
