@@ -131,6 +131,7 @@ class ShakespeareData(Dataset):
     """Shakespeare's plays, split by play; byte-level BPE or char tokens; packed windows."""
 
     Config = ShakespeareConfig
+    cfg: ShakespeareConfig
 
     def __init__(self, cfg: ShakespeareConfig, **kw: Any):
         self.cfg = cfg

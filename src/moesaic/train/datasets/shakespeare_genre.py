@@ -128,6 +128,7 @@ class ShakespeareGenre(Dataset):
     """Genre (comedy/history/tragedy, First Folio) of a Shakespeare passage; split by play, stratified."""
 
     Config = ShakespeareGenreConfig
+    cfg: ShakespeareGenreConfig
     label_names = GENRES
     num_labels = len(GENRES)
 

@@ -25,6 +25,7 @@ class ToyRegression(Dataset):
     """y = w_c . x + sin(x_0) for x drawn around one of ``clusters`` centres, w_c per cluster."""
 
     Config = ToyRegressionConfig
+    cfg: ToyRegressionConfig
 
     def __init__(self, cfg: ToyRegressionConfig, **kw: Any):
         self.cfg = cfg
