@@ -4,11 +4,12 @@ Every component has a dataclass config. Swappable components (routers, dispatche
 models, datasets, schedules) derive from :class:`ComponentConfig`; their ``kind`` field names a registry
 entry (a registered name or a ``module.path:Class`` plugin) whose class carries the concrete ``Config``.
 A Config's default ``kind`` is the name its class was registered under, so the name is written once.
-Parsing is strict: unknown keys, wrong types, duplicate YAML keys and
-python tags raise :class:`~moesaic.core.errors.ConfigError` with the field path, the value and the rule.
+Parsing is strict: unknown keys, wrong types, duplicate YAML keys and python tags raise
+:class:`~moesaic.core.errors.ConfigError` with the field path, the value and the rule.
 
 Simple numeric rules are declared on the field (``field(default=1, metadata={"ge": 1})``); rules that
-involve several fields go in ``validate(self, path)``. Validation runs on the whole tree when a config is
+involve several fields go in ``validate(self, path)``, rules that involve the MoE layer a component sits in
+in ``validate_moe(self, path, layer)``. Validation runs on the whole tree when a config is
 loaded, before anything is allocated.
 """
 

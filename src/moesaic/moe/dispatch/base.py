@@ -1,4 +1,4 @@
-"""The dispatcher interface (design §1).
+"""The dispatcher interface (docs/design.md, "Dispatcher").
 
 ``dispatch(x_TD, decision) -> (x_ND, counts_E, state)`` returns the token rows grouped by expert
 (``counts_E[e]`` rows for expert e, experts in order) and an opaque state that

@@ -1,4 +1,4 @@
-"""The experts interface (design §1): compute every expert on rows grouped by expert.
+"""The experts interface (docs/design.md, "Experts"): compute every expert on rows grouped by expert.
 
 ``forward(x_ND, counts_E) -> y_ND``: rows ``[sum(counts_E[:e]), sum(counts_E[:e+1]))`` belong to expert e.
 Weights are stacked per expert (3-D tensors, ``E`` first) so one tensor holds one weight kind of all
