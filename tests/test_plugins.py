@@ -31,12 +31,24 @@ TOY["train"].update(max_steps=3, eval_every=100, save_every=3)
 ONE_FILE_ROUTER = '''\
 import dataclasses
 
-import torch
-
 from moesaic.core.config import rule
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing import aux_stats
+from moesaic.moe.routing.aux_stats import AuxStat, count
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
+
+
+class SquaredImportance(AuxStat):
+    """E * sum_e P_e^2, P_e the mean router probability: 1 at uniform routing, E at collapse."""
+
+    def __init__(self, probs_TE):
+        self.probs_TE = probs_TE
+
+    def stats(self):  # sums over tokens: they add over micro-batches and ranks
+        return {"psum_E": self.probs_TE.sum(0), "T": count(self.probs_TE.shape[0], self.probs_TE)}
+
+    def fn(self, s):  # the loss of given totals, written once
+        P_E = s["psum_E"] / s["T"].clamp_min(1)
+        return P_E.shape[-1] * P_E.square().sum()
 
 
 @dataclasses.dataclass
@@ -46,19 +58,15 @@ class MyRouterConfig(RouterConfig):
 
 
 class MyRouter(Router):
-    """Top-k of a tempered softmax, with the Switch balance loss."""
+    """Top-k of a tempered softmax, with a squared-importance balance loss."""
 
     Config = MyRouterConfig
-    stat_losses = frozenset({"balance"})
 
     def route(self, x_TD, **ctx):
         probs_TE = (self.logits(x_TD) / self.cfg.temperature).softmax(-1)
-        _, ids_TK = stable_topk(probs_TE.detach(), self.top_k)
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
-        balance = aux_stats.switch(probs_TE, counts_E)
-        return RoutingDecision.from_topk(ids_TK, probs_TE.gather(1, ids_TK), self.num_experts,
-                                         probs_TE=probs_TE, aux_losses={"balance": balance.value()},
-                                         aux_stats={"balance": balance})
+        w_TK, ids_TK = stable_topk(probs_TE, self.top_k)
+        return RoutingDecision.from_topk(ids_TK, w_TK, self.num_experts, probs_TE=probs_TE,
+                                         aux_stats={"balance": SquaredImportance(probs_TE)})
 '''
 
 
@@ -139,6 +147,7 @@ def test_one_file_router_example_trains_from_yaml(tmp_path: Path, data_cache: Pa
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 3
     assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in train_rows)
+    assert all(r["aux_loss"] >= 0.01 * 2 for r in train_rows)  # E * sum P^2 >= 1 per layer, coefficient 0.01
 
 
 def test_dotted_path_in_process_registers_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -146,8 +155,7 @@ def test_dotted_path_in_process_registers_under_its_name(tmp_path: Path, monkeyp
     (tmp_path / "myrouter_inproc.py").write_text(ONE_FILE_ROUTER)
     monkeypatch.syspath_prepend(str(tmp_path))
     kind = "myrouter_inproc:MyRouter"
-    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the module is imported for this test only
-    request.addfinalizer(lambda: ROUTERS.remove(kind))
+    request.addfinalizer(lambda: (sys.modules.pop("myrouter_inproc", None), ROUTERS.remove(kind)))
     cfg = load_run_config(data=copy.deepcopy(TOY), overrides=[f"model.moe.router.kind={kind}"])
     router_cfg = cfg.model.moe.router
     assert type(router_cfg).__name__ == "MyRouterConfig" and router_cfg.kind == kind

@@ -35,7 +35,6 @@ class SquaredImportance(AuxStat):
 
 @dataclasses.dataclass
 class TemperedRouterConfig(RouterConfig):
-    kind: str = "tempered"
     temperature: float = rule(1.0, gt=0.0)
     aux_loss_coef: float = rule(0.05, ge=0.0)
 

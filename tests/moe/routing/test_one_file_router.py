@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 from pathlib import Path
 
 from lm_fixtures import accumulate_grads, padded_lm_batch
+from moesaic.core.registry import ROUTERS
 from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 
@@ -27,8 +29,9 @@ def _max_diff(g1: dict, g2: dict) -> float:
     return max(float((g1[n] - g2[n]).abs().max()) for n in g1)
 
 
-def test_one_file_router_accumulates_exactly(tiny_data, data_cache, tmp_path, monkeypatch):
+def test_one_file_router_accumulates_exactly(tiny_data, data_cache, tmp_path, monkeypatch, request):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the user's module on their path
+    request.addfinalizer(lambda: (sys.modules.pop("one_file_router", None), ROUTERS.remove("tempered")))
     importlib.import_module("one_file_router")  # registers the router
     t1 = _trainer(tiny_data, tmp_path / "ga1", 1)
     t4 = _trainer(tiny_data, tmp_path / "ga4", 4)
