@@ -81,7 +81,8 @@ def test_default_config_names_its_entry(reg: Registry[Any], name: str) -> None:
 
 def test_hf_architectures_are_registered_objects() -> None:
     names = HF_ARCHITECTURES.names()
-    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama", "mistral", "qwen2"} <= set(names)
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama", "mistral", "qwen2", "bert",
+            "distilbert"} <= set(names)
     assert all(HF_ARCHITECTURES.get(n).name == n for n in names)
 
 
@@ -94,10 +95,11 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
     ids = torch.randint(cfg.vocab_size, (2, 8), generator=g)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :2] = 0
-    return model(ids, attention_mask=mask).logits.float().square().mean()
+    out = model(ids, attention_mask=mask)
+    return (out.last_hidden_state if name == "bert_encoder" else out.logits).float().square().mean()
 
 
-MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier"}
+MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder"}
 
 
 def test_every_model_has_example_inputs() -> None:

@@ -1,7 +1,8 @@
 """Contract test of every registered HF architecture (docs/design.md, "Contract tests"): a tiny random
 transformers model built from a config and saved with ``save_pretrained`` imports with ``from_hf`` to the
-same logits (1e-5), and ``to_hf`` under that architecture writes a checkpoint that transformers loads to
-the same logits and that imports back to the same weights."""
+same outputs (decoders: logits, encoders: last hidden state; within 1e-5), and ``to_hf`` under that
+architecture writes a checkpoint that transformers loads to the same outputs and that imports back to the
+same weights."""
 
 from __future__ import annotations
 
@@ -13,15 +14,42 @@ import torch
 from moesaic.core.registry import HF_ARCHITECTURES
 from moesaic.interop.hf import from_hf, to_hf
 
+from .bert_fixtures import base, build_encoder, encoder_config
+from .bert_fixtures import padded_batch as encoder_batch
 from .conftest import build_hf, hf_config, padded_batch, transformers
+
+ENCODERS = [n for n in HF_ARCHITECTURES.names() if HF_ARCHITECTURES.get(n).kind != "decoder_lm"]
+DECODERS = [n for n in HF_ARCHITECTURES.names() if n not in ENCODERS]
 
 
 def test_every_architecture_has_a_tiny_fixture() -> None:
-    for name in HF_ARCHITECTURES.names():
+    for name in DECODERS:
         assert hf_config(name).model_type == HF_ARCHITECTURES.get(name).model_type
+    for name in ENCODERS:
+        assert encoder_config(name).model_type == HF_ARCHITECTURES.get(name).model_type
 
 
-@pytest.mark.parametrize("name", HF_ARCHITECTURES.names())
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    s1, s2 = a.state_dict(), b.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_every_encoder_architecture_imports_and_exports_exactly(name: str, tmp_path: Path) -> None:
+    ref = base(build_encoder(name, tmp_path / "hf"))
+    model = from_hf(tmp_path / "hf")
+    batch = encoder_batch(token_types=name == "bert")
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+        torch.testing.assert_close(model(**batch).last_hidden_state, want, atol=1e-5, rtol=0)
+    to_hf(model, tmp_path / "out", arch=name)
+    back = transformers.AutoModel.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).last_hidden_state, want, atol=1e-5, rtol=0)
+    _same_weights(model, from_hf(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", DECODERS)
 def test_every_architecture_imports_and_exports_exactly(name: str, tmp_path: Path) -> None:
     ref = build_hf(name, tmp_path / "hf")
     model = from_hf(tmp_path / "hf")
@@ -39,5 +67,4 @@ def test_every_architecture_imports_and_exports_exactly(name: str, tmp_path: Pat
     torch.testing.assert_close(again[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
     model2 = from_hf(tmp_path / "out")
     assert model2.cfg == model.cfg
-    s1, s2 = model.state_dict(), model2.state_dict()
-    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    _same_weights(model, model2)

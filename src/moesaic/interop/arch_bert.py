@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesaic.interop.common import ACT_TO_HF, HF_TO_ACT, hf_field, refuse
+from moesaic.interop.common import ACT_TO_HF, HF_TO_ACT, hf_field, refuse, register_archs
 from moesaic.interop.common import activation as hf_activation
 from moesaic.interop.hf_encoder import EncoderArch
 from moesaic.interop.mapping import Layout, Rule, copy_rule
@@ -160,7 +160,7 @@ def distilbert_shapes(hf: Any) -> list[tuple[str, int, str, int]]:
             ("hidden_dim", hf.hidden_dim, "transformer.layer.0.ffn.lin1.weight", 0)]
 
 
-ARCHS = [
+register_archs(
     EncoderArch("bert", "bert", "BertModel", bert_to_moesaic, bert_to_hf, bert_unsupported,
                 lambda hf, xl: bert_layout(hf, True), rank=10, prefix="bert.",
                 pooler_keys=("pooler.dense.weight", "pooler.dense.bias"), heads=BERT_HEADS,
@@ -168,5 +168,5 @@ ARCHS = [
                 auto_kwargs=lambda pooler: {"add_pooling_layer": pooler}),
     EncoderArch("distilbert", "distilbert", "DistilBertModel", distilbert_to_moesaic, distilbert_to_hf,
                 distilbert_unsupported, lambda hf, xl: distilbert_layout(hf, False), rank=20, prefix="distilbert.",
-                heads=DISTILBERT_HEADS, encoder_layout=distilbert_layout, shape_fields=distilbert_shapes),
-]
+                heads=DISTILBERT_HEADS, encoder_layout=distilbert_layout, shape_fields=distilbert_shapes)
+)

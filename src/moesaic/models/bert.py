@@ -32,7 +32,6 @@ class BertEncoderConfig(ModelConfig):
     """``type_vocab_size: 0`` drops the token type embeddings (DistilBERT); ``pooler`` keeps BERT's
     ``tanh(W h[CLS] + b)`` head so a checkpoint that has one round-trips."""
 
-    kind: str = "bert_encoder"
     vocab_size: int = rule(30522, ge=1)
     d_model: int = rule(64, ge=1)
     num_layers: int = rule(2, ge=1)
