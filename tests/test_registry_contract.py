@@ -22,6 +22,7 @@ from moesaic.core.registry import (
     EXPERTS,
     HF_ARCHITECTURES,
     MODELS,
+    OBJECTIVES,
     ROUTERS,
     SCHEDULES,
     Registry,
@@ -33,7 +34,7 @@ for _module in REGISTRY_MODULES:
     importlib.import_module(_module)
 REGISTRIES = Registry.all()
 ENTRIES = [(r.kind, name) for r in REGISTRIES for name in r.names()]
-COMPONENTS = [ROUTERS, DISPATCHERS, EXPERTS, ATTENTIONS, MODELS, DATASETS, SCHEDULES]
+COMPONENTS = [ROUTERS, DISPATCHERS, EXPERTS, ATTENTIONS, MODELS, DATASETS, SCHEDULES, OBJECTIVES]
 
 #: Tiny sizes applied to whichever of these fields a default Config has (the rest stays default).
 TINY: dict[str, Any] = {"vocab_size": 32, "d_model": 16, "d_ff": 32, "num_layers": 2, "max_seq_len": 16,
@@ -47,7 +48,7 @@ def tiny(cfg: Any, **more: Any) -> Any:
 
 def test_every_registry_is_listed_with_a_description_per_entry(capsys: pytest.CaptureFixture[str]) -> None:
     kinds = {r.kind for r in REGISTRIES}
-    assert {"router", "dispatcher", "experts", "attention", "model", "dataset", "schedule",
+    assert {"router", "dispatcher", "experts", "attention", "model", "dataset", "schedule", "objective",
             "HF architecture"} <= kinds
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,6 @@ from moesaic.train.trainer import Trainer
 
 @dataclasses.dataclass
 class TeacherConfig(ObjectiveConfig):
-    kind: str = "test_teacher"
     beta: float = 0.5
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from moesaic.core.config import ComponentConfig
 from moesaic.core.registry import MODELS

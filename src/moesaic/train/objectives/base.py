@@ -36,8 +36,7 @@ if TYPE_CHECKING:
 class ObjectiveConfig(ComponentConfig):
     """``train.objective``: ``kind`` names a registered objective; subclasses add its settings."""
 
-    registry: ClassVar = OBJECTIVES
-    kind: str = "task"
+    registry = OBJECTIVES
 
 
 @dataclasses.dataclass

@@ -74,7 +74,6 @@ def thor_lm_step(model: nn.Module, batch: dict[str, Tensor], alpha: float,
 
 @dataclasses.dataclass
 class ThorObjectiveConfig(ObjectiveConfig):
-    kind: str = "thor"
     alpha: float = rule(1.0, ge=0.0, doc="weight of the consistency regulariser (the paper's script: 5)")
 
 
