@@ -47,6 +47,7 @@ def hf_import(args: argparse.Namespace) -> int:
     from moesaic.interop.hf import TOKENIZER_FILES, from_hf
     from moesaic.train.checkpoint import gather_model_state, save_checkpoint
 
+    _check_import_folder(Path(args.out_ckpt))
     model = from_hf(args.hf_dir, expert_layout=args.expert_layout)
     src = Path(args.hf_dir)
     extra = {HF_PREFIX + n: (src / n).read_bytes() for n in TOKENIZER_FILES
@@ -60,6 +61,22 @@ def hf_import(args: argparse.Namespace) -> int:
                           extra_files=extra)
     print(f"imported {model.hf_info['layout']} from {src} -> {out}")
     return 0
+
+
+# What an earlier hf-import leaves in OUT_CKPT (and a save cut short leaves beside it).
+_IMPORT_ENTRIES = frozenset({"LATEST", "step-00000000", ".LATEST.tmp", ".step-00000000.tmp"})
+
+
+def _check_import_folder(out: Path) -> None:
+    """OUT_CKPT must be new, empty or an earlier import: the import replaces ``step-00000000`` and points
+    ``LATEST`` at it, which in a training run's folder would silently swap the model that ``LATEST`` names."""
+    from moesaic.core.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError("OUT_CKPT", str(out), "is a file, not a folder")
+    if out.is_dir() and not {p.name for p in out.iterdir()} <= _IMPORT_ENTRIES:
+        raise ConfigError("OUT_CKPT", str(out), "is a non-empty folder that no hf-import wrote (only LATEST and "
+                                                "step-00000000 may be there); give a new or empty folder")
 
 
 def hf_export(args: argparse.Namespace) -> int:

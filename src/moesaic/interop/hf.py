@@ -33,6 +33,7 @@ from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
 from moesaic.core.registry import HF_ARCHITECTURES
 from moesaic.interop.common import EXPERT_LAYOUTS, Arch
+from moesaic.interop.export_folder import check_export_folder
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
 
@@ -231,7 +232,10 @@ def copy_tokenizer(src: str | os.PathLike[str] | None, dst: str | os.PathLike[st
 def to_hf(model: nn.Module, out_dir: str | os.PathLike[str], arch: str | None = None, *,
           expert_layout: str = "per_expert", tokenizer_dir: str | os.PathLike[str] | None = None,
           max_shard_bytes: int = 5 * 2**30) -> Any:
-    """Export ``model`` to ``out_dir`` as a Hugging Face checkpoint; returns the transformers config."""
+    """Export ``model`` to ``out_dir`` as a Hugging Face checkpoint; returns the transformers config.
+
+    ``out_dir`` must be new, empty or an earlier moesaic export (:func:`check_export_folder`)."""
+    check_export_folder(Path(out_dir))
     if getattr(getattr(model, "cfg", None), "kind", None) == "bert_encoder":
         from moesaic.interop.hf_encoder import copy_sentence_files, export_encoder
 
