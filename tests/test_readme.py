@@ -45,6 +45,10 @@ def test_python_example_runs(index: int) -> None:
 def test_every_named_module_function_and_config_exists() -> None:
     names = set(re.findall(r"\bmoesaic(?:\.[A-Za-z_][A-Za-z0-9_]*)+", README))
     assert {"moesaic.load", "moesaic.interop.hf.from_hf"} <= names
+    # ``moesaic.plugins`` is the name of the entry-point group plugins register in, not a module
+    if "moesaic.plugins" in names:
+        names.remove("moesaic.plugins")
+        assert _resolve("moesaic.core.registry.PLUGIN_GROUP") == "moesaic.plugins"
     for dotted in sorted(names):
         assert _resolve(dotted) is not None, dotted
     assert callable(_resolve("moesaic.interop.hf.to_hf"))
