@@ -101,7 +101,7 @@ def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None
     scored = []
     for xl in EXPERT_LAYOUTS:
         lay = arch.layout(hf_cfg, xl)
-        need = {k for r in lay.rules for k in r.hf}
+        need = {k for r in lay.rules for k in r.hf_keys}
         if need == {k for k in have if not lay.ignored(k)}:
             return lay
         scored.append((len(need & have), lay))

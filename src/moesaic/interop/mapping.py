@@ -91,13 +91,16 @@ class StackGatedExperts(Op):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    hf: tuple[str, ...]
-    ms: str
+    """The Hugging Face tensors ``hf_keys`` make the moesaic tensor ``moesaic_key`` through ``op``."""
+
+    hf_keys: tuple[str, ...]
+    moesaic_key: str
     op: Op = dataclasses.field(default_factory=Copy)
 
     def __post_init__(self) -> None:
-        if len(self.hf) != self.op.n_in:
-            raise ValueError(f"rule for {self.ms}: {self.op!r} takes {self.op.n_in} tensors, got {len(self.hf)}")
+        if len(self.hf_keys) != self.op.n_in:
+            raise ValueError(f"rule for {self.moesaic_key}: {self.op!r} takes {self.op.n_in} tensors, "
+                             f"got {len(self.hf_keys)}")
 
 
 def copy_rule(hf_name: str, moesaic_name: str | None = None) -> Rule:
@@ -146,32 +149,32 @@ def import_weights(model: nn.Module, reader: WeightReader, layout: Layout) -> No
     written: Counter[str] = Counter()
     missing, shapes, unknown, tagged = [], [], [], []
     for r in layout.rules:
-        miss = [k for k in r.hf if k not in reader]
+        miss = [k for k in r.hf_keys if k not in reader]
         if miss:
             missing += miss
             continue
-        used.update(r.hf)
-        if r.ms not in state:
-            unknown.append(r.ms)
+        used.update(r.hf_keys)
+        if r.moesaic_key not in state:
+            unknown.append(r.moesaic_key)
             continue
-        bad_tag = [k for k in r.hf if reader.file_metadata(k).get(LAYOUT_TAG, LAYOUT_VALUE) != LAYOUT_VALUE]
+        bad_tag = [k for k in r.hf_keys if reader.file_metadata(k).get(LAYOUT_TAG, LAYOUT_VALUE) != LAYOUT_VALUE]
         if bad_tag:
             tagged += [f"{k} ({LAYOUT_TAG}={reader.file_metadata(k)[LAYOUT_TAG]})" for k in bad_tag]
             continue
-        tensors = [reader.get(k) for k in r.hf]
+        tensors = [reader.get(k) for k in r.hf_keys]
         if len({t.shape for t in tensors}) > 1 and not isinstance(r.op, Copy):
-            shapes.append(f"{r.ms} <- {', '.join(f'{k} {list(t.shape)}' for k, t in zip(r.hf, tensors))}")
+            shapes.append(f"{r.moesaic_key} <- {', '.join(f'{k} {list(t.shape)}' for k, t in zip(r.hf_keys, tensors))}")
             continue
         value = r.op.to_ms(tensors)
-        target = state[r.ms]
+        target = state[r.moesaic_key]
         if tuple(value.shape) != tuple(target.shape):
-            src = r.hf[0] if len(r.hf) == 1 else f"{r.hf[0]} (+{len(r.hf) - 1})"
-            shapes.append(f"{src} {list(tensors[0].shape)} -> {r.ms} got {list(value.shape)}, "
+            src = r.hf_keys[0] if len(r.hf_keys) == 1 else f"{r.hf_keys[0]} (+{len(r.hf_keys) - 1})"
+            shapes.append(f"{src} {list(tensors[0].shape)} -> {r.moesaic_key} got {list(value.shape)}, "
                           f"expected {list(target.shape)}")
             continue
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
-        written[canon[r.ms]] += 1
+        written[canon[r.moesaic_key]] += 1
     unused = [k for k in reader.keys() if not used[k] and not layout.ignored(k)]
     reused = [k for k, c in used.items() if c > 1]
     never = sorted({c for n, c in canon.items() if not written[c] and not layout.not_weight(n)})
@@ -190,11 +193,11 @@ def export_weights(model: nn.Module, layout: Layout) -> dict[str, Tensor]:
     consumed: Counter[str] = Counter()
     unknown, twice = [], []
     for r in layout.rules:
-        if r.ms not in state:
-            unknown.append(r.ms)
+        if r.moesaic_key not in state:
+            unknown.append(r.moesaic_key)
             continue
-        consumed[canon[r.ms]] += 1
-        for k, t in zip(r.hf, r.op.to_hf(state[r.ms].detach())):
+        consumed[canon[r.moesaic_key]] += 1
+        for k, t in zip(r.hf_keys, r.op.to_hf(state[r.moesaic_key].detach())):
             if k in out:
                 twice.append(k)
             out[k] = t
