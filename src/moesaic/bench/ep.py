@@ -4,8 +4,9 @@ Model (per rank, per MoE layer, uniform routing): every token sends ``k`` rows o
 experts' ranks; a fraction ``(W-1)/W`` of them leaves the rank. Forward = dispatch + combine:
 ``2 * T * k * D * b * (W-1)/W`` bytes, plus the count exchange ``E * 8 * (W-1)/W``; the backward pass
 moves the same token bytes again (gradients of both exchanges). The measurement runs the real
-``all_to_all`` dispatcher (local sort, counts, tokens, combine) with identity experts on ``W`` gloo
-processes on this machine, one thread each, and reports the median time and the bytes actually sent.
+expert-parallel experts wrapper (sort plan, gather, counts, tokens, local plan, exchange back, combine)
+around identity experts on ``W`` gloo processes on this machine, one thread each, and reports the median
+time and the bytes actually sent.
 """
 
 from __future__ import annotations
@@ -33,22 +34,26 @@ def model_bytes(T: int, k: int, D: int, E: int, W: int, dtype: str) -> dict[str,
 def _worker(rank: int, world: int, T: int, k: int, D: int, E: int, dtype: str, reps: int) -> dict[str, float]:
     import torch.distributed as dist
 
-    from moesaic.core.types import RoutingDecision
-    from moesaic.moe.dispatch.all_to_all import AllToAllDispatcher
+    from moesaic.core.types import DispatchPlan, RoutingDecision
+    from moesaic.distributed.ep_experts import ExpertParallelExperts, ExpertShard
+    from moesaic.moe.dispatch.base import sort_plan
 
-    disp = AllToAllDispatcher(AllToAllDispatcher.Config(), E, k, group=dist.group.WORLD)
+    class Identity(torch.nn.Module):
+        def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+            return plan.combine(plan.gather(x_TD))
+
+    L = E // world
+    experts = ExpertParallelExperts(Identity(), E, dist.group.WORLD, ExpertShard(rank * L, L, E))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, D, generator=g).to(DTYPES[dtype])
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     dec = RoutingDecision.from_topk(ids, torch.full((T, k), 1.0 / k, dtype=x.dtype), E)
-    L = E // world
     mine = (ids // L == rank).sum().item()
     times = []
     for i in range(reps + 3):
         dist.barrier()
         t0 = time.perf_counter()
-        x_MD, counts, state = disp.dispatch(x, dec)
-        disp.combine(x_MD, state)
+        experts(x, sort_plan(dec))
         if i >= 3:
             times.append(time.perf_counter() - t0)
     b = x.element_size()

@@ -51,7 +51,7 @@ def moesaic_impls(D: int, Fd: int, E: int, k: int, backends: list[str] | None = 
     """The family's ``loop`` layer first (the reference; ``timed`` only if listed), then ``backends``."""
     torch.manual_seed(seed)
     ref = moesaic_layer(D, Fd, E, k, "loop", family)
-    backends = ["auto", *sorted(BACKENDS)] if backends is None else backends
+    backends = ["auto", *BACKENDS.names()] if backends is None else backends
     suffix = "" if family == "mixtral" else f" ({family})"
     out = [Impl(f"moesaic loop{suffix}", family, ref, list(ref.parameters()), timed="loop" in backends)]
     for b in backends:

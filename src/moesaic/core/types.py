@@ -1,7 +1,8 @@
-"""The routing result shared by every router and dispatcher, and the shape legend.
+"""The routing result every router returns, the dispatch plan every dispatcher makes, and the shape legend.
 
 Shape suffixes used in the hot path: T tokens, D model width, F expert hidden width, H = F (plain MLP)
-or 2F (gated), E experts, K top-k, N assignments (token, expert) pairs, C capacity, V vocabulary.
+or 2F (gated), E experts, K top-k, N assignments (token, expert) pairs, C capacity, V vocabulary,
+B sequences, M tokens per sequence (padded), S slots (Soft MoE).
 """
 
 from __future__ import annotations
@@ -148,3 +149,102 @@ class RoutingDecision:
         ids_TK[tok, slot] = self.expert_idx_N[order]
         w_TK = w_TK.index_put((tok, slot), self.weight_N[order])
         return ids_TK, w_TK
+
+
+def scatter_combine(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int) -> Tensor:
+    """``y_TD[t] = sum_{n: token_idx_N[n] = t} weight_N[n] * y_ND[n]``; tokens without a row get 0."""
+    y_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
+    return y_TD.index_add_(0, token_idx_N, y_ND * weight_N.to(y_ND.dtype).unsqueeze(1))
+
+
+@dataclass(frozen=True)
+class SlotMixing:
+    """The slots of Soft MoE (Puigcerver et al. 2024, "From Sparse to Soft Mixtures of Experts").
+
+    Per live sequence b (one with at least one real token; ``num_seqs`` of them) with tokens ``X_b``
+    ``[M, D]`` (padded to the longest): slots ``X_slots = dispatch_BMS[b]^T X_b`` ``[S, D]`` with
+    ``S = E * slots_per_expert`` (expert e gets slots ``[e*p, (e+1)*p)`` of every sequence), and outputs
+    ``Y_b = combine_BMS[b] @ Y_slots``. Token ``rows_R[r]`` sits at ``(seq_R[r], pos_R[r])``; tokens of
+    sequences without a real token are not rows and get output 0.
+    """
+
+    dispatch_BMS: Tensor  # softmax over tokens m (padding 0)
+    combine_BMS: Tensor  # softmax over slots s (padding rows 0)
+    rows_R: Tensor  # [R] token index of each row of a live sequence
+    seq_R: Tensor  # [R] its live sequence 0..B-1
+    pos_R: Tensor  # [R] its position in that sequence
+    valid_R: Tensor  # [R] bool: a real token (padding rows get dispatch weight 0 and are zeroed)
+    slots_per_expert: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.dispatch_BMS.shape[0]
+
+    def gather(self, x_TD: Tensor, num_experts: int) -> Tensor:
+        """Slot inputs grouped by expert: ``[E * B * p, D]``, expert e's ``B * p`` rows in a block."""
+        (B, M, _), p, D = self.dispatch_BMS.shape, self.slots_per_expert, x_TD.shape[1]
+        # padding has dispatch weight 0, but 0 * NaN is NaN: padding may hold anything, so zero it first
+        x_R = x_TD[self.rows_R].masked_fill(~self.valid_R[:, None], 0.0)
+        x_BMD = x_TD.new_zeros(B, M, D).index_put((self.seq_R, self.pos_R), x_R)
+        xs_BSD = torch.einsum("bms,bmd->bsd", self.dispatch_BMS.to(x_TD.dtype), x_BMD)
+        return xs_BSD.view(B, num_experts, p, D).transpose(0, 1).reshape(num_experts * B * p, D)
+
+    def combine(self, y_ND: Tensor, num_experts: int, num_tokens: int) -> Tensor:
+        """Token outputs ``[T, D]``: each token's combine-weighted mix of its sequence's slot outputs."""
+        B, p, D = self.num_seqs, self.slots_per_expert, y_ND.shape[1]
+        ys_BSD = y_ND.view(num_experts, B, p, D).transpose(0, 1).reshape(B, num_experts * p, D)
+        y_BMD = torch.einsum("bms,bsd->bmd", self.combine_BMS.to(y_ND.dtype), ys_BSD)
+        return y_ND.new_zeros(num_tokens, D).index_copy(0, self.rows_R, y_BMD[self.seq_R, self.pos_R])
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """What the experts need from a routing decision, grouped by expert (docs/design.md, "The data path").
+
+    Sparse dispatch (every dispatcher but Soft MoE): row n of the grouped input is token
+    ``token_idx_N[n]``; rows are ordered by expert, ``counts_E[e]`` rows for expert e; the expert output of
+    row n enters token ``token_idx_N[n]``'s output with weight ``weight_N[n]`` (differentiable).
+    ``dropped`` counts assignments a capacity limit removed. Soft MoE: ``slots`` holds the slot mixing
+    weights, the rows are slot mixes (``counts_E[e] = B * p``) and ``token_idx_N``/``weight_N`` are empty.
+
+    :meth:`gather` and :meth:`combine` are the readable reference of what a plan means
+    (``y_TD = combine(expert_e(gather(x_TD)))``); fast backends may fold them into their kernels
+    (ScatterMoE: Tan et al. 2024) but must compute the same function.
+    """
+
+    token_idx_N: Tensor
+    weight_N: Tensor
+    counts_E: Tensor
+    num_tokens: int
+    dropped: int = 0
+    slots: SlotMixing | None = None
+
+    @staticmethod
+    def grouped(counts_E: Tensor, weight_N: Tensor | None = None) -> DispatchPlan:
+        """Rows already grouped by expert (row n is "token" n), weight 1 unless given: runs experts on rows."""
+        N = int(counts_E.sum())
+        w_N = weight_N if weight_N is not None else torch.ones(N, device=counts_E.device)
+        return DispatchPlan(torch.arange(N, device=counts_E.device), w_N, counts_E, N)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the experts compute: N assignments, or ``E * B * p`` slots."""
+        if self.slots is not None:
+            return self.num_experts * self.slots.num_seqs * self.slots.slots_per_expert
+        return self.token_idx_N.shape[0]
+
+    def gather(self, x_TD: Tensor) -> Tensor:
+        """``x_ND``: the expert input rows, grouped by expert."""
+        if self.slots is not None:
+            return self.slots.gather(x_TD, self.num_experts)
+        return x_TD.index_select(0, self.token_idx_N)
+
+    def combine(self, y_ND: Tensor) -> Tensor:
+        """``y_TD``: the expert output rows scattered back to their tokens, weighted."""
+        if self.slots is not None:
+            return self.slots.combine(y_ND, self.num_experts, self.num_tokens)
+        return scatter_combine(y_ND, self.token_idx_N, self.weight_N, self.num_tokens)

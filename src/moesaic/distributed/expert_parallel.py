@@ -1,5 +1,6 @@
-"""Expert parallelism applied from outside the model: shard the experts, swap the dispatcher and make
-the aux-loss-free bias global (docs/parallel.md).
+"""Expert parallelism applied from outside the model: shard and wrap the experts
+(:class:`moesaic.distributed.ep_experts.ExpertParallelExperts`) and make the aux-loss-free bias global
+(docs/parallel.md).
 
 Usage (every rank, after ``torch.distributed`` is initialised and the model is built identically)::
 
@@ -16,7 +17,6 @@ bias identically, as one process would.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -25,24 +25,16 @@ from torch import nn
 
 from moesaic.core.errors import ConfigError
 from moesaic.distributed.collectives import all_reduce_sum
+from moesaic.distributed.ep_experts import ExpertParallelExperts, ExpertShard
 from moesaic.distributed.groups import group_rank, group_size
 from moesaic.moe.api import moe_layers
-from moesaic.moe.dispatch.all_to_all import AllToAllDispatcher
 from moesaic.moe.layer import MoELayer
-
-
-@dataclasses.dataclass
-class ExpertShard:
-    """Which global experts this rank holds for one layer: ``[offset, offset + num_local)`` of ``num_global``."""
-
-    offset: int
-    num_local: int
-    num_global: int
 
 
 def apply_expert_parallel_(model: nn.Module, group: dist.ProcessGroup | None, *, batch_group: Any = "same"
                            ) -> nn.Module:
-    """Shard every MoE layer's experts over ``group`` and install the all-to-all dispatcher (in place).
+    """Shard every MoE layer's experts over ``group`` and wrap them in :class:`ExpertParallelExperts`,
+    which exchanges rows with the other ranks (in place).
 
     ``group`` is the expert-parallel process group (``None`` or size 1: nothing is sharded, but the
     aux-loss-free bias still sums its loads over ``batch_group``). ``batch_group`` is the group the global
@@ -60,15 +52,14 @@ def apply_expert_parallel_(model: nn.Module, group: dist.ProcessGroup | None, *,
         if getattr(layer.experts, "ep_shard", None) is not None:
             raise ConfigError(layer.layer_name, None, "expert parallelism is already applied", show_value=False)
     for layer in layers:
-        _shard_experts(layer, W, r)
-        local = layer.dispatcher.local if isinstance(layer.dispatcher, AllToAllDispatcher) else layer.dispatcher
-        cfg = AllToAllDispatcher.Config(local=local.cfg)
-        layer.dispatcher = AllToAllDispatcher(cfg, layer.num_experts, layer.top_k, local=local, group=group)
+        shard = _shard_experts(layer, W, r)
+        layer.experts = ExpertParallelExperts(layer.experts, layer.num_experts, group, shard)
         _make_router_global(layer, batch_group)
     return model
 
 
-def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
+def _shard_experts(layer: MoELayer, W: int, r: int) -> ExpertShard:
+    """Keep this rank's slice ``[r*L, (r+1)*L)`` of every stacked expert weight (in place)."""
     experts, E = layer.experts, layer.num_experts
     L = E // W
     names = experts.stacked_names()
@@ -80,7 +71,7 @@ def _shard_experts(layer: MoELayer, W: int, r: int) -> None:
         p = getattr(experts, n)
         setattr(experts, n, nn.Parameter(p.detach()[r * L:(r + 1) * L].clone(), requires_grad=p.requires_grad))
     experts.num_experts = L
-    experts.ep_shard = ExpertShard(r * L, L, E)
+    return ExpertShard(r * L, L, E)
 
 
 # ------------------------------------------------------------------------------- aux-loss-free bias

@@ -1,25 +1,34 @@
-"""The MoE layer: router -> dispatcher -> experts -> combine (+ shared experts). Composition only.
+"""The MoE layer: router -> dispatch plan -> experts (+ shared experts). Composition only.
 
 ``forward(x, mask=None, **ctx)`` takes ``[T, D]`` or ``[B, S, D]`` and returns the same shape, so the
 layer drops into any model in place of an FFN. ``mask`` (same leading shape, True = real token) removes
 padding from routing, capacity and every statistic; padding rows get output 0. ``ctx`` carries extra
-routing inputs (``token_ids`` for hash routing, ``task_id`` for task routing).
+routing inputs (``token_ids`` for hash routing, ``task_id`` for task routing); a tensor in ``ctx`` whose
+leading dimensions equal the input's token dimensions (``[B, S, ...]`` for a ``[B, S, D]`` input) is
+flattened like the input (to ``[B*S, ...]``), anything else is passed as it is.
 
 After each forward the layer holds ``aux_losses`` (weighted by the router's coefficients; summed over
-the model by :func:`moesaic.collect_aux_losses`) and ``last_stats`` (detached counts for logging).
+the model by :func:`moesaic.collect_aux_losses`), ``aux_stats`` (the router's unweighted balance
+statistics of this forward, for exact accumulation over micro-batches and ranks) and ``last_stats``
+(detached counts for logging). :meth:`MoELayer.register_routing_hook` observes every forward's decision
+and plan (docs/design.md, "The data path").
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from moesaic.core.config import Section, require, rule
 from moesaic.core.errors import RoutingInputError
 from moesaic.core.registry import ROUTERS
+from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.experts.base import ExpertsConfig
@@ -49,7 +58,8 @@ class SharedExpertsConfig(Section):
 class MoEConfig(Section):
     """One MoE layer. ``num_experts``/``top_k``/``d_ff`` describe the routed experts before fine-grained
     segmentation: ``granularity: m`` builds ``m * num_experts`` experts of width ``d_ff / m`` with
-    ``m * top_k`` active (DeepSeekMoE §3.1), keeping FLOPs and parameters."""
+    ``m * top_k`` active (DeepSeekMoE: Dai et al. 2024, fine-grained expert segmentation), keeping FLOPs
+    and parameters."""
 
     d_ff: int = rule(64, ge=1)
     num_experts: int = rule(8, ge=1)
@@ -89,6 +99,10 @@ class MoEConfig(Section):
         return MoELayer(self, d_model, causal=causal)
 
 
+#: ``fn(layer, decision, plan)``, called after every forward (see :meth:`MoELayer.register_routing_hook`).
+RoutingHook = Callable[["MoELayer", RoutingDecision, DispatchPlan], None]
+
+
 class MoELayer(nn.Module):
     """Sparse MoE layer (Shazeer et al. 2017; Lepikhin et al. 2020; Fedus et al. 2021): pure composition."""
 
@@ -107,58 +121,73 @@ class MoELayer(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_stats: dict[str, Any] = {}  # the last forward's unweighted statistic objects (exact shares)
         self.last_stats: dict[str, Any] = {}
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
 
     @property
     def layer_name(self) -> str:
-        return self.router.layer_name
+        name: str = self.router.layer_name
+        return name
 
     @layer_name.setter
     def layer_name(self, name: str) -> None:
         self.router.layer_name = name
 
     def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
-        shape = x.shape
-        x_TD = x.reshape(-1, self.d_model)
-        mask_T = mask.reshape(-1).to(torch.bool) if mask is not None else None
-        if mask_T is not None and mask_T.numel() != x_TD.shape[0]:
-            raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
-                                    f"the input of shape {tuple(shape)} (one entry per token)")
-        if x.dim() == 3 and "seq_ids_T" not in ctx:
-            ctx["seq_ids_T"] = torch.arange(shape[0], device=x.device).repeat_interleave(shape[1])
-        ctx = {k: (v.reshape(-1) if isinstance(v, Tensor) and k.endswith("_ids") and v.dim() > 1 else v)
-               for k, v in ctx.items()}
-
+        x_TD, mask_T, ctx = self._flatten(x, mask, ctx)
         decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
-        if self.dispatcher.index_dispatch and getattr(self.experts, "fuses", lambda n: False)(
-                decision.num_assignments):
-            # Fused path (experts/grouped_glu.py): gather, experts and weighted combine in one function.
-            tok_N, counts_E, state = self.dispatcher.dispatch_indices(decision)
-            y_TD = self.experts.forward_fused(x_TD, tok_N, state.weight_N, counts_E, state.num_tokens)
-        else:
-            x_ND, counts_E, state = self.dispatcher.dispatch(x_TD, decision)
-            y_ND = self.experts(x_ND, counts_E)
-            y_TD = self.dispatcher.combine(y_ND, state)
-
+        plan = self.dispatcher.plan(decision)
+        y_TD = self.experts(x_TD, plan)
         if self.shared_experts is not None:
-            x_sh = x_TD
-            if mask_T is not None and self.cfg.mask_padding:  # padding may hold anything, NaN included
-                x_sh = x_TD.masked_fill(~mask_T.unsqueeze(1), 0.0)
-            s_TD = self.shared_experts(x_sh)
-            if self.shared_gate is not None:
-                s_TD = torch.sigmoid(self.shared_gate(x_sh)) * s_TD
-            y_TD = (y_TD + s_TD) / 2 if self.cfg.shared_experts.combine == "average" else y_TD + s_TD
-            if mask_T is not None and self.cfg.mask_padding:
-                y_TD = y_TD * mask_T.unsqueeze(1).to(y_TD.dtype)
+            y_TD = self._add_shared(x_TD, y_TD, mask_T if self.cfg.mask_padding else None)
 
         coefs = self.router.loss_coefs()
         self.aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
         self.aux_stats = dict(decision.aux_stats)
-        self._record(decision, counts_E, state.dropped)
-        return y_TD.reshape(shape)
+        self._record(decision, plan)
+        for hook in list(self._routing_hooks.values()):
+            hook(self, decision, plan)
+        return y_TD.reshape(x.shape)
+
+    def _flatten(self, x: Tensor, mask: Tensor | None, ctx: dict[str, Any]
+                 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """``[..., D]`` -> ``x_TD``; the mask and token-shaped context tensors alike (module docstring)."""
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise RoutingInputError(f"{self.layer_name}: input of shape {tuple(x.shape)} has width "
+                                    f"{x.shape[-1] if x.dim() else None}; expected d_model = {self.d_model} "
+                                    "in the last dimension ([T, d_model] or [B, S, d_model])")
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, self.d_model)
+        mask_T = mask.reshape(-1).to(torch.bool) if mask is not None else None
+        if mask is not None and mask.numel() != x_TD.shape[0]:
+            raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
+                                    f"the input of shape {tuple(x.shape)} (one entry per token)")
+        if len(lead) > 1:
+            if x.dim() == 3 and "seq_ids_T" not in ctx:
+                ctx["seq_ids_T"] = torch.arange(lead[0], device=x.device).repeat_interleave(lead[1])
+            ctx = {k: (v.reshape(-1, *v.shape[len(lead):]) if isinstance(v, Tensor) and v.shape[:len(lead)] == lead
+                       else v) for k, v in ctx.items()}
+        return x_TD, mask_T, ctx
+
+    def _add_shared(self, x_TD: Tensor, y_TD: Tensor, mask_T: Tensor | None) -> Tensor:
+        """Routed plus shared experts (summed or averaged); padding rows stay 0."""
+        assert self.shared_experts is not None
+        x_sh = x_TD if mask_T is None else x_TD.masked_fill(~mask_T.unsqueeze(1), 0.0)  # padding may be NaN
+        s_TD = self.shared_experts(x_sh)
+        if self.shared_gate is not None:
+            s_TD = torch.sigmoid(self.shared_gate(x_sh)) * s_TD
+        y_TD = (y_TD + s_TD) / 2 if self.cfg.shared_experts.combine == "average" else y_TD + s_TD
+        return y_TD if mask_T is None else y_TD * mask_T.unsqueeze(1).to(y_TD.dtype)
+
+    def register_routing_hook(self, fn: RoutingHook) -> RemovableHandle:
+        """Call ``fn(layer, decision, plan)`` after every forward (recording, analysis); ``handle.remove()``
+        stops it. Hooks observe: they must not change the decision or the plan."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = fn
+        return handle
 
     @torch.no_grad()
-    def _record(self, decision: Any, counts_E: Tensor, dropped: int) -> None:
-        stats: dict[str, Any] = {"tokens_per_expert": counts_E.detach(), "dropped": int(dropped),
+    def _record(self, decision: RoutingDecision, plan: DispatchPlan) -> None:
+        stats: dict[str, Any] = {"tokens_per_expert": plan.counts_E.detach(), "dropped": int(plan.dropped),
                                  "assignments": decision.num_assignments, "tokens": decision.valid_tokens}
         if decision.probs_TE is not None and decision.probs_TE.shape[0]:
             p = decision.probs_TE.detach()

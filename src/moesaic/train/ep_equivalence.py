@@ -157,7 +157,9 @@ def run(case: Case, groups: ParallelGroups | None = None) -> dict[str, Any]:
         all_reduce_sum(logged, groups.dp)
         out["loss"].append(float(logged[0]))
         out["aux"].append(float(logged[1]))
-        out["counts"].append(model.moe.last_stats["tokens_per_expert"].clone())
+        # rows each local expert computed: under expert parallelism, what the exchange delivered
+        received = model.moe.experts.received_counts if W > 1 else model.moe.last_stats["tokens_per_expert"]
+        out["counts"].append(received.clone())
         out["nonfinite"] += int(not torch.isfinite(logged).all())
     shard = getattr(model.moe.experts, "ep_shard", None)
     out["shard"] = None if shard is None else (shard.offset, shard.num_local)

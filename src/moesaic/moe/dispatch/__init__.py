@@ -1,5 +1,5 @@
-"""Dispatchers group token copies by expert and scatter the results back, weighted."""
+"""Dispatchers turn a routing decision into a dispatch plan: token rows grouped by expert, with weights."""
 
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
+from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, sort_plan
 
-__all__ = ["Dispatcher", "DispatcherConfig", "DispatchState"]
+__all__ = ["Dispatcher", "DispatcherConfig", "sort_plan"]

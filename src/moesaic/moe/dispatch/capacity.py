@@ -1,11 +1,12 @@
 """Fixed-capacity dispatch (GShard, Switch, Tutel): at most C assignments per expert, the rest dropped.
 
-``C = ceil(capacity_factor * k * T / E)`` over the valid tokens T (routing.md §1.3 [DECISION]: k is
-included), at least ``min_capacity`` and at most T. Slots are filled choice by choice: every first
+``C = ceil(capacity_factor * k * T / E)`` over the valid tokens T (k included, as in GShard's top-2
+and Tutel, so a factor of 1 means "room for every assignment if perfectly balanced"), at least ``min_capacity`` and at most T. Slots are filled choice by choice: every first
 choice of an expert outranks every second choice (Tutel ``extract_critical``). Within a choice rank the
 order is the token order (``drop_policy: position``) or the router confidence ``max_e p[t, e]``,
-highest first (``drop_policy: probs``, V-MoE batch-prioritised routing). Dropped assignments are
-counted in the decision and the state; a token that loses all its experts gets a zero MoE output.
+highest first (``drop_policy: probs``, V-MoE batch-prioritised routing). The kept assignments get the
+same plan as the dropless ``sort`` dispatcher; dropped ones are counted in ``plan.dropped``, and a token
+that loses all its experts gets a zero MoE output.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from torch import Tensor
 
 from moesaic.core.config import require, rule
 from moesaic.core.registry import DISPATCHERS
-from moesaic.core.types import RoutingDecision
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
-from moesaic.moe.dispatch.sort import SortDispatcher
+from moesaic.core.types import DispatchPlan, RoutingDecision
+from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, sort_plan
 
 
 @dataclasses.dataclass
@@ -77,12 +77,14 @@ class CapacityDispatcher(Dispatcher):
     cfg: CapacityDispatcherConfig
 
     def capacity_for(self, valid_tokens: int) -> int:
+        """Slots per expert for this many valid tokens (the eval factor in eval mode, when set)."""
         cf = self.cfg.capacity_factor
         if not self.training and self.cfg.eval_capacity_factor is not None:
             cf = self.cfg.eval_capacity_factor
         return capacity(valid_tokens, self.num_experts, self.top_k, cf, self.cfg.min_capacity)
 
     def keep_mask(self, decision: RoutingDecision) -> Tensor:
+        """``[N]`` bool: the assignments that get a slot."""
         priority = None
         if self.cfg.drop_policy == "probs":
             if decision.probs_TE is not None:
@@ -92,6 +94,5 @@ class CapacityDispatcher(Dispatcher):
         C = self.capacity_for(decision.valid_tokens)
         return slot_positions(decision, priority) < C
 
-    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
-        kept = decision.select(self.keep_mask(decision))
-        return SortDispatcher.dispatch(self, x_TD, kept)
+    def plan(self, decision: RoutingDecision) -> DispatchPlan:
+        return sort_plan(decision.select(self.keep_mask(decision)))

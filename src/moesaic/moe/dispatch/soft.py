@@ -1,11 +1,13 @@
-"""The Soft MoE dispatcher (Puigcerver et al. 2024; routing.md §17), paired with the ``soft_moe`` router.
+"""The Soft MoE dispatcher (Puigcerver et al. 2024, "From Sparse to Soft Mixtures of Experts"), paired
+with the ``soft_moe`` router.
 
 Per sequence b with tokens ``X_b`` ``[m, d]`` and logits ``L_b`` ``[m, n*p]``:
 ``D = softmax(L, over tokens)``, slots ``X_slots = D^T X_b`` ``[n*p, d]`` (expert i gets slots
 ``[i*p, (i+1)*p)`` of every sequence), ``C = softmax(L, over slots)``, ``Y_b = C @ Y_slots``.
 Sequences of different lengths are padded to the longest; padding gets ``-inf`` dispatch logits and a
 zero combine row, so it neither feeds a slot nor receives an output. A sequence without any real token
-makes no slots.
+makes no slots. The plan carries ``D`` and ``C`` (:class:`moesaic.core.types.SlotMixing`); the mixing
+itself runs in the plan's ``gather``/``combine``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from torch import Tensor
 
 from moesaic.core.errors import RoutingInputError
 from moesaic.core.registry import DISPATCHERS
-from moesaic.core.types import RoutingDecision
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, DispatchState
+from moesaic.core.types import DispatchPlan, RoutingDecision, SlotMixing
+from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig
 
 
 @dataclasses.dataclass
@@ -42,18 +44,17 @@ class SoftDispatcher(Dispatcher):
 
     Config = SoftDispatcherConfig
 
-    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchState]:
+    def plan(self, decision: RoutingDecision) -> DispatchPlan:
         if "logits_TS" not in decision.extra:
             raise RoutingInputError("the soft dispatcher needs the soft_moe router's decisions")
         ex = decision.extra
         L_TS, mask_T, seq_T = ex["logits_TS"], ex["mask_T"], ex["seq_T"]
         p = int(ex["slots_per_expert"])
-        T, D_ = x_TD.shape
-        n, S = decision.num_experts, L_TS.shape[1]
+        T, n, S, dev = decision.num_tokens, decision.num_experts, L_TS.shape[1], L_TS.device
         with torch.no_grad():
             # Only sequences with a real token make slots (an all-padding batch runs no expert).
             _, b_T = torch.unique(seq_T, return_inverse=True)
-            live_B = torch.zeros(int(b_T.max()) + 1 if T else 0, dtype=torch.bool, device=x_TD.device)
+            live_B = torch.zeros(int(b_T.max()) + 1 if T else 0, dtype=torch.bool, device=dev)
             live_B = live_B.index_fill(0, b_T[mask_T], True)
             rows = live_B[b_T].nonzero().squeeze(1)
             _, b_L = torch.unique(b_T[rows], return_inverse=True)  # live sequences renumbered 0..B-1
@@ -65,23 +66,9 @@ class SoftDispatcher(Dispatcher):
             pos_L[order] = torch.arange(b_L.numel(), device=b_L.device) - start[b_L[order]]
             M = int(per_b.max()) if B else 0
         L_BMS = L_TS.new_zeros(B, M, S).index_put((b_L, pos_L), L_TS[rows])
-        mask_BM = torch.zeros(B, M, dtype=torch.bool, device=x_TD.device).index_put((b_L, pos_L), mask_T[rows])
-        # masked rows get dispatch weight 0, but 0 * NaN is NaN: padding may hold anything, so zero it
-        x_BMD = x_TD.new_zeros(B, M, D_).index_put((b_L, pos_L), x_TD[rows].masked_fill(~mask_T[rows, None], 0.0))
+        mask_BM = torch.zeros(B, M, dtype=torch.bool, device=dev).index_put((b_L, pos_L), mask_T[rows])
         disp_BMS, comb_BMS = soft_weights(L_BMS, mask_BM)
-        xs_BSD = torch.einsum("bms,bmd->bsd", disp_BMS.to(x_TD.dtype), x_BMD)
-        x_ND = xs_BSD.view(B, n, p, D_).transpose(0, 1).reshape(n * B * p, D_)  # grouped by expert
-        counts_E = torch.full((n,), B * p, dtype=torch.long, device=x_TD.device)
-        empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
-        state = DispatchState(empty, x_TD.new_zeros(0), T, 0,
-                              extra={"comb_BMS": comb_BMS, "rows": rows, "b_L": b_L, "pos_L": pos_L,
-                                     "shape": (B, n, p)})
-        return x_ND, counts_E, state
-
-    def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
-        B, n, p = state.extra["shape"]
-        D_ = y_ND.shape[1]
-        ys_BSD = y_ND.view(n, B, p, D_).transpose(0, 1).reshape(B, n * p, D_)
-        y_BMD = torch.einsum("bms,bsd->bmd", state.extra["comb_BMS"].to(y_ND.dtype), ys_BSD)
-        y_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[1])
-        return y_TD.index_copy(0, state.extra["rows"], y_BMD[state.extra["b_L"], state.extra["pos_L"]])
+        counts_E = torch.full((n,), B * p, dtype=torch.long, device=dev)
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        slots = SlotMixing(disp_BMS, comb_BMS, rows, b_L, pos_L, mask_T[rows], p)
+        return DispatchPlan(empty, L_TS.new_zeros(0), counts_E, T, 0, slots=slots)

@@ -1,8 +1,10 @@
-"""EvoMoE experts: one expert trained alone, then diversified into N experts at a given step (Nie et al. 2021).
+"""EvoMoE experts: one expert trained alone, then diversified into N experts at a given step (Nie et al.
+2021, "EvoMoE: An Evolutional Mixture-of-Experts Training Framework via Dense-To-Sparse Gate").
 
-routing.md §10 phase 1 [PAPER-MEM] / Appendix C.7 UNRESOLVED: the paper trains a single expert for a
-while and then "spawns" diverse experts from it. ``diversify_step`` is the step at which expert 0 is copied
-into every expert and the copies are perturbed (:func:`diversify_`): ``method: mask`` gives
+The paper trains a single expert for a while and then "spawns" diverse experts from it; it does not pin
+down how the copies are perturbed, so that is a choice of three methods. ``diversify_step`` is the step
+at which expert 0 is copied into every expert and the copies are perturbed (:func:`diversify_`):
+``method: mask`` gives
 ``W_i = W * M_i`` with Bernoulli(``keep_ratio``) masks (``rescale`` divides by the keep ratio), ``noise``
 gives ``W_i = W + N(0, (noise_std * std W)^2)`` and ``copy`` plain copies. Until then the router should
 send every token to expert 0: ``router: {kind: dts, dense_until_step: S}`` with the same S (checked).

@@ -1,15 +1,15 @@
-"""FFN experts with Experts Weights Averaging after every optimizer step (EWA; Huang et al. 2023).
+"""FFN experts with Experts Weights Averaging after every optimizer step (EWA; Huang et al. 2023,
+"Experts Weights Averaging: A New General Training Scheme for Vision Transformers").
 
-routing.md §11 and the toolkit decision at the end of its Appendix C: ``share_rate`` is the fraction of
-each expert's weights replaced by the mean of the *other* experts,
+``share_rate`` is the fraction of each expert's weights replaced by the mean of the *other* experts,
 
     W_i <- (1 - share_rate) * W_i + share_rate * mean_{j != i} W_j,
 
 applied to every stacked parameter of all experts at once, from the pre-update values, after every
 optimizer step (``on_optimizer_step``, called by :func:`moesaic.on_optimizer_step`). ``share_rate = 0``
 is a no-op, ``share_rate = (E-1)/E`` sets every expert to the mean, and the sum over experts is unchanged
-by any step. The paper's own update form and default could not be confirmed (Appendix C.2); 0.3 is the
-remembered default. Route with ``router: {kind: random_partition}`` and merge back into one FFN after
+by any step. We could not confirm the paper's exact update form and default share rate against its text;
+0.3 is our default. Route with ``router: {kind: random_partition}`` and merge back into one FFN after
 training with :func:`moesaic.transforms.ewa_merge.merge_experts_`.
 """
 

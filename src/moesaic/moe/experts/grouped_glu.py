@@ -1,4 +1,4 @@
-"""Fused gather -> grouped FFN -> weighted scatter as one autograd function (systems.md §2.2-§2.3).
+"""Fused gather -> grouped FFN -> weighted scatter as one autograd function (the ``fused`` backend).
 
 ScatterMoE (Tan et al. 2024) fuses the dispatch gather and the combine scatter into its grouped GEMMs so
 no padded or permuted copy is kept for backward. This is the same idea with stock PyTorch ops:
@@ -20,22 +20,53 @@ no padded or permuted copy is kept for backward. This is the same idea with stoc
 
 Gradients: routing weights get ``dL/dw_n = <dL/da_n^w, a_n>``; the input gets the scatter-add of the
 per-row input gradients; the weights get ``dW_e = dY_e^T A_e`` over each expert's contiguous slice.
+
+Gated (SwiGLU, GeGLU) and plain MLP experts share this function: the gather, blocking, grouped matmuls,
+weight gradients and scatter are the same, only the elementwise activation and its derivative differ
+(:func:`_act_fwd`, :func:`_act_bwd`), so a separate MLP kernel would repeat 200 lines for one branch.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from moesaic.moe.experts import backends as B
+from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act, grouped_mm, grouped_mm_aligned, \
+    grouped_mm_usable
+
+#: A block's matmul plan: per-expert row counts (host ints; None on the one-block device path) and the
+#: grouped_mm offsets (None: a loop of per-expert ``mm``).
+BlockPlan = tuple[list[int] | None, Tensor | None]
 
 
-def _mm_rows(a_NI: Tensor, w_EOI: Tensor, plan, transpose: bool) -> Tensor:
+@dataclasses.dataclass(frozen=True)
+class GLUCall:
+    """The non-differentiable inputs of one :class:`GroupedGLU` call.
+
+    ``rows_N`` (optional): gather ``x[rows_N]`` first and scatter-add the weighted outputs into ``num_out``
+    rows at ``rows_N`` (the token rows of a dispatch plan); without it the input rows are already grouped
+    by expert and the output has one row per input row. ``use_grouped``: run the matmuls as grouped_mm.
+    """
+
+    counts_E: Tensor
+    activation: str
+    gated: bool
+    use_grouped: bool
+    rows_N: Tensor | None = None
+    num_out: int | None = None
+
+
+def _mm_rows(a_NI: Tensor, w_EOI: Tensor, plan: BlockPlan, transpose: bool) -> Tensor:
     """Per expert e: ``a[rows_e] @ w[e]^T`` (transpose=True, [N, O]) or ``a[rows_e] @ w[e]`` ([N, I])."""
     counts, offs = plan
     if offs is not None:
-        return B._GMM_FN(a_NI, w_EOI.transpose(1, 2) if transpose else w_EOI, offs=offs)
+        return grouped_mm(a_NI, w_EOI.transpose(1, 2) if transpose else w_EOI, offs)
+    assert counts is not None
     out_dim = w_EOI.shape[1] if transpose else w_EOI.shape[2]
     out = a_NI.new_empty(a_NI.shape[0], out_dim)
     start = 0
@@ -46,11 +77,12 @@ def _mm_rows(a_NI: Tensor, w_EOI: Tensor, plan, transpose: bool) -> Tensor:
     return out
 
 
-def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan, num_experts: int) -> Tensor:
+def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan: BlockPlan, num_experts: int) -> Tensor:
     """Per expert e: ``g[rows_e]^T @ a[rows_e]`` -> ``[E, O, I]`` (zero for experts without rows)."""
     counts, offs = plan
     if offs is not None:
-        return B._GMM_FN(g_NO.t(), a_NI, offs=offs)
+        return grouped_mm(g_NO.t(), a_NI, offs)
+    assert counts is not None
     alloc = torch.zeros if 0 in counts else torch.empty
     out = alloc(num_experts, g_NO.shape[1], a_NI.shape[1], dtype=g_NO.dtype, device=g_NO.device)
     start = 0
@@ -73,7 +105,7 @@ def _act_fwd(h_NH: Tensor, activation: str, gated: bool) -> Tensor:
     if gated and activation == "silu":
         gate, up = h_NH.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
-    return B.glu_or_act(h_NH, activation, gated)
+    return glu_or_act(h_NH, activation, gated)
 
 
 def _act_bwd(h_NH: Tensor, g_a: Tensor, activation: str, gated: bool, silu_NF: Tensor | None = None) -> Tensor:
@@ -88,7 +120,7 @@ def _act_bwd(h_NH: Tensor, g_a: Tensor, activation: str, gated: bool, silu_NF: T
         return g_h
     with torch.enable_grad():
         h = h_NH.detach().requires_grad_()
-        a = B.glu_or_act(h, activation, gated)
+        a = glu_or_act(h, activation, gated)
         (g_h,) = torch.autograd.grad(a, h, g_a)
     return g_h
 
@@ -97,19 +129,21 @@ class GroupedGLU(torch.autograd.Function):
     """``y = scatter_rows(w_N * down_e(act(up_e(x[rows_N]))))``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, weight_N: Tensor | None,  # type: ignore[override]
-                rows_N: Tensor | None, counts_E: Tensor, num_out: int | None, activation: str, gated: bool,
-                use_grouped: bool) -> Tensor:
+    def forward(ctx: Any, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,  # type: ignore[override]
+                weight_N: Tensor | None, call: GLUCall) -> Tensor:
+        rows_N, num_out, activation, gated = call.rows_N, call.num_out, call.activation, call.gated
         N = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]
-        blocks = _blocks(counts_E, N, use_grouped, x_SD, w_up_EHD)
+        blocks = _blocks(call.counts_E, N, call.use_grouped, x_SD, w_up_EHD)
         keep = _keep_for_backward(N, x_SD, w_up_EHD, w_down_EDF)
         swiglu = gated and activation == "silu"
         scatter = num_out is not None
         dev = x_SD.device.type
         saved: list[Tensor | None] = []
-        with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
+        with _no_autocast(dev):
             D = w_down_EDF.shape[1]
+            y: Tensor  # the scatter target, a buffer for the blocks' rows, or the rows of the one block
             if scatter:
+                assert num_out is not None
                 y = x_SD.new_zeros(num_out, D)
             elif len(blocks) != 1 or blocks[0].rows != N:
                 y = x_SD.new_zeros(N, D)
@@ -140,14 +174,14 @@ class GroupedGLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x_SD, w_up, w_down, weight_N, rows_N, *saved = ctx.saved_tensors
         blocks, need = ctx.blocks, ctx.needs_input_grad
         swiglu = ctx.gated and ctx.act == "silu"
         per = 5 if ctx.keep else 1
         dev = x_SD.device.type
         g_x = g_wup = g_wdown = g_weight = None
-        with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else _null():
+        with _no_autocast(dev):
             dt = w_up.dtype
             g_out = g_out.to(dt).contiguous()
             if need[0]:
@@ -196,7 +230,7 @@ class GroupedGLU(torch.autograd.Function):
                     else:
                         g_x[b.r0:b.r1] = g_xb
         return (g_x, g_wup.value() if g_wup is not None else None, g_wdown.value() if g_wdown is not None else None,
-                g_weight, None, None, None, None, None, None)
+                g_weight, None)
 
 
 class _Block:
@@ -204,7 +238,7 @@ class _Block:
 
     __slots__ = ("e0", "e1", "r0", "r1", "plan")
 
-    def __init__(self, e0: int, e1: int, r0: int, r1: int, plan):
+    def __init__(self, e0: int, e1: int, r0: int, r1: int, plan: BlockPlan):
         self.e0, self.e1, self.r0, self.r1, self.plan = e0, e1, r0, r1, plan
 
     @property
@@ -224,6 +258,7 @@ class _WeightGrad:
         if self.full:
             self.out = g_eOI
         else:
+            assert self.out is not None
             self.out[b.e0:b.e1] = g_eOI
 
     def value(self) -> Tensor:
@@ -240,7 +275,8 @@ def _blocks(counts_E: Tensor, N: int, use_grouped: bool, x_SD: Tensor, w_up_EHD:
     counts = counts_E.tolist()
     width = max(x_SD.shape[1], w_up_EHD.shape[1]) * x_SD.element_size()
     target = max(1, BLOCK_BYTES // width) if x_SD.device.type == "cpu" else sum(counts) or 1
-    blocks, e0, r0, n = [], 0, 0, 0
+    blocks: list[_Block] = []
+    e0, r0, n = 0, 0, 0
     for e, c in enumerate(counts):
         n += c
         if n >= target or e == E - 1:
@@ -253,12 +289,11 @@ def _blocks(counts_E: Tensor, N: int, use_grouped: bool, x_SD: Tensor, w_up_EHD:
     return blocks
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """The kernel runs in the dtype it was given (the caller casts once), never in autocast's."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 #: CPU block size: experts are taken in consecutive blocks whose ``[rows, max(D, H)]`` temporaries hold about
@@ -286,21 +321,19 @@ def gather_rows(x_SD: Tensor, rows_N: Tensor) -> Tensor:
     return F.embedding(rows_N, x_SD)
 
 
-def grouped_glu(x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, counts_E: Tensor, activation: str,
-                gated: bool, rows_N: Tensor | None = None, weight_N: Tensor | None = None,
-                num_out: int | None = None) -> Tensor:
+def grouped_glu(x_SD: Tensor, ffn: StackedFFN, counts_E: Tensor, rows_N: Tensor | None = None,
+                weight_N: Tensor | None = None, num_out: int | None = None) -> Tensor:
     """Run :class:`GroupedGLU` in the compute dtype (autocast's, if on); grouped_mm where usable (one call per
-    projection and block instead of a Python loop over the experts)."""
-    dt = B.compute_dtype(x_SD, w_up_EHD)
+    projection and block instead of a Python loop over the experts).
+
+    Without ``rows_N`` the rows of ``x_SD`` are grouped by expert (``counts_E``) and the output has one row
+    per input row; with it, rows ``x_SD[rows_N]`` are computed and scatter-added (times ``weight_N``) into
+    ``num_out`` output rows at ``rows_N``.
+    """
+    dt = compute_dtype(x_SD, ffn.w_up_EHD)
     n_rows = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]  # grouped_mm rejects 0 rows
-    use_grouped = (n_rows > 0 and B.grouped_mm_usable(x_SD.device, dt)
-                   and B.grouped_mm_aligned(x_SD, w_up_EHD, w_down_EDF, dtype=dt))
-    return GroupedGLU.apply(x_SD.to(dt), w_up_EHD.to(dt), w_down_EDF.to(dt), weight_N, rows_N, counts_E, num_out,
-                            activation, gated, use_grouped)
-
-
-@B.register_backend("fused")
-def fused_backend(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                  activation: str, gated: bool) -> Tensor:
-    """Custom-autograd grouped FFN: saves only [N, H], preallocated per-expert matmuls (ScatterMoE-style)."""
-    return grouped_glu(x_ND, w_up_EHD, w_down_EDF, counts_E, activation, gated)
+    use_grouped = (n_rows > 0 and grouped_mm_usable(x_SD.device, dt)
+                   and grouped_mm_aligned(x_SD, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt))
+    call = GLUCall(counts_E, ffn.activation, ffn.gated, use_grouped, rows_N, num_out)
+    y: Tensor = GroupedGLU.apply(x_SD.to(dt), ffn.w_up_EHD.to(dt), ffn.w_down_EDF.to(dt), weight_N, call)
+    return y

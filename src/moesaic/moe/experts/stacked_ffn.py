@@ -15,11 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.activations import Activation
-from moesaic.core.config import rule
+from moesaic.core.config import require, rule
 from moesaic.core.registry import EXPERTS
-from moesaic.moe.experts.backends import BACKENDS, choose_backend, resolve_backend
+from moesaic.core.types import DispatchPlan
+from moesaic.moe.experts.backends import BACKENDS, resolve_backend
 from moesaic.moe.experts.base import Experts, ExpertsConfig
-from moesaic.moe.experts.grouped_glu import grouped_glu
+from moesaic.moe.experts.kernels import StackedFFN
 
 
 @dataclasses.dataclass
@@ -29,10 +30,8 @@ class GLUExpertsConfig(ExpertsConfig):
     init_std: float | None = rule(None, gt=0.0)
 
     def validate(self, path: str) -> None:
-        from moesaic.core.config import require
-
         require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
-                f"must be auto or one of {', '.join(sorted(BACKENDS))}")
+                f"must be auto or one of {', '.join(BACKENDS.names())}")
 
 
 @dataclasses.dataclass
@@ -49,15 +48,22 @@ def add_stacked_ffn(module: nn.Module, num_experts: int, d_model: int, d_ff: int
 
 def init_stacked_ffn(module: nn.Module, init_std: float | None) -> tuple[float, float]:
     """Normal init with std ``init_std`` or 1/sqrt(fan_in) per projection; returns the two stds."""
-    std_in = init_std or 1.0 / math.sqrt(module.w_up_EHD.shape[-1])
-    std_out = init_std or 1.0 / math.sqrt(module.w_down_EDF.shape[-1])
-    nn.init.normal_(module.w_up_EHD, std=std_in)
-    nn.init.normal_(module.w_down_EDF, std=std_out)
+    w_up, w_down = module.w_up_EHD, module.w_down_EDF
+    assert isinstance(w_up, Tensor) and isinstance(w_down, Tensor)
+    std_in = init_std or 1.0 / math.sqrt(w_up.shape[-1])
+    std_out = init_std or 1.0 / math.sqrt(w_down.shape[-1])
+    nn.init.normal_(w_up, std=std_in)
+    nn.init.normal_(w_down, std=std_out)
     return std_in, std_out
 
 
 class FFNExperts(Experts):
+    """Stacked FFN experts computed by a named backend (:mod:`moesaic.moe.experts.backends`)."""
+
+    cfg: GLUExpertsConfig
     gated = True
+    w_up_EHD: nn.Parameter
+    w_down_EDF: nn.Parameter
 
     def __init__(self, cfg: GLUExpertsConfig, d_model: int, d_ff: int, num_experts: int, **kw: Any):
         super().__init__(cfg, d_model, d_ff, num_experts)
@@ -67,23 +73,13 @@ class FFNExperts(Experts):
     def reset_parameters(self) -> None:
         init_stacked_ffn(self, self.cfg.init_std)
 
-    def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
-        name = choose_backend(backend or self.cfg.backend, x_ND, self.w_up_EHD, self.w_down_EDF)
-        return BACKENDS[name](x_ND, counts_E, self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
+    def ffn(self) -> StackedFFN:
+        return StackedFFN(self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
 
-    def fuses(self, num_rows: int) -> bool:
-        """True when the backend for ``num_rows`` rows is ``fused``: the layer then calls
-        :meth:`forward_fused` with the token indices instead of gathered rows. Subclasses that override
-        :meth:`forward` keep the plain path unless they override this too."""
-        if type(self).forward is not FFNExperts.forward:
-            return False
-        return resolve_backend(self.cfg.backend, num_rows, self.num_experts) == "fused"
-
-    def forward_fused(self, x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor, counts_E: Tensor,
-                      num_tokens: int) -> Tensor:
-        """Gather -> experts -> weighted scatter in one autograd function; rows grouped by expert."""
-        return grouped_glu(x_TD, self.w_up_EHD, self.w_down_EDF, counts_E, self.cfg.activation, self.gated,
-                           rows_N=token_idx_N, weight_N=weight_N, num_out=num_tokens)
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
+        """``y_TD`` for the plan; ``backend`` overrides the configured one for this call."""
+        name = resolve_backend(backend or self.cfg.backend, plan.num_rows, self.num_experts)
+        return BACKENDS.get(name).run(x_TD, plan, self.ffn())
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

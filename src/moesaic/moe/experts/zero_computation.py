@@ -1,6 +1,7 @@
-"""MoE++ experts: FFN experts next to zero-computation experts (Jin et al. 2024, arXiv 2410.07348).
+"""MoE++ experts: FFN experts next to zero-computation experts (Jin et al. 2024, "MoE++: Accelerating
+Mixture-of-Experts Methods with Zero-Computation Experts", arXiv 2410.07348).
 
-routing.md §9, expert list of ``SkyworkAI/MoE-plus-plus MoE++/moe_plus_plus_layer.py``:
+The expert list follows the released ``SkyworkAI/MoE-plus-plus MoE++/moe_plus_plus_layer.py``:
 ``[FFN_0 .. FFN_{n-1}] + [Const_0 .. Const_{c-1}] + [Copy ..] + [Zero ..]``, so with the defaults
 (2 constant, 1 copy, 1 zero) the zero expert is the last index, ``E - 1``.
 
@@ -26,8 +27,10 @@ from torch import Tensor, nn
 from moesaic.core.activations import Activation
 from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.registry import EXPERTS
-from moesaic.moe.experts.backends import BACKENDS, choose_backend
+from moesaic.core.types import DispatchPlan
+from moesaic.moe.experts.backends import BACKENDS, resolve_backend
 from moesaic.moe.experts.base import Experts, ExpertsConfig
+from moesaic.moe.experts.kernels import StackedFFN
 from moesaic.moe.experts.stacked_ffn import add_stacked_ffn, init_stacked_ffn
 from moesaic.moe.routing.moepp import MoEPPRouterConfig
 
@@ -49,7 +52,7 @@ class ZeroComputationExpertsConfig(ExpertsConfig):
 
     def validate(self, path: str) -> None:
         require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
-                f"must be auto or one of {', '.join(sorted(BACKENDS))}")
+                f"must be auto or one of {', '.join(BACKENDS.names())}")
 
     def validate_moe(self, path: str, layer: LayerShape) -> None:
         """Rules involving the layer: at least one FFN expert, and a matching ``moepp`` router."""
@@ -98,14 +101,18 @@ class ZeroComputationExperts(Experts):
         """The FFN experts' stacked weights (the first ``num_ffn`` experts)."""
         return ["w_up_EHD", "w_down_EDF"]
 
-    def forward(self, x_ND: Tensor, counts_E: Tensor, backend: str | None = None) -> Tensor:
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
+        """Gather, the FFN experts' rows through the backend's row kernel and the zero-computation experts'
+        rows here, then the plan's weighted combine (the kinds mix in one grouped row order)."""
+        x_ND = plan.gather(x_TD)
         if self.cfg.input_scale != 1.0:
             x_ND = x_ND * self.cfg.input_scale  # a new tensor: the caller's input is untouched
         nF, c = self.num_ffn, self.cfg
-        counts = counts_E.tolist()
+        counts = plan.counts_E.tolist()
         n_ffn = sum(counts[:nF])
-        name = choose_backend(backend or c.backend, x_ND[:n_ffn], self.w_up_EHD, self.w_down_EDF)
-        outs = [BACKENDS[name](x_ND[:n_ffn], counts_E[:nF], self.w_up_EHD, self.w_down_EDF, c.activation, self.gated)]
+        name = resolve_backend(backend or c.backend, n_ffn, self.w_up_EHD.shape[0])
+        ffn = StackedFFN(self.w_up_EHD, self.w_down_EDF, c.activation, self.gated)
+        outs = [BACKENDS.get(name).rows(x_ND[:n_ffn], plan.counts_E[:nF], ffn)]
         start = n_ffn
         for e in range(nF, self.num_experts):
             x_nD = x_ND[start:start + counts[e]]
@@ -118,7 +125,7 @@ class ZeroComputationExperts(Experts):
                 outs.append(x_nD)
             else:
                 outs.append(torch.zeros_like(x_nD))
-        return torch.cat(outs, 0)
+        return plan.combine(torch.cat(outs, 0))
 
     def extra_repr(self) -> str:
         c = self.cfg
