@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+from moesaic.core.types import DispatchPlan
+
 
 def expert_out(layer, e: int, x_TD: torch.Tensor) -> torch.Tensor:
     """FFN_e(x) for every row, through the layer's own experts module."""
     counts = torch.zeros(layer.experts.num_experts, dtype=torch.long)
     counts[e] = x_TD.shape[0]
-    return layer.experts(x_TD, counts)
+    return layer.experts(x_TD, DispatchPlan.grouped(counts))
 
 
 def brute_force(layer, x_TD: torch.Tensor, w_TE: torch.Tensor) -> torch.Tensor:

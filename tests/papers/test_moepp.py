@@ -8,6 +8,7 @@ from torch import nn
 
 import moesaic
 from moesaic.core.errors import ConfigError, MoesaicError
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.moepp import HeteroBalance, hetero_capacity, link_gating_residuals
 
@@ -22,7 +23,7 @@ def layer(k=2, router=None, experts=None, **kw):
 def expert_out(lyr, e, x):
     counts = torch.zeros(E, dtype=torch.long)
     counts[e] = x.shape[0]
-    return lyr.experts(x, counts)
+    return lyr.experts(x, DispatchPlan.grouped(counts))
 
 
 def test_expert_kinds_and_zero_copy_outputs():

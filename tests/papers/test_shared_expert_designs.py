@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moesaic.core.types import DispatchPlan
 from moesaic.train.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def routed_reference(layer, x):
     for e in range(E):
         counts = torch.zeros(E, dtype=torch.long)
         counts[e] = x.shape[0]
-        out = out + w_TE[:, e:e + 1] * layer.experts(x, counts, backend="loop")
+        out = out + w_TE[:, e:e + 1] * layer.experts(x, DispatchPlan.grouped(counts), backend="loop")
     return out
 
 

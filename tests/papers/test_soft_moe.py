@@ -5,6 +5,7 @@ import torch
 
 import moesaic
 from moesaic.core.errors import CausalityError, ConfigError
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.dispatch.soft import soft_weights
 
 
@@ -30,7 +31,7 @@ def _brute(layer, x_MD):
     for s in range(S):
         counts.zero_()
         counts[s // p] = 1
-        y_slots.append(layer.experts(slots[s][None], counts)[0])
+        y_slots.append(layer.experts(slots[s][None], DispatchPlan.grouped(counts))[0])
     return torch.stack([sum(C[i, s] * y_slots[s] for s in range(S)) for i in range(m)])
 
 

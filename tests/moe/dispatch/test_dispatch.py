@@ -32,10 +32,11 @@ def test_dispatch_then_combine_is_exact(k):
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     d = decision(T, k)
     disp = SortDispatcher(SortDispatcherConfig(), E, k)
-    x_ND, counts_E, state = disp.dispatch(x, d)
+    plan = disp.plan(d)
+    x_ND, counts_E = plan.gather(x), plan.counts_E
     assert torch.equal(counts_E, d.tokens_per_expert())
     # rows are grouped by expert, in token order inside an expert (stable)
-    tok_sorted = state.token_idx_N
+    tok_sorted = plan.token_idx_N
     exp_sorted = torch.arange(E).repeat_interleave(counts_E)
     assert torch.equal(x_ND, x[tok_sorted])
     for e in range(E):
@@ -43,10 +44,10 @@ def test_dispatch_then_combine_is_exact(k):
         assert torch.equal(toks, toks.sort().values)
     # identity experts with unit weights: exactly the input, k times (rtol = atol = 0)
     ones = d.replace(weight_N=torch.ones_like(d.weight_N))
-    x_ND, _, st1 = disp.dispatch(x, ones)
-    assert torch.equal(disp.combine(x_ND, st1), k * x)
+    plan1 = disp.plan(ones)
+    assert torch.equal(plan1.combine(plan1.gather(x)), k * x)
     # weighted: y_t = (sum of t's weights) * x_t; the gradient is the same factor
-    y = disp.combine(disp.dispatch(x, d)[0], disp.dispatch(x, d)[2])
+    y = plan.combine(plan.gather(x))
     torch.testing.assert_close(y, d.dense().sum(-1, keepdim=True) * x, rtol=0, atol=1e-15)
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g, d.dense().sum(-1, keepdim=True).expand(T, D), rtol=0, atol=1e-15)
@@ -94,8 +95,8 @@ def test_capacity_grid(cf, k, policy, adversarial):
     cf = E / k + 1 if cf == "E/k+1" else cf
     d = decision(T, k, adversarial)
     disp = CapacityDispatcher(CapacityDispatcherConfig(capacity_factor=cf, drop_policy=policy), E, k).train()
-    x = torch.randn(T, D, dtype=torch.float64)
-    x_ND, counts_E, state = disp.dispatch(x, d)
+    state = disp.plan(d)
+    counts_E = state.counts_E
     C = min(T, math.ceil(cf * k * T / E))
     assert C == capacity(T, E, k, cf)
     assert int(counts_E.max()) <= C
@@ -137,13 +138,13 @@ def test_capacity_sweep_is_monotone_and_reaches_zero():
     drops = []
     for cf in [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, float(E)]:
         disp = CapacityDispatcher(CapacityDispatcherConfig(capacity_factor=cf), E, k).train()
-        drops.append(disp.dispatch(torch.zeros(T, D), d)[2].dropped)
+        drops.append(disp.plan(d).dropped)
     assert all(a >= b for a, b in zip(drops, drops[1:])) and drops[-1] == 0 and drops[0] > 0
 
 
 def test_eval_capacity_factor_applies_in_eval():
     d = decision(20, 1, adversarial=True)
     disp = CapacityDispatcher(CapacityDispatcherConfig(capacity_factor=0.5, eval_capacity_factor=2.0), E, 1)
-    train_drop = disp.train().dispatch(torch.zeros(20, D), d)[2].dropped
-    eval_drop = disp.eval().dispatch(torch.zeros(20, D), d)[2].dropped
+    train_drop = disp.train().plan(d).dropped
+    eval_drop = disp.eval().plan(d).dropped
     assert train_drop == 20 - capacity(20, E, 1, 0.5) and eval_drop == 20 - capacity(20, E, 1, 2.0)

@@ -1,12 +1,16 @@
-"""Every expert backend agrees with ``loop`` (the readable reference): outputs and gradients, edge loads."""
+"""Every expert backend's row kernel agrees with ``loop``: outputs and gradients, edge loads."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from moesaic.moe.experts.backends import BACKENDS, choose_backend, grouped_mm_usable
+from moesaic.moe.experts.backends import BACKENDS, resolve_backend
 from moesaic.moe.experts.grouped_glu import grouped_glu
+from moesaic.moe.experts.kernels import StackedFFN, grouped_mm_usable
 
-NAMES = sorted(n for n in BACKENDS if n != "loop")
+NAMES = [n for n in BACKENDS.names() if n != "loop"]
 
 
 def _weights(E, D, F, dtype=torch.float32, gated=True):
@@ -19,7 +23,7 @@ def _weights(E, D, F, dtype=torch.float32, gated=True):
 def _run(name, x, counts, w_up, w_down, act="silu", gated=True):
     for t in (x, w_up, w_down):
         t.grad = None
-    y = BACKENDS[name](x, counts, w_up, w_down, act, gated)
+    y = BACKENDS.get(name).rows(x, counts, StackedFFN(w_up, w_down, act, gated))
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     return y.detach(), x.grad.clone(), w_up.grad.clone(), w_down.grad.clone()
 
@@ -71,10 +75,10 @@ def test_backend_bf16_matches_loop(name):
 
 
 def test_empty_input_keeps_graph():
-    for name in BACKENDS:
+    for name in BACKENDS.names():
         x = torch.randn(0, 16, requires_grad=True)
         w_up, w_down = _weights(4, 16, 32)
-        y = BACKENDS[name](x, torch.zeros(4, dtype=torch.long), w_up, w_down, "silu", True)
+        y = BACKENDS.get(name).rows(x, torch.zeros(4, dtype=torch.long), StackedFFN(w_up, w_down, "silu", True))
         assert y.shape == (0, 16)
         y.sum().backward()
         assert float(w_up.grad.abs().sum()) == 0.0
@@ -94,17 +98,33 @@ def test_fused_gather_scatter_gradcheck_fp64(monkeypatch, plan):
     rows = torch.tensor([0, 3, 1, 1, 4, 2, 0])  # grouped by expert: counts [2, 0, 5]; token 1 twice
     w = torch.rand(7, dtype=torch.float64, requires_grad=True)
     counts = torch.tensor([2, 0, 5])
-    f = lambda x, a, b, w: grouped_glu(x, a, b, counts, "silu", True, rows_N=rows, weight_N=w, num_out=T)
+    f = lambda x, a, b, w: grouped_glu(x, StackedFFN(a, b, "silu", True), counts, rows_N=rows, weight_N=w,
+                                       num_out=T)
     assert torch.autograd.gradcheck(f, (x, w_up, w_down, w))
 
 
 def test_auto_rule():
-    w_up, w_down = _weights(64, 16, 32)
-    assert choose_backend("auto", torch.zeros(8, 16), w_up, w_down) == "active"
-    assert choose_backend("auto", torch.zeros(512, 16), w_up, w_down) == "fused"
-    assert choose_backend("loop", torch.zeros(8, 16), w_up, w_down) == "loop"
+    assert resolve_backend("auto", 8, 64) == "active"  # decode: N <= E / 2
+    assert resolve_backend("auto", 33, 64) == "fused"
+    assert resolve_backend("auto", 512, 64) == "fused"
+    assert resolve_backend("loop", 8, 64) == "loop"
 
 
 def test_grouped_mm_probe_is_per_dtype():
     assert isinstance(grouped_mm_usable(torch.device("cpu"), torch.float32), bool)
     assert isinstance(grouped_mm_usable(torch.device("cpu"), torch.bfloat16), bool)
+
+
+def test_importing_the_backends_runs_no_probe():
+    """grouped_mm is probed on first use, per (device, dtype), not when the package is imported."""
+    code = ("import moesaic, moesaic.moe.experts.kernels as k; from moesaic.moe.experts.backends import BACKENDS; "
+            "BACKENDS.names(); moesaic.moe_layer(8, 16, 4, 2); print(len(k._GMM_OK))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
+def test_backends_registry_is_the_project_registry():
+    from moesaic.core.registry import Registry
+
+    assert isinstance(BACKENDS, Registry)
+    assert {"loop", "grouped_mm", "bmm", "active", "fused"} <= set(BACKENDS.names())

@@ -76,17 +76,19 @@ def test_autocast_router_fp32_experts_low_precision(dtype, backend):
     assert float((y.detach().float() - y_ref).abs().max()) <= 2e-2 * max(scale, 1.0)
 
 
-def test_subclass_overriding_forward_keeps_plain_path():
+def test_subclass_overriding_forward_is_what_the_layer_runs():
+    """The layer calls ``experts(x_TD, plan)`` and nothing else: a subclass's forward is the whole story."""
     from moesaic.moe.experts.stacked_ffn import GLUExperts
 
     class Scaled(GLUExperts):
-        def forward(self, x_ND, counts_E, backend=None):
-            return 2 * super().forward(x_ND, counts_E, backend)
+        def forward(self, x_TD, plan, backend=None):
+            return 2 * super().forward(x_TD, plan, backend)
 
     layer = _layer("auto")
-    assert layer.experts.fuses(64)
+    x = torch.randn(64, 16)
+    y = layer(x)
     layer.experts.__class__ = Scaled
-    assert not layer.experts.fuses(64)
+    torch.testing.assert_close(layer(x), 2 * y)
 
 
 @pytest.mark.parametrize("keep", [True, False])  # keep activations for backward / recompute them

@@ -7,6 +7,7 @@ import torch
 
 import moesaic
 from moesaic.core.errors import CausalityError
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.routing.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig, expert_capacity
 
 D, F, E, T = 16, 32, 4, 24
@@ -42,7 +43,7 @@ def test_properties_1_to_3():
     for e in range(E):
         order = sorted(range(T), key=lambda t: (-float(S[t, e]), t))[:k_c]
         for t in order:
-            y_ref[t] += S[t, e] * m.experts(x[t:t + 1], torch.eye(E, dtype=torch.long)[e])[0]
+            y_ref[t] += S[t, e] * m.experts(x[t:t + 1], DispatchPlan.grouped(torch.eye(E, dtype=torch.long)[e]))[0]
     torch.testing.assert_close(m(x), y_ref, rtol=0, atol=1e-12)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import moesaic
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.dispatch.capacity import slot_positions
 from moesaic.moe.routing.gshard import GShardRouter, GShardRouterConfig
 
@@ -98,5 +99,5 @@ def test_theta_to_zero_large_cf_equals_brute_force():
     for t in range(T):
         for j in range(2):
             e = int(top.indices[t, j])
-            y_ref[t] += g[t, j] * m.experts(x[t:t + 1], torch.eye(E, dtype=torch.long)[e])[0]
+            y_ref[t] += g[t, j] * m.experts(x[t:t + 1], DispatchPlan.grouped(torch.eye(E, dtype=torch.long)[e]))[0]
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)

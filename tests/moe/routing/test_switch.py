@@ -7,6 +7,7 @@ import torch
 
 import moesaic
 from moesaic.core.errors import ConfigError
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.routing.switch import SwitchRouter, SwitchRouterConfig
 
 D, F, E, T = 16, 32, 4, 40
@@ -28,7 +29,7 @@ def brute_force(m, x, w_TE):
             if w_TE[t, e] != 0:
                 counts = torch.zeros(E, dtype=torch.long)
                 counts[e] = 1
-                y[t] += w_TE[t, e] * ex(x[t:t + 1], counts, backend="loop")[0]
+                y[t] += w_TE[t, e] * ex(x[t:t + 1], DispatchPlan.grouped(counts), backend="loop")[0]
     return y
 
 

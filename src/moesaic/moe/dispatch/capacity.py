@@ -1,8 +1,9 @@
 """Fixed-capacity dispatch (GShard, Switch, Tutel): at most C assignments per expert, the rest dropped.
 
 ``C = ceil(capacity_factor * k * T / E)`` over the valid tokens T (k included, as in GShard's top-2
-and Tutel, so a factor of 1 means "room for every assignment if perfectly balanced"), at least ``min_capacity`` and at most T. Slots are filled choice by choice: every first
-choice of an expert outranks every second choice (Tutel ``extract_critical``). Within a choice rank the
+and Tutel, so a factor of 1 means "room for every assignment if perfectly balanced"), at least
+``min_capacity`` and at most T. Slots are filled choice by choice: every first choice of an expert
+outranks every second choice (Tutel ``extract_critical``). Within a choice rank the
 order is the token order (``drop_policy: position``) or the router confidence ``max_e p[t, e]``,
 highest first (``drop_policy: probs``, V-MoE batch-prioritised routing). The kept assignments get the
 same plan as the dropless ``sort`` dispatcher; dropped ones are counted in ``plan.dropped``, and a token

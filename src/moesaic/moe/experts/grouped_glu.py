@@ -36,8 +36,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act, grouped_mm, grouped_mm_aligned, \
-    grouped_mm_usable
+from moesaic.moe.experts.kernels import (
+    StackedFFN,
+    compute_dtype,
+    glu_or_act,
+    grouped_mm,
+    grouped_mm_aligned,
+    grouped_mm_usable,
+)
 
 #: A block's matmul plan: per-expert row counts (host ints; None on the one-block device path) and the
 #: grouped_mm offsets (None: a loop of per-expert ``mm``).

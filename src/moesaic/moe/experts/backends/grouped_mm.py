@@ -9,8 +9,14 @@ from torch import Tensor
 
 from moesaic.moe.experts.backends import BACKENDS, Backend
 from moesaic.moe.experts.backends.loop import LoopBackend
-from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act, grouped_mm, grouped_mm_aligned, \
-    grouped_mm_usable
+from moesaic.moe.experts.kernels import (
+    StackedFFN,
+    compute_dtype,
+    glu_or_act,
+    grouped_mm,
+    grouped_mm_aligned,
+    grouped_mm_usable,
+)
 
 
 class _ContiguousGrad(torch.autograd.Function):
