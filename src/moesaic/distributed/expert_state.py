@@ -32,7 +32,7 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertShar
         shard = getattr(layer.experts, "ep_shard", None)
         if shard is None:
             continue
-        group = layer.dispatcher.group
+        group = layer.experts.group
         for n in layer.experts.stacked_names():
             name = f"{prefix[id(layer.experts)]}.{n}"
             out[name] = (getattr(layer.experts, n), shard, group)
