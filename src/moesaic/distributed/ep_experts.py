@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from moesaic.core.types import DispatchPlan
 from moesaic.distributed.collectives import all_to_all, exchange_counts
 from moesaic.distributed.groups import group_rank, group_size
+from moesaic.moe.experts.base import Experts
 
 
 @dataclasses.dataclass
@@ -48,17 +49,17 @@ class _Tie(torch.autograd.Function):
     that its peers issue (a collective mismatch, a hang)."""
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, y: Tensor, x: Tensor) -> Tensor:
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
         return g, g.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
 
 
 def _tie(y: Tensor, x: Tensor) -> Tensor:
-    out: Tensor = _Tie.apply(y, x)
+    out: Tensor = _Tie.apply(y, x)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -71,9 +72,9 @@ class ExpertParallelExperts(nn.Module):
     ``on_optimizer_step``, ...) are read from ``local``.
     """
 
-    local: nn.Module
+    local: Experts
 
-    def __init__(self, local: nn.Module, num_experts: int, group: Any, shard: ExpertShard):
+    def __init__(self, local: Experts, num_experts: int, group: Any, shard: ExpertShard):
         super().__init__()
         self._parameters = local._parameters
         self._buffers = local._buffers

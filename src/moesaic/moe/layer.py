@@ -136,7 +136,7 @@ class MoELayer(nn.Module):
         x_TD, mask_T, ctx = self._flatten(x, mask, ctx)
         decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
         plan = self.dispatcher.plan(decision)
-        y_TD = self.experts(x_TD, plan)
+        y_TD: Tensor = self.experts(x_TD, plan)
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, mask_T if self.cfg.mask_padding else None)
 

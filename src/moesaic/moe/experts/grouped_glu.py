@@ -135,7 +135,7 @@ class GroupedGLU(torch.autograd.Function):
     """``y = scatter_rows(w_N * down_e(act(up_e(x[rows_N]))))``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,  # type: ignore[override]
+    def forward(ctx: Any, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                 weight_N: Tensor | None, call: GLUCall) -> Tensor:
         rows_N, num_out, activation, gated = call.rows_N, call.num_out, call.activation, call.gated
         N = rows_N.shape[0] if rows_N is not None else x_SD.shape[0]
@@ -165,6 +165,7 @@ class GroupedGLU(torch.autograd.Function):
                     aw_b = a_b * w_b if keep else a_b.mul_(w_b)  # kept: backward needs both
                 y_b = _mm_rows(aw_b, w_down_EDF[b.e0:b.e1], b.plan, transpose=True)
                 if scatter:
+                    assert rows_b is not None
                     y.index_add_(0, rows_b, y_b)
                 elif len(blocks) == 1 and b.rows == N:
                     y = y_b
@@ -180,7 +181,7 @@ class GroupedGLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
         x_SD, w_up, w_down, weight_N, rows_N, *saved = ctx.saved_tensors
         blocks, need = ctx.blocks, ctx.needs_input_grad
         swiglu = ctx.gated and ctx.act == "silu"
@@ -203,7 +204,7 @@ class GroupedGLU(torch.autograd.Function):
                 else:
                     (h_b,), x_b, aw_b = saved[i * per:(i + 1) * per], None, None
                     silu_b, a_b = _swiglu(h_b) if swiglu else (None, _act_fwd(h_b, ctx.act, ctx.gated))
-                g_b = gather_rows(g_out, rows_b) if ctx.scatter else g_out[b.r0:b.r1]
+                g_b = gather_rows(g_out, rows_b) if rows_b is not None and ctx.scatter else g_out[b.r0:b.r1]
                 g_a = _mm_rows(g_b, w_down[b.e0:b.e1], b.plan, transpose=False)
                 if weight_N is None:
                     aw_b = a_b
@@ -341,5 +342,6 @@ def grouped_glu(x_SD: Tensor, ffn: StackedFFN, counts_E: Tensor, rows_N: Tensor 
     use_grouped = (n_rows > 0 and grouped_mm_usable(x_SD.device, dt)
                    and grouped_mm_aligned(x_SD, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt))
     call = GLUCall(counts_E, ffn.activation, ffn.gated, use_grouped, rows_N, num_out)
-    y: Tensor = GroupedGLU.apply(x_SD.to(dt), ffn.w_up_EHD.to(dt), ffn.w_down_EDF.to(dt), weight_N, call)
+    w_up, w_down = ffn.w_up_EHD.to(dt), ffn.w_down_EDF.to(dt)
+    y: Tensor = GroupedGLU.apply(x_SD.to(dt), w_up, w_down, weight_N, call)  # type: ignore[no-untyped-call]
     return y

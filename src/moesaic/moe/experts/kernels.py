@@ -63,8 +63,8 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         wg = GMM_FN(x.detach().t(), y.detach(), offs=offs)
         if not (torch.allclose(y, ref, atol=tol, rtol=tol) and float(wg[1].abs().max()) == 0.0):
             return False
-        y.backward(torch.ones_like(y))
-        return x.grad is not None and bool(torch.isfinite(x.grad).all())
+        g_x, g_w = torch.autograd.grad(y, [x, w], torch.ones_like(y))
+        return bool(torch.isfinite(g_x).all() and torch.isfinite(g_w).all())
     except Exception:  # noqa: BLE001 - any failure means "not usable on this build/device/dtype"
         return False
 

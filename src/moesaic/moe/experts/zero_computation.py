@@ -75,6 +75,8 @@ class ZeroComputationExperts(Experts):
 
     Config = ZeroComputationExpertsConfig
     cfg: ZeroComputationExpertsConfig
+    w_up_EHD: nn.Parameter
+    w_down_EDF: nn.Parameter
 
     def __init__(self, cfg: ZeroComputationExpertsConfig, d_model: int, d_ff: int, num_experts: int, **kw: Any):
         super().__init__(cfg, d_model, d_ff, num_experts)

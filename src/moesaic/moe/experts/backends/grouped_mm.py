@@ -24,16 +24,16 @@ class _ContiguousGrad(torch.autograd.Function):
     stride-0 (expanded) gradients such as the one ``sum()`` produces."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         return g.contiguous()
 
 
 def _contiguous_grad(x: Tensor) -> Tensor:
-    y: Tensor = _ContiguousGrad.apply(x)
+    y: Tensor = _ContiguousGrad.apply(x)  # type: ignore[no-untyped-call]
     return y
 
 
