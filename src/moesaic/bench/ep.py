@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import cast
 
 import torch
 
@@ -37,13 +38,15 @@ def _worker(rank: int, world: int, T: int, k: int, D: int, E: int, dtype: str, r
     from moesaic.core.types import DispatchPlan, RoutingDecision
     from moesaic.distributed.ep_experts import ExpertParallelExperts, ExpertShard
     from moesaic.moe.dispatch.base import sort_plan
+    from moesaic.moe.experts.base import Experts
 
     class Identity(torch.nn.Module):
         def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
             return plan.combine(plan.gather(x_TD))
 
     L = E // world
-    experts = ExpertParallelExperts(Identity(), E, dist.group.WORLD, ExpertShard(rank * L, L, E))
+    local = cast(Experts, Identity())  # the experts interface's forward is all the wrapper calls here
+    experts = ExpertParallelExperts(local, E, dist.group.WORLD, ExpertShard(rank * L, L, E))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, D, generator=g).to(DTYPES[dtype])
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])

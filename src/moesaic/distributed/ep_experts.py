@@ -59,7 +59,7 @@ class _Tie(torch.autograd.Function):
 
 
 def _tie(y: Tensor, x: Tensor) -> Tensor:
-    out: Tensor = _Tie.apply(y, x)  # type: ignore[no-untyped-call]
+    out: Tensor = _Tie.apply(y, x)
     return out
 
 
