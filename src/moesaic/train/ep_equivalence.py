@@ -202,3 +202,39 @@ def ep_worker(rank: int, world: int, jobs: dict[tuple[int, str], Case]) -> dict[
             continue
         out[size, name] = run(case, groups)
     return out
+
+
+#: One MoE layer per dispatch kind (D=8, F=16, E=4) for :func:`layer_worker`.
+LAYER_CASES: dict[str, dict[str, Any]] = {
+    "sort_auto": {"top_k": 2},
+    "capacity": {"top_k": 2, "dispatcher": {"kind": "capacity", "capacity_factor": 0.75}},
+    "soft": {"top_k": 1, "router": {"kind": "soft_moe", "slots_per_expert": 2}, "dispatcher": {"kind": "soft"}},
+}
+
+
+def layer_case(name: str, rank: int) -> tuple[moesaic.MoELayer, Tensor, Tensor]:
+    """The layer (same weights on every rank), this rank's input ``[2, 6, 8]`` and output gradient."""
+    torch.manual_seed(0)
+    layer = moesaic.moe_layer(8, 16, 4, **LAYER_CASES[name]).double()
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    return layer, x, torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+
+
+def layer_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Every :data:`LAYER_CASES` layer under expert parallelism over the whole world: output, input
+    gradient, this rank's expert-weight gradients and its shard."""
+    from moesaic.distributed.groups import build_groups
+
+    groups = build_groups(world)
+    out: dict[str, dict[str, Any]] = {}
+    for name in LAYER_CASES:
+        layer, x, g_y = layer_case(name, rank)
+        apply_expert_parallel_(layer, groups.ep, batch_group=groups.dp)
+        x.requires_grad_()
+        y = layer(x)
+        (y * g_y).sum().backward()
+        shard = layer.experts.ep_shard
+        out[name] = {"y": y.detach(), "gx": x.grad, "shard": (shard.offset, shard.num_local),
+                     "grads": {n: getattr(layer.experts, n).grad for n in layer.experts.stacked_names()}}
+    return out
