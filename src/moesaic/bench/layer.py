@@ -47,7 +47,7 @@ def build_impls(D: int, Fd: int, E: int, k: int, T: int, names: Sequence[str] | 
     refs: dict[str, MoELayer] = {}
     notes: list[str] = []
     for fam, suffix in fams.items():
-        all_b = ["auto", *sorted(BACKENDS)] if fam == "mixtral" else ["loop", "auto"]
+        all_b = ["auto", *BACKENDS.names()] if fam == "mixtral" else ["loop", "auto"]
         backends = [b for b in all_b if wanted(f"moesaic {b}{suffix}")]
         peer_names = [f"transformers {peer_fam[fam]} {v}" for v in ("eager", "grouped_mm")]
         if not (backends or (peers and any(map(wanted, peer_names))) or (extra and fam == "mixtral")):
