@@ -4,8 +4,8 @@ rank's tokens (float64): outputs, input gradients and the expert gradients summe
 
 import pytest
 import torch
-
 from moesaic.distributed.equivalence import LAYER_CASES, layer_case, layer_worker
+
 from moesaic.distributed.launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(240)]

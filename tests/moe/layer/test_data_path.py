@@ -52,7 +52,7 @@ def test_aux_losses_weighted_and_aux_stats_are_the_decisions():
     seen: list[RoutingDecision] = []
     layer.register_routing_hook(lambda m, d, p: seen.append(d))
     layer(torch.randn(10, D))
-    assert layer.aux_stats is seen[0].aux_stats and "balance" in layer.aux_stats
+    assert layer.aux_stats == dict(seen[0].aux_stats) and "balance" in layer.aux_stats
     assert torch.equal(layer.aux_losses["balance"], 0.5 * seen[0].aux_losses["balance"])
 
 
