@@ -4,9 +4,9 @@ rank's tokens (float64): outputs, input gradients and the expert gradients summe
 
 import pytest
 import torch
-from moesaic.distributed.equivalence import LAYER_CASES, layer_case, layer_worker
 
 from moesaic.distributed.launch import spawn
+from moesaic.train.ep_equivalence import LAYER_CASES, layer_case, layer_worker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(240)]
 W = 2
