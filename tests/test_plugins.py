@@ -27,47 +27,10 @@ PKG = Path(__file__).parent / "plugin_pkg"
 TOY = copy.deepcopy(TINY)
 TOY["train"].update(max_steps=3, eval_every=100, save_every=3)
 
-# The docs/design.md example, verbatim: a router, its Config and a balance loss in one file.
-ONE_FILE_ROUTER = '''\
-import dataclasses
-
-from moesaic.core.config import rule
-from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.aux_stats import AuxStat, count
-from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
-
-
-class SquaredImportance(AuxStat):
-    """E * sum_e P_e^2, P_e the mean router probability: 1 at uniform routing, E at collapse."""
-
-    def __init__(self, probs_TE):
-        self.probs_TE = probs_TE
-
-    def stats(self):  # sums over tokens: they add over micro-batches and ranks
-        return {"psum_E": self.probs_TE.sum(0), "T": count(self.probs_TE.shape[0], self.probs_TE)}
-
-    def fn(self, s):  # the loss of given totals, written once
-        P_E = s["psum_E"] / s["T"].clamp_min(1)
-        return P_E.shape[-1] * P_E.square().sum()
-
-
-@dataclasses.dataclass
-class MyRouterConfig(RouterConfig):
-    temperature: float = rule(1.0, gt=0.0)
-    aux_loss_coef: float = rule(0.01, ge=0.0)
-
-
-class MyRouter(Router):
-    """Top-k of a tempered softmax, with a squared-importance balance loss."""
-
-    Config = MyRouterConfig
-
-    def route(self, x_TD, **ctx):
-        probs_TE = (self.logits(x_TD) / self.cfg.temperature).softmax(-1)
-        w_TK, ids_TK = stable_topk(probs_TE, self.top_k)
-        return RoutingDecision.from_topk(ids_TK, w_TK, self.num_experts, probs_TE=probs_TE,
-                                         aux_stats={"balance": SquaredImportance(probs_TE)})
-'''
+# The one-file router of docs/design.md ("Adding a router in one file"), read from the page itself so the
+# documented example is the one that trains here.
+_DESIGN = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+ONE_FILE_ROUTER = _DESIGN.split("<!-- one-file-router", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _run(args: list[str], cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
@@ -139,9 +102,12 @@ def test_dotted_path_router_trains_and_its_saved_config_round_trips(plugin_dir: 
 
 
 def test_one_file_router_example_trains_from_yaml(tmp_path: Path, data_cache: Path) -> None:
+    # As a user runs it: the `moesaic` command in the folder that holds the file, no PYTHONPATH.
     (tmp_path / "myrouter_file.py").write_text(ONE_FILE_ROUTER)
     cfg = _write(tmp_path / "cfg.yaml", {"kind": "myrouter_file:MyRouter", "temperature": 0.5})
-    res = _run(["train", str(cfg), "--out", str(tmp_path / "run")], tmp_path, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(Path(sys.executable).parent / "moesaic"), "train", str(cfg), "--out",
+                          str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
