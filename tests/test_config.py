@@ -19,8 +19,8 @@ from moesaic.core.config import (
     validate_tree,
 )
 from moesaic.core.errors import ConfigError
-from moesaic.core.registry import ROUTERS
 from moesaic.moe.layer import MoEConfig
+from moesaic.moe.routing.base import ROUTERS
 from moesaic.train.run_config import RunConfig, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]

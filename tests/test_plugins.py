@@ -18,7 +18,7 @@ import yaml
 
 from lm_fixtures import TINY
 from moesaic.core.config import ConfigError, to_dict
-from moesaic.core.registry import ROUTERS
+from moesaic.moe.routing.base import ROUTERS
 from moesaic.train.run_config import load_run_config
 
 PKG = Path(__file__).parent / "plugin_pkg"
@@ -65,7 +65,7 @@ def test_entry_point_plugin_by_name_loads_lazily_once(plugin_dir: Path, tmp_path
     code = textwrap.dedent("""
         import sys
         import moesaic
-        from moesaic.core.registry import ROUTERS
+        from moesaic.moe.routing.base import ROUTERS
         assert "moesaic_test_plugin.routers" not in sys.modules  # nothing imported before the first lookup
         assert "plugin_lowest" in ROUTERS.names()
         print(ROUTERS.describe("plugin_lowest"))

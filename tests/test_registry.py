@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from moesaic.core.errors import RegistryError
-from moesaic.core.registry import DISPATCHERS, ROUTERS, SCHEDULES
-from moesaic.moe.routing.base import Router, RouterConfig
+from moesaic.core.registry import SCHEDULES
+from moesaic.moe.dispatch.base import DISPATCHERS
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig
 from moesaic.moe.routing.topk import TopKRouter, TopKRouterConfig
 
 

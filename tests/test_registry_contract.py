@@ -15,20 +15,16 @@ import torch
 
 from moesaic.cli import main
 from moesaic.cli.list import REGISTRY_MODULES
-from moesaic.core.registry import (
-    ATTENTIONS,
-    DATASETS,
-    DISPATCHERS,
-    EXPERTS,
-    HF_ARCHITECTURES,
-    MODELS,
-    OBJECTIVES,
-    ROUTERS,
-    SCHEDULES,
-    Registry,
-)
+from moesaic.core.registry import SCHEDULES, Registry
+from moesaic.interop.common import HF_ARCHITECTURES
+from moesaic.models.attention import ATTENTIONS
+from moesaic.models.base import MODELS
+from moesaic.moe.dispatch.base import DISPATCHERS
+from moesaic.moe.experts.base import EXPERTS
 from moesaic.moe.layer import MoEConfig
-from moesaic.train.datasets.base import Dataset
+from moesaic.moe.routing.base import ROUTERS
+from moesaic.train.datasets.base import DATASETS, Dataset
+from moesaic.train.objectives.base import OBJECTIVES
 
 for _module in REGISTRY_MODULES:
     importlib.import_module(_module)

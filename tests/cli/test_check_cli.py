@@ -26,7 +26,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.g
 HARNESS = r"""
 import json, os, runpy, sys, tempfile, traceback
 import moesaic.cli, moesaic.train.run_config  # noqa: F401  (the expensive imports, once)
-from moesaic.core.registry import DATASETS, DISPATCHERS, EXPERTS, MODELS, ROUTERS
+from moesaic.train.datasets.base import DATASETS
+from moesaic.moe.dispatch.base import DISPATCHERS
+from moesaic.moe.experts.base import EXPERTS
+from moesaic.models.base import MODELS
+from moesaic.moe.routing.base import ROUTERS
 for reg in (ROUTERS, DISPATCHERS, EXPERTS, MODELS, DATASETS):
     reg.names()
 results = []
@@ -227,7 +231,7 @@ def test_bad_command_lines_are_one_line_errors(results):
 def test_list_shows_every_router_with_a_description(results):
     rc, out, err = results["list"]
     assert rc == 0 and err == ""
-    from moesaic.core.registry import ROUTERS
+    from moesaic.moe.routing.base import ROUTERS
 
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     for name in ROUTERS.names():

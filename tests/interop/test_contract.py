@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moesaic.core.registry import HF_ARCHITECTURES
+from moesaic.interop.common import HF_ARCHITECTURES
 from moesaic.interop.hf import from_hf, to_hf
 
 from .bert_fixtures import base, build_encoder, encoder_config

@@ -248,7 +248,7 @@ def test_trains_and_sends_some_tokens_to_zero_computation_experts():
 
 def test_decoder_lm_links_gating_residuals_at_build():
     from moesaic.core.config import parse, validate_tree
-    from moesaic.core.registry import MODELS
+    from moesaic.models.base import MODELS
 
     cfg = validate_tree(parse(MODELS.get("decoder_lm").Config, {
         "vocab_size": 32, "d_model": D, "num_layers": 3, "d_ff": F, "max_seq_len": 16,

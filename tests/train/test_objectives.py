@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import moesaic
 from moesaic.core.errors import ConfigError
-from moesaic.core.registry import OBJECTIVES
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
 from moesaic.train.objectives import LossPieces, Objective, ObjectiveConfig
+from moesaic.train.objectives.base import OBJECTIVES
 from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 

@@ -8,8 +8,13 @@ import importlib
 
 from moesaic.cli import SubParsers
 
-#: Modules that create registries outside ``moesaic.core.registry``; imported so that every registry exists.
-REGISTRY_MODULES = ("moesaic.moe.experts.backends",)
+#: The modules that create the registries (each registry lives beside the base class of its entries, so
+#: ``core`` never names a higher layer); importing them makes every registry exist.
+REGISTRY_MODULES = (
+    "moesaic.core.registry", "moesaic.moe.routing.base", "moesaic.moe.dispatch.base", "moesaic.moe.experts.base",
+    "moesaic.moe.experts.backends", "moesaic.models.attention", "moesaic.models.base",
+    "moesaic.train.datasets.base", "moesaic.train.objectives.base", "moesaic.interop.common",
+)
 
 
 def add_parser(sub: SubParsers) -> argparse.ArgumentParser:

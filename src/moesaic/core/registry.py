@@ -30,16 +30,8 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from moesaic.core.errors import PluginError, RegistryError
 
-if TYPE_CHECKING:  # the registries name their entry types; the entries live in higher layers
-    from torch import nn
-
+if TYPE_CHECKING:
     from moesaic.core.schedules import Schedule
-    from moesaic.interop.common import Arch
-    from moesaic.moe.dispatch.base import Dispatcher
-    from moesaic.moe.experts.base import Experts
-    from moesaic.moe.routing.base import Router
-    from moesaic.train.datasets.base import Dataset
-    from moesaic.train.objectives.base import Objective
 
 T = TypeVar("T")
 
@@ -249,22 +241,5 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
 
-ROUTERS: Registry[type[Router]] = Registry(
-    "router", "moesaic.moe.routing", base="moesaic.moe.routing.base:Router", default="topk")
-DISPATCHERS: Registry[type[Dispatcher]] = Registry(
-    "dispatcher", "moesaic.moe.dispatch", base="moesaic.moe.dispatch.base:Dispatcher", default="sort")
-EXPERTS: Registry[type[Experts]] = Registry(
-    "experts", "moesaic.moe.experts", base="moesaic.moe.experts.base:Experts", default="glu")
-ATTENTIONS: Registry[type[nn.Module]] = Registry(
-    "attention", "moesaic.models", base="torch.nn:Module", default="mha")
-MODELS: Registry[type[nn.Module]] = Registry("model", "moesaic.models", base="torch.nn:Module",
-                                             default="moe_regression")
-DATASETS: Registry[type[Dataset]] = Registry(
-    "dataset", "moesaic.train.datasets", base="moesaic.train.datasets.base:Dataset", default="toy_regression")
 SCHEDULES: Registry[type[Schedule]] = Registry(
     "schedule", "moesaic.core.schedules", base="moesaic.core.schedules:Schedule", default="constant")
-HF_ARCHITECTURES: Registry[Arch] = Registry(
-    "HF architecture", "moesaic.interop", base="moesaic.interop.common:Arch", prefix="arch_")
-#: Training objectives (``train.objective: {kind: NAME}``): the default task loss, THOR, ... (docs/training.md).
-OBJECTIVES: Registry[type[Objective]] = Registry(
-    "objective", "moesaic.train.objectives", base="moesaic.train.objectives.base:Objective", default="task")

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 import moesaic
 from moesaic.core.errors import MoesaicError
-from moesaic.core.registry import DISPATCHERS, ROUTERS
 from moesaic.models.regression import RegressionModelConfig
-from moesaic.moe.routing.base import RouterConfig
+from moesaic.moe.dispatch.base import DISPATCHERS
+from moesaic.moe.routing.base import ROUTERS, RouterConfig
 from moesaic.train.run_config import load_run_config
 
 GROUP = 16  # tokens per sequence: inputs are reshaped to [n / 16, 16, d_in] (Soft MoE mixes within one)

@@ -1,7 +1,7 @@
 """Pieces shared by the architecture files: the Llama-family config fields, weight rules and feature checks.
 
 Every architecture in ``interop/arch_*.py`` is an :class:`Arch`, registered in
-:data:`~moesaic.core.registry.HF_ARCHITECTURES` by :func:`register_archs`: the ``model_type`` it reads, the
+:data:`~moesaic.interop.common.HF_ARCHITECTURES` by :func:`register_archs`: the ``model_type`` it reads, the
 transformers class it writes, ``to_moesaic(hf_config) -> model config dict``, ``to_hf(model_cfg) -> HF
 config fields`` (after ``unsupported(model_cfg)`` found nothing missing) and ``layout(hf_config,
 expert_layout) -> Layout``. Fields that change the math and that moesaic cannot express are refused by
@@ -15,8 +15,11 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from moesaic.core.errors import ConversionError
-from moesaic.core.registry import HF_ARCHITECTURES
+from moesaic.core.registry import Registry
 from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy_rule
+
+HF_ARCHITECTURES: Registry[Arch] = Registry(
+    "HF architecture", "moesaic.interop", base="moesaic.interop.common:Arch", prefix="arch_")
 
 #: Expert weight layouts on disk. ``per_expert``: one ``[out, in]`` matrix per expert and projection, the
 #: layout of every Hub checkpoint and of ``save_pretrained`` (transformers 4 and 5). ``fused``: the

@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
-from moesaic.core.registry import HF_ARCHITECTURES
-from moesaic.interop.common import EXPERT_LAYOUTS, Arch
+from moesaic.interop.common import EXPERT_LAYOUTS, HF_ARCHITECTURES, Arch
 from moesaic.interop.export_folder import check_export_folder
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
@@ -49,7 +48,7 @@ _GEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def architectures() -> dict[str, Arch]:
     """Every supported architecture by name, in order of preference (registered in
-    :data:`~moesaic.core.registry.HF_ARCHITECTURES` by the ``interop/arch_*.py`` files and by plugins)."""
+    :data:`~moesaic.interop.common.HF_ARCHITECTURES` by the ``interop/arch_*.py`` files and by plugins)."""
     return dict(sorted(HF_ARCHITECTURES.items(), key=lambda kv: (kv[1].rank, kv[0])))
 
 

@@ -1,4 +1,4 @@
-"""Models built from blocks and configs, registered in :data:`moesaic.core.registry.MODELS`."""
+"""Models built from blocks and configs, registered in :data:`moesaic.models.base.MODELS`."""
 
 from moesaic.models.base import ModelConfig
 

@@ -5,7 +5,7 @@ Multi-head attention (Vaswani et al. 2017) with grouped-query attention (Ainslie
 projection biases (Qwen2). The math runs in :func:`torch.nn.functional.scaled_dot_product_attention`.
 Parameter names follow Hugging Face Llama: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
 ``k_norm``. Another attention kind (e.g. Multi-head Latent Attention) is one new file in ``models/``
-registering into :data:`moesaic.core.registry.ATTENTIONS` with the same ``forward`` signature.
+registering into :data:`moesaic.models.attention.ATTENTIONS` with the same ``forward`` signature.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig, require, rule
-from moesaic.core.registry import ATTENTIONS
+from moesaic.core.registry import Registry
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
 from moesaic.models.rope import RotaryEmbedding, apply_rotary
 from moesaic.models.rope_scaling import RopeScalingConfig
+
+ATTENTIONS: Registry[type[nn.Module]] = Registry(
+    "attention", "moesaic.models", base="torch.nn:Module", default="mha")
 
 
 @dataclasses.dataclass

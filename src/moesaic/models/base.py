@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from torch import nn
+
 from moesaic.core.config import ComponentConfig
-from moesaic.core.registry import MODELS
+from moesaic.core.registry import Registry
+
+MODELS: Registry[type[nn.Module]] = Registry("model", "moesaic.models", base="torch.nn:Module",
+                                             default="moe_regression")
 
 
 @dataclasses.dataclass

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from moesaic.core.activations import Activation
 from moesaic.core.config import ConfigError, require, rule
-from moesaic.core.registry import MODELS
-from moesaic.models.base import ModelConfig
+from moesaic.models.base import MODELS, ModelConfig
 from moesaic.models.masks import attention_mask_4d
 from moesaic.moe.dense_ffn import DenseFFN
 

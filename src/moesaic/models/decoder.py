@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.registry import MODELS
+from moesaic.models.base import MODELS
 from moesaic.models.cache import KVCache
 from moesaic.models.generation import generate
 from moesaic.models.transformer import TransformerBody, TransformerConfig, init_weights

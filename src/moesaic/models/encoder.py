@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor, nn
 
 from moesaic.core.config import rule
-from moesaic.core.registry import MODELS
+from moesaic.models.base import MODELS
 from moesaic.models.decoder import LMOutput
 from moesaic.models.transformer import TransformerBody, TransformerConfig, init_weights
 from moesaic.moe.api import collect_aux_losses, name_layers

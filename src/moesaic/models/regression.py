@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from moesaic.core.config import rule
-from moesaic.core.registry import MODELS
-from moesaic.models.base import ModelConfig
+from moesaic.models.base import MODELS, ModelConfig
 from moesaic.moe.api import name_layers
 from moesaic.moe.layer import MoEConfig
 

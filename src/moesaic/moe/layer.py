@@ -27,12 +27,11 @@ from torch.utils.hooks import RemovableHandle
 
 from moesaic.core.config import Section, require, rule
 from moesaic.core.errors import RoutingInputError
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.experts.base import ExpertsConfig
-from moesaic.moe.routing.base import RouterConfig
+from moesaic.moe.routing.base import ROUTERS, RouterConfig
 
 
 @dataclasses.dataclass

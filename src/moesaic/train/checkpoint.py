@@ -289,7 +289,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
     ``model.label_names`` a classifier's class names (from its dataset; None otherwise)."""
     from moesaic.core.config import loads_yaml
     from moesaic.core.errors import ConfigError
-    from moesaic.core.registry import DATASETS
+    from moesaic.train.datasets.base import DATASETS
     from moesaic.train.run_config import load_run_config
     from moesaic.train.tokenizer import TextTokenizer
 

@@ -11,10 +11,11 @@ import torch
 from torch.func import functional_call
 
 import moesaic
-from moesaic.core.registry import DISPATCHERS, EXPERTS
 from moesaic.core.types import DispatchPlan
 from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.dispatch.base import DISPATCHERS
 from moesaic.moe.experts.backends import BACKENDS
+from moesaic.moe.experts.base import EXPERTS
 
 D, F, E, T = 8, 16, 4, 12
 BACKEND_NAMES = BACKENDS.names()

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from moesaic.core.config import validate_tree
-from moesaic.core.registry import DISPATCHERS, ROUTERS
+from moesaic.moe.dispatch.base import DISPATCHERS
 from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.routing import aux_stats, losses
+from moesaic.moe.routing.base import ROUTERS
 from moesaic.moe.routing.dts import GateUsageBalance
 
 D, F, E, T = 16, 32, 4, 24

@@ -16,8 +16,9 @@ import torch
 
 from moesaic.core.config import dump_yaml, loads_yaml, parse, validate_tree
 from moesaic.core.errors import CausalityError, ConfigError, NonFiniteInputError
-from moesaic.core.registry import DISPATCHERS, ROUTERS
+from moesaic.moe.dispatch.base import DISPATCHERS
 from moesaic.moe.layer import MoEConfig, MoELayer
+from moesaic.moe.routing.base import ROUTERS
 
 D, F, E, T, PAD = 16, 32, 4, 12, 100
 ROUTER_NAMES = ROUTERS.names()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lm_fixtures import accumulate_grads, padded_lm_batch
-from moesaic.core.registry import ROUTERS
+from moesaic.moe.routing.base import ROUTERS
 from moesaic.train.run_config import load_run_config
 from moesaic.train.trainer import Trainer
 

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, stable_topk
 
 
 @dataclasses.dataclass

@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from moesaic.core.config import ComponentConfig
-from moesaic.core.registry import DISPATCHERS
+from moesaic.core.registry import Registry
 from moesaic.core.types import DispatchPlan, RoutingDecision, scatter_combine
+
+DISPATCHERS: Registry[type[Dispatcher]] = Registry(
+    "dispatcher", "moesaic.moe.dispatch", base="moesaic.moe.dispatch.base:Dispatcher", default="sort")
 
 __all__ = ["Dispatcher", "DispatcherConfig", "scatter_combine", "sort_plan"]
 

@@ -21,9 +21,8 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import require, rule
-from moesaic.core.registry import DISPATCHERS
 from moesaic.core.types import DispatchPlan, RoutingDecision
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, sort_plan
+from moesaic.moe.dispatch.base import DISPATCHERS, Dispatcher, DispatcherConfig, sort_plan
 
 
 @dataclasses.dataclass

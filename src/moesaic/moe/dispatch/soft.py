@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from moesaic.core.errors import RoutingInputError
-from moesaic.core.registry import DISPATCHERS
 from moesaic.core.types import DispatchPlan, RoutingDecision, SlotMixing
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig
+from moesaic.moe.dispatch.base import DISPATCHERS, Dispatcher, DispatcherConfig
 
 
 @dataclasses.dataclass

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moesaic.core.registry import DISPATCHERS
 from moesaic.core.types import DispatchPlan, RoutingDecision
-from moesaic.moe.dispatch.base import Dispatcher, DispatcherConfig, sort_plan
+from moesaic.moe.dispatch.base import DISPATCHERS, Dispatcher, DispatcherConfig, sort_plan
 
 
 @dataclasses.dataclass

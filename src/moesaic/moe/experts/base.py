@@ -26,8 +26,11 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig
-from moesaic.core.registry import EXPERTS
+from moesaic.core.registry import Registry
 from moesaic.core.types import DispatchPlan
+
+EXPERTS: Registry[type[Experts]] = Registry(
+    "experts", "moesaic.moe.experts", base="moesaic.moe.experts.base:Experts", default="glu")
 
 
 @dataclasses.dataclass

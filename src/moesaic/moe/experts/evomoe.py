@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import LayerShape, require, rule
-from moesaic.core.registry import EXPERTS
+from moesaic.moe.experts.base import EXPERTS
 from moesaic.moe.experts.stacked_ffn import FFNExperts, GLUExpertsConfig
 from moesaic.moe.routing.dts import DTSRouterConfig
 

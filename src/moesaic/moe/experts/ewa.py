@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import rule
-from moesaic.core.registry import EXPERTS
+from moesaic.moe.experts.base import EXPERTS
 from moesaic.moe.experts.stacked_ffn import FFNExperts, GLUExpertsConfig
 
 

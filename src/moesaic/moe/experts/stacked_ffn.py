@@ -16,10 +16,9 @@ from torch import Tensor, nn
 
 from moesaic.core.activations import Activation
 from moesaic.core.config import require, rule
-from moesaic.core.registry import EXPERTS
 from moesaic.core.types import DispatchPlan
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
-from moesaic.moe.experts.base import Experts, ExpertsConfig
+from moesaic.moe.experts.base import EXPERTS, Experts, ExpertsConfig
 from moesaic.moe.experts.kernels import StackedFFN
 
 

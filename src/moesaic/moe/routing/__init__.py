@@ -1,4 +1,4 @@
-"""Routers, one per file, registered in :data:`moesaic.core.registry.ROUTERS`; balance losses in ``losses``."""
+"""Routers, one per file, registered in :data:`moesaic.moe.routing.base.ROUTERS`; balance losses in ``losses``."""
 
 from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
 

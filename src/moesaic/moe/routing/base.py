@@ -16,8 +16,11 @@ from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig, LayerShape, require, rule
 from moesaic.core.errors import CausalityError, NonFiniteInputError
-from moesaic.core.registry import ROUTERS
+from moesaic.core.registry import Registry
 from moesaic.core.types import RoutingDecision
+
+ROUTERS: Registry[type[Router]] = Registry(
+    "router", "moesaic.moe.routing", base="moesaic.moe.routing.base:Router", default="topk")
 
 
 @dataclasses.dataclass

@@ -39,12 +39,11 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import rule
-from moesaic.core.registry import ROUTERS
 from moesaic.core.schedules import ExpDecayScheduleConfig, ScheduleConfig
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat, count
-from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, stable_topk
 
 
 def _default_temperature() -> ScheduleConfig:

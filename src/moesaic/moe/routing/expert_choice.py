@@ -31,11 +31,10 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import rule
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat
-from moesaic.moe.routing.base import Router, RouterConfig, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, stable_topk
 
 
 @dataclasses.dataclass

@@ -25,9 +25,8 @@ from torch import Tensor
 
 from moesaic.core.config import rule
 from moesaic.core.errors import RoutingInputError
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig
 
 
 @dataclasses.dataclass

@@ -47,12 +47,11 @@ from torch import Tensor, nn
 
 from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.errors import MoesaicError
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.dispatch.capacity import slot_positions
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, router_dtype, stable_topk
 
 
 @dataclasses.dataclass

@@ -24,11 +24,10 @@ from torch import Tensor, nn
 
 from moesaic.core.config import rule
 from moesaic.core.errors import RoutingInputError
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, router_dtype, stable_topk
 
 
 def smooth_load_prob(clean_TE: Tensor, noisy_TE: Tensor, sigma_TE: Tensor | float, k: int) -> Tensor:

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import LayerShape, require
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, router_dtype
 
 
 @dataclasses.dataclass

@@ -19,10 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.config import ConfigError, LayerShape, require
-from moesaic.core.registry import ROUTERS
 from moesaic.core.schedules import ScheduleConfig
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, router_dtype, stable_topk
 
 
 @dataclasses.dataclass

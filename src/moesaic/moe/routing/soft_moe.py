@@ -21,9 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.config import rule
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
-from moesaic.moe.routing.base import Router, RouterConfig, check_finite, router_dtype
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, check_finite, router_dtype
 
 
 @dataclasses.dataclass

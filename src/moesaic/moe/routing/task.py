@@ -29,11 +29,10 @@ from torch import Tensor, nn
 
 from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.errors import RoutingInputError
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat, Sum
-from moesaic.moe.routing.base import Router, RouterConfig, router_dtype, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, router_dtype, stable_topk
 
 
 def per_token(name: str, value: Any, T: int, seq_ids_T: Tensor | None, device: torch.device, layer: str) -> Tensor:

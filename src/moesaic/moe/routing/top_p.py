@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import LayerShape, require, rule
-from moesaic.core.registry import ROUTERS
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat
-from moesaic.moe.routing.base import Router, RouterConfig
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig
 
 
 @dataclasses.dataclass

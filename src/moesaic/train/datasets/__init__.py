@@ -1,4 +1,4 @@
-"""Datasets by name (``data: {kind: NAME, ...}``), registered in :data:`moesaic.core.registry.DATASETS`."""
+"""Datasets by name (``data: {kind: NAME, ...}``), registered in :data:`moesaic.train.datasets.base.DATASETS`."""
 
 from moesaic.train.datasets.base import DataConfig
 

@@ -6,7 +6,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 from moesaic.core.config import ComponentConfig
-from moesaic.core.registry import DATASETS
+from moesaic.core.registry import Registry
+
+DATASETS: Registry[type[Dataset]] = Registry(
+    "dataset", "moesaic.train.datasets", base="moesaic.train.datasets.base:Dataset", default="toy_regression")
 
 
 @dataclasses.dataclass

@@ -22,8 +22,7 @@ import torch
 
 from moesaic.core.config import require, rule
 from moesaic.core.errors import ConfigError
-from moesaic.core.registry import DATASETS
-from moesaic.train.datasets.base import DataConfig, Dataset
+from moesaic.train.datasets.base import DATASETS, DataConfig, Dataset
 from moesaic.train.loader import PackedLoader, eval_windows
 from moesaic.train.tokenizer import BPETokenizer, CharTokenizer, TextTokenizer
 

@@ -30,8 +30,7 @@ from torch import Tensor
 
 from moesaic.core.config import require, rule
 from moesaic.core.errors import ConfigError
-from moesaic.core.registry import DATASETS
-from moesaic.train.datasets.base import Dataset
+from moesaic.train.datasets.base import DATASETS, Dataset
 from moesaic.train.datasets.shakespeare import PlayTextConfig, play_files, tokenize_plays
 from moesaic.train.example_loader import ExampleLoader
 

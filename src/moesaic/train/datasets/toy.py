@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from moesaic.core.config import rule
-from moesaic.core.registry import DATASETS
-from moesaic.train.datasets.base import DataConfig, Dataset
+from moesaic.train.datasets.base import DATASETS, DataConfig, Dataset
 
 
 @dataclasses.dataclass

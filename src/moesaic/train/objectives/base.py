@@ -26,10 +26,15 @@ from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig
 from moesaic.core.errors import ConfigError
-from moesaic.core.registry import OBJECTIVES
+from moesaic.core.registry import Registry
 
 if TYPE_CHECKING:
     from moesaic.train.task import LMTask
+
+
+#: Training objectives (``train.objective: {kind: NAME}``): the default task loss, THOR, ... (docs/training.md).
+OBJECTIVES: Registry[type[Objective]] = Registry(
+    "objective", "moesaic.train.objectives", base="moesaic.train.objectives.base:Objective", default="task")
 
 
 @dataclasses.dataclass

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moesaic.core.registry import OBJECTIVES
-from moesaic.train.objectives.base import LossPieces, Objective, ObjectiveContext
+from moesaic.train.objectives.base import OBJECTIVES, LossPieces, Objective, ObjectiveContext
 from moesaic.train.task import LMTask
 
 

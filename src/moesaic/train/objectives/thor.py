@@ -18,11 +18,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from moesaic.core.config import rule
-from moesaic.core.registry import OBJECTIVES
 from moesaic.moe.api import collect_aux_losses
 from moesaic.moe.routing.thor import thor_consistency_loss
 from moesaic.train.loss import IGNORE_INDEX, lm_loss_sum
-from moesaic.train.objectives.base import LossPieces, Objective, ObjectiveConfig, ObjectiveContext
+from moesaic.train.objectives.base import OBJECTIVES, LossPieces, Objective, ObjectiveConfig, ObjectiveContext
 from moesaic.train.task import LMTask
 
 #: ``loss_fn(model, batch) -> (ce, logits, mask)``: one forward pass; ``mask`` may be None.
