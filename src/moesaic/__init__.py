@@ -32,10 +32,11 @@ __version__ = "0.1.0"
 
 
 def load(checkpoint_dir: str | Path, **kwargs: Any) -> nn.Module:
-    """Load a model from a checkpoint directory (``config.yaml`` + ``model.safetensors``)."""
-    from moesaic.train.checkpoint import load_model
+    """Load a model from a checkpoint directory (``config.yaml`` + ``model.safetensors``), or from a Hugging
+    Face folder (``config.json``: imported with ``from_hf``); ``model.tokenizer`` is set when there is one."""
+    from moesaic.interop.load import load_any
 
-    return load_model(checkpoint_dir, **kwargs)
+    return load_any(checkpoint_dir, **kwargs)
 
 
 __all__ = [
