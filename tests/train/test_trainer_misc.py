@@ -42,7 +42,17 @@ def test_metrics_and_routing_stats(tiny_data, data_cache, tmp_path):
     # 2 micro-batches x 2 rows x 16 tokens x top-2 = 128 assignments over 4 experts
     assert r["mean_load"] == 32.0 and r["max_load"] >= 32 and r["dropped"] == 0
     assert 0 < r["entropy"] <= math.log(4) + 1e-6
+    assert sum(r["load"]) == 128 and len(r["load"]) == 4 and max(r["load"]) == r["max_load"]
+    mean = sum(r["load"]) / 4
+    assert math.isclose(r["cv"], math.sqrt(sum((x - mean) ** 2 for x in r["load"]) / 4) / mean, rel_tol=1e-9)
+    assert r["aux_balance"] > 0  # the weighted balance loss of this layer, averaged over micro-batches
     assert (tmp_path / "tensorboard").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    ea.Reload()
+    assert "routing/model.layers.0.mlp/load" in ea.Tags()["histograms"]
+    assert "routing/model.layers.0.mlp/aux_balance" in ea.Tags()["scalars"]
     assert (tmp_path / "LATEST").read_text().strip() == "step-00000004"  # save_at_end
 
 

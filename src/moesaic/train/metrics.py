@@ -25,6 +25,7 @@ class RoutingStats:
         self.counts: dict[str, torch.Tensor] = {}
         self.dropped: dict[str, int] = {}
         self.entropy: dict[str, list[tuple[float, int]]] = {}
+        self.aux: dict[str, dict[str, list[float]]] = {}  # layer -> weighted aux loss name -> per micro-batch
 
     @torch.no_grad()
     def update(self) -> None:
@@ -38,6 +39,8 @@ class RoutingStats:
             self.dropped[n] = self.dropped.get(n, 0) + int(s.get("dropped", 0))
             if "entropy" in s:
                 self.entropy.setdefault(n, []).append((float(s["entropy"]), int(s.get("tokens", 1))))
+            for name, v in layer.aux_losses.items():
+                self.aux.setdefault(n, {}).setdefault(name, []).append(float(v.detach()))
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -47,8 +50,11 @@ class RoutingStats:
             tot = sum(w for _, w in ent)
             out[n] = {"max_load": float(c.max()), "mean_load": mean,
                       "max_over_mean": float(c.max()) / mean if mean > 0 else 0.0,
+                      "cv": float(c.std(unbiased=False)) / mean if mean > 0 else 0.0,
                       "dropped": self.dropped.get(n, 0),
-                      "entropy": sum(e * w for e, w in ent) / tot if tot else float("nan")}
+                      "entropy": sum(e * w for e, w in ent) / tot if tot else float("nan"),
+                      **{f"aux_{k}": sum(v) / len(v) for k, v in self.aux.get(n, {}).items()},
+                      "load": [int(x) for x in c.round().tolist()]}
         return out
 
 
@@ -90,7 +96,12 @@ class MetricsWriter:
                 elif k == "routing":
                     for layer, st in v.items():
                         for sk, sv in st.items():
-                            self.tb.add_scalar(f"routing/{layer}/{sk}", sv, step)
+                            if sk == "load":  # tokens per expert: a histogram over expert ids
+                                self.tb.add_histogram(f"routing/{layer}/load", torch.tensor(
+                                    [e for e, n in enumerate(sv) for _ in range(int(n))], dtype=torch.float32),
+                                    step, bins=torch.arange(len(sv) + 1, dtype=torch.float32).numpy())
+                            else:
+                                self.tb.add_scalar(f"routing/{layer}/{sk}", sv, step)
 
     def close(self) -> None:
         if self.tb is not None:
