@@ -42,7 +42,7 @@ class RoutingStats:
             for name, v in layer.aux_losses.items():
                 self.aux.setdefault(n, {}).setdefault(name, []).append(float(v.detach()))
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, Any]]:
         out = {}
         for n, c in self.counts.items():
             mean = float(c.mean())
