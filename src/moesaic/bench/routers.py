@@ -27,6 +27,8 @@ import math
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +98,15 @@ def throughput(config: Path, names: list[str], steps: int, threads: int) -> dict
     from moesaic.train.trainer import Trainer
 
     torch.set_num_threads(threads)
-    fns, tokens = {}, {}
+    fns: dict[str, Callable[[], object]] = {}
+    tokens: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in names:
             cfg = load_run_config(config, [*overrides(n), f"train.threads={threads}", "train.tensorboard=false"])
             t = Trainer(cfg, Path(tmp) / n, log=lambda _m: None)
             batch = t.loader.next_batch(t.tc.batch_size)
             tokens[n] = int(batch["input_ids"].numel())
-            fns[n] = (lambda t=t, b=batch: t.train_step(b))
+            fns[n] = partial(t.train_step, batch)
         secs = time_interleaved(fns, repeats=steps, warmup=2)
     return {n: tokens[n] / s for n, s in secs.items()}
 
@@ -123,8 +126,9 @@ def table(rows: list[dict[str, Any]], tps: dict[str, float], tokens_per_step: in
         v = [r["val_loss"] for r in ok]
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         kpt = statistics.mean(r["assignments_per_step"] for r in ok) / tokens_per_step
-        lines.append(f"| {n} | {statistics.mean(v):.4f} ± {sd:.4f} | {len(v)} | "
-                     f"{statistics.mean(r['max_over_mean'] for r in ok):.3f} | {kpt:.2f} | {tps.get(n, math.nan):,.0f} |")
+        imb = statistics.mean(r["max_over_mean"] for r in ok)
+        lines.append(f"| {n} | {statistics.mean(v):.4f} ± {sd:.4f} | {len(v)} | {imb:.3f} | {kpt:.2f} | "
+                     f"{tps.get(n, math.nan):,.0f} |")
     return "\n".join(lines)
 
 
