@@ -19,6 +19,7 @@ from moesaic.core.errors import (
     NonFiniteInputError,
 )
 from moesaic.core.types import RoutingDecision
+from moesaic.inference.generate import Completion, complete, generate
 from moesaic.interop.embed import embed
 from moesaic.moe.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
 from moesaic.moe.layer import MoEConfig, MoELayer
@@ -41,6 +42,7 @@ def load(checkpoint_dir: str | Path, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "MoELayer", "MoEConfig", "RoutingDecision", "collect_aux_losses", "moe_layer", "moe_layers", "name_layers",
-    "on_optimizer_step", "load", "embed", "ConfigError", "MoesaicError", "NonFiniteInputError", "CausalityError",
+    "on_optimizer_step", "load", "embed", "generate", "complete", "Completion",
+    "ConfigError", "MoesaicError", "NonFiniteInputError", "CausalityError",
     "CheckpointError", "CheckpointCorruptError", "CheckpointMismatchError", "__version__",
 ]
