@@ -20,6 +20,7 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import moesaic
     from moesaic.core.config import apply_overrides, dump_yaml, loads_yaml
+    from moesaic.train.loss import count_valid
     from moesaic.train.run_config import load_run_config
     from moesaic.train.task import eval_batch_size, evaluate, select_task
 
@@ -30,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
     task = select_task(cfg, data)
     batches = data.eval_batches(eval_batch_size(cfg.train))
     m = evaluate(model, task, batches)
-    n = sum(int((b["labels"] != -100).sum()) for b in batches)
+    n = sum(count_valid(b["labels"]) for b in batches)
     if task.kind == "classification":
         base = data.majority_baseline() if hasattr(data, "majority_baseline") else float("nan")
         print(f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}  "
               f"majority_baseline {base:.4f}  sequences {n}")
-    else:
+    elif task.kind == "lm":
         print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  tokens {n}")
+    else:
+        print(f"{task.eval_line(m)}  targets {n}")
     return 0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,11 +105,12 @@ class TransformerLayer(nn.Module):
                                else DenseFFN(cfg.d_model, d_ff, cfg.activation, cfg.gated))
 
     def forward(self, h_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None, cache: KVCache | None,
-                token_mask_BS: Tensor | None, input_ids_BS: Tensor) -> Tensor:
+                token_mask_BS: Tensor | None, input_ids_BS: Tensor | None, **ctx: Any) -> Tensor:
+        """``ctx``: extra routing inputs for the MoE layer (``task_id`` for task gates, ``domain_id``)."""
         h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), position_ids_BS, mask_B1QK, cache)
         x_BSD = self.post_attention_layernorm(h_BSD)
         if isinstance(self.mlp, MoELayer):
-            y_BSD = self.mlp(x_BSD, mask=token_mask_BS, token_ids=input_ids_BS)
+            y_BSD = self.mlp(x_BSD, mask=token_mask_BS, token_ids=input_ids_BS, **ctx)
         else:
             y_BSD = self.mlp(x_BSD)
         return h_BSD + y_BSD

@@ -50,10 +50,17 @@ def lm_loss_sum(logits_BSV: Tensor, labels_BS: Tensor) -> tuple[Tensor, int]:
 
 
 def count_valid(labels_BS: Tensor) -> int:
+    """Targets that count: labels other than -100 (class ids), or values other than NaN (forecasts)."""
+    if labels_BS.is_floating_point():
+        return int((~labels_BS.isnan()).sum())
     return int((labels_BS != IGNORE_INDEX).sum())
 
 
 def count_tokens(batch: dict[str, Tensor]) -> int:
-    """Real input tokens (the ones routers see): the attention mask's sum, or every position."""
+    """Real input tokens (the ones routers see): the attention mask's sum, or every position; for data
+    without token ids (images: every example has the same number of patches) the number of examples."""
     m = batch.get("attention_mask")
-    return int(m.sum()) if m is not None else int(batch["input_ids"].numel())
+    if m is not None:
+        return int(m.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if ids is not None else int(batch["labels"].shape[0])

@@ -28,12 +28,18 @@ from moesaic.core.errors import ConfigError
 from moesaic.train.loss import IGNORE_INDEX, count_tokens, lm_loss_sum
 
 
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The keywords of the model's forward in ``batch``: everything but the targets."""
+    return {k: v for k, v in batch.items() if k != "labels" and v is not None}
+
+
 class LMTask:
     kind = "lm"
 
     def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The model's output on ``batch`` (``input_ids``, optional ``attention_mask``)."""
-        return model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        """The model's output on ``batch``: every entry but ``labels`` is a keyword of the model's forward
+        (``input_ids`` and ``attention_mask``; ``pixel_values`` and ``task_id`` for images)."""
+        return model(**model_inputs(batch)).logits
 
     def loss_sum(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
         return lm_loss_sum(logits, labels)
@@ -89,6 +95,34 @@ class ClassificationTask(LMTask):
         return f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}"
 
 
+class ForecastTask(LMTask):
+    """Point forecasts: squared error summed over every target that exists (NaN targets are not counted)."""
+
+    kind = "forecast"
+
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+        valid = ~labels.isnan()
+        dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        err = (logits.to(dt) - labels.to(dt).nan_to_num(0.0)) * valid
+        return (err * err).sum(), int(valid.sum())
+
+    def throughput_tokens(self, batch: dict[str, Tensor], num_targets: int) -> int:
+        """Time steps read (every position of every window)."""
+        return int(batch["past_values"].numel()) if num_targets > 0 else 0
+
+    def eval_update(self, sums: dict[str, float], logits: Tensor, labels: Tensor) -> None:
+        super().eval_update(sums, logits, labels)
+        valid = ~labels.isnan()
+        sums["abs"] = sums.get("abs", 0.0) + float(((logits - labels.nan_to_num(0.0)).abs() * valid).sum())
+
+    def eval_result(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("n", 0), 1)
+        return {"val_loss": sums.get("loss", 0.0) / n, "val_mae": sums.get("abs", 0.0) / n}
+
+    def eval_line(self, m: dict[str, float]) -> str:
+        return f"val_loss {m['val_loss']:.4f} (MSE, normalised)  val_mae {m['val_mae']:.4f}"
+
+
 def select_task(cfg: Any, data: Any) -> LMTask:
     """The task of run config ``cfg`` (``model``, ``data`` sections) with the built dataset ``data``: the one
     the model config declares (``ModelConfig.task``); the dataset must provide it."""
@@ -102,9 +136,16 @@ def select_task(cfg: Any, data: Any) -> LMTask:
             raise ConfigError("model.num_labels", cfg.model.num_labels,
                               f"must equal the number of classes of data.kind {cfg.data.kind} ({data_classes})")
         return ClassificationTask(data_classes, tuple(getattr(data, "label_names", ()) or ()) or None)
+    if declared == "forecast":
+        if getattr(data, "horizon", None) != getattr(cfg.model, "horizon", None):
+            raise ConfigError("model.horizon", getattr(cfg.model, "horizon", None),
+                              f"must equal data.horizon of a forecasting dataset (data.kind {cfg.data.kind}: "
+                              f"{getattr(data, 'horizon', 'not a forecasting dataset')})")
+        return ForecastTask()
     if declared != "lm":
         raise ConfigError("model.kind", cfg.model.kind, f"declares the task {declared!r}; the trainer trains "
-                          "language models (task lm) and classifiers (task classification)")
+                          "language models (task lm), classifiers (task classification) and forecasters "
+                          "(task forecast)")
     if data_classes is not None:
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
                           "and needs a classifier model (e.g. encoder_classifier)")

@@ -88,8 +88,10 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.data = cfg.data.build()
         self.task = select_task(cfg, self.data)  # the task the model config declares (train/task.py)
-        vocab = self.data.vocab_size
-        if getattr(cfg.model, "vocab_size", 0) is None:
+        vocab = getattr(self.data, "vocab_size", None)  # None for data without a tokenizer (images)
+        if vocab is None:
+            pass
+        elif getattr(cfg.model, "vocab_size", 0) is None:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
         elif getattr(cfg.model, "vocab_size", vocab) < vocab:
             raise ConfigError("model.vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's ({vocab})")
@@ -187,7 +189,8 @@ class Trainer:
         each cut to this rank's sequences; gradients are those of the step objective of train/loss.py,
         reduced over the ranks. Returns the step's task loss, aux loss and valid targets."""
         ga = self.tc.grad_accum
-        keys = [k for k in ("input_ids", "labels", "attention_mask") if batch.get(k) is not None]
+        B = batch["labels"].shape[0]  # every per-example tensor is split (input_ids, pixel_values, task_id, ...)
+        keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B]
         chunks = [{k: batch[k].chunk(ga)[i] for k in keys} for i in range(ga)]
         micro = [self.strategy.local_part(c) for c in chunks]
         N = count_valid(batch["labels"])  # the global batch is known on every rank: no collective needed

@@ -115,3 +115,18 @@ def prune_to_task(layer: MoELayer, task_id: int, experts: list[int] | None = Non
     pruned.experts = experts_mod
     pruned.num_experts = len(keep)
     return pruned
+
+
+def prune_model_to_task(model: nn.Module, task_id: int) -> nn.Module:
+    """A copy of ``model`` for single-task inference: every ``task_gates`` MoE layer replaced by
+    :func:`prune_to_task` (needs ``experts_per_task``, so the kept window covers every input); other modules
+    are copied unchanged. Its outputs for ``task_id`` equal the full model's bitwise (the same gate logits
+    and the same expert weights, in the same order)."""
+    from moesaic.moe.layer import MoELayer
+
+    pruned = copy.deepcopy(model)
+    for name, mod in list(pruned.named_modules()):
+        if isinstance(mod, MoELayer) and isinstance(mod.router, TaskGatesRouter):
+            parent, _, leaf = name.rpartition(".")
+            setattr(pruned.get_submodule(parent) if parent else pruned, leaf, prune_to_task(mod, task_id))
+    return pruned
