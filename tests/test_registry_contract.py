@@ -89,6 +89,11 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     if name == "moe_regression":
         return model(torch.randn(8, cfg.d_in, generator=g)).square().mean()
+    if name == "vit_classifier":  # images with one task per image; logits of other tasks' classes are -inf
+        out = model(torch.rand(4, cfg.image_size, cfg.image_size, generator=g), task_id=torch.tensor([0, 0, 0, 0]))
+        return out.logits.float().square().mean()
+    if name == "ts_forecaster":
+        return model(torch.randn(2, 12, generator=g)).logits.float().square().mean()
     ids = torch.randint(cfg.vocab_size, (2, 8), generator=g)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :2] = 0
@@ -96,7 +101,8 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
     return (out.last_hidden_state if name == "bert_encoder" else out.logits).float().square().mean()
 
 
-MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder"}
+MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder", "vit_classifier",
+                "ts_forecaster"}
 
 
 def test_every_model_has_example_inputs() -> None:

@@ -62,11 +62,13 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False, return_dict: bool = True,
-                cache: KVCache | None = None, output_hidden_states: bool = False) -> LMOutput | Tensor:
+                cache: KVCache | None = None, output_hidden_states: bool = False, seq_ids: Tensor | None = None
+                ) -> LMOutput | Tensor:
+        """``seq_ids``: padding-free rows of back-to-back sequences (:func:`moesaic.train.packing.pack`)."""
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        h_BSD = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        h_BSD = self.model(input_ids, attention_mask, position_ids, past_key_values, seq_ids)
         logits_BSV = self.lm_head(h_BSD)
         if not return_dict:
             return logits_BSV

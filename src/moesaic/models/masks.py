@@ -51,3 +51,25 @@ def sliding_window_mask(mask_B1QK: Tensor | None, S_q: int, S_kv: int, window: i
         allowed = allowed & mask_B1QK.bool()
         allowed = allowed | ~allowed.any(-1, keepdim=True)
     return allowed
+
+
+def packed_mask_4d(seq_ids_BS: Tensor, causal: bool) -> Tensor:
+    """``[B, 1, S, S]`` for padding-free rows holding several sequences back to back (``seq_ids_BS``: the
+    sequence of every token): a token attends only to tokens of its own sequence (earlier ones if causal),
+    the block-diagonal mask of packed batches (ByteTransformer, Zhai et al. 2023; FlashAttention's varlen)."""
+    same = seq_ids_BS[:, None, :, None] == seq_ids_BS[:, None, None, :]
+    if causal:
+        S = seq_ids_BS.shape[1]
+        idx = torch.arange(S, device=seq_ids_BS.device)
+        same = same & (idx[None, :] <= idx[:, None])[None, None]
+    return same
+
+
+def positions_from_seq_ids(seq_ids_BS: Tensor) -> Tensor:
+    """Position of every token within its own sequence (rows of back-to-back sequences)."""
+    B, S = seq_ids_BS.shape
+    idx = torch.arange(S, device=seq_ids_BS.device).expand(B, S)
+    new = torch.ones_like(seq_ids_BS, dtype=torch.bool)
+    new[:, 1:] = seq_ids_BS[:, 1:] != seq_ids_BS[:, :-1]
+    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - start

@@ -19,7 +19,12 @@ from moesaic.core.config import ConfigError, Section, require, rule
 from moesaic.models.attention import AttentionConfig
 from moesaic.models.base import ModelConfig
 from moesaic.models.cache import KVCache
-from moesaic.models.masks import attention_mask_4d, positions_from_mask
+from moesaic.models.masks import (
+    attention_mask_4d,
+    packed_mask_4d,
+    positions_from_mask,
+    positions_from_seq_ids,
+)
 from moesaic.models.norms import RMSNorm
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.layer import MoEConfig, MoELayer
@@ -127,8 +132,13 @@ class TransformerBody(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
     def forward(self, input_ids_BS: Tensor, attention_mask_BK: Tensor | None = None,
-                position_ids_BS: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                position_ids_BS: Tensor | None = None, cache: KVCache | None = None,
+                seq_ids_BS: Tensor | None = None) -> Tensor:
+        """``seq_ids_BS``: padding-free rows (:func:`moesaic.train.packing.pack`): the sequence of every token;
+        attention stays within a sequence and positions restart at each sequence (no cache)."""
         B, S = input_ids_BS.shape
+        if seq_ids_BS is not None:
+            return self._packed(input_ids_BS, seq_ids_BS, attention_mask_BK, position_ids_BS, cache)
         past = cache.seq_len if cache is not None else 0
         if attention_mask_BK is not None:
             require(attention_mask_BK.shape == (B, past + S), "attention_mask", tuple(attention_mask_BK.shape),
@@ -146,6 +156,25 @@ class TransformerBody(nn.Module):
             h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, cache, token_mask_BS, input_ids_BS)
         if cache is not None:
             cache.advance(S, attention_mask_BK)
+        return self.norm(h_BSD)
+
+    def _packed(self, input_ids_BS: Tensor, seq_ids_BS: Tensor, attention_mask_BK: Tensor | None,
+                position_ids_BS: Tensor | None, cache: KVCache | None) -> Tensor:
+        require(cache is None, "seq_ids", "packed", "padding-free rows are for training and scoring, not cached "
+                                                    "decoding")
+        require(seq_ids_BS.shape == input_ids_BS.shape, "seq_ids", tuple(seq_ids_BS.shape),
+                f"must have the shape of input_ids {tuple(input_ids_BS.shape)}")
+        if position_ids_BS is None:
+            position_ids_BS = positions_from_seq_ids(seq_ids_BS)
+        mask_B1QK = packed_mask_4d(seq_ids_BS, self.causal)
+        token_mask_BS = None
+        if attention_mask_BK is not None:  # a padded tail after the packed sequences
+            token_mask_BS = attention_mask_BK.bool()
+            mask_B1QK = mask_B1QK & token_mask_BS[:, None, None, :]
+            mask_B1QK = mask_B1QK | ~mask_B1QK.any(-1, keepdim=True)
+        h_BSD = self.embed_tokens(input_ids_BS)
+        for layer in self.layers:
+            h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, None, token_mask_BS, input_ids_BS, seq_ids_T=seq_ids_BS)
         return self.norm(h_BSD)
 
 
