@@ -36,10 +36,11 @@ class StaticKVCache:
             self.layers[layer_idx] = bufs
         return bufs
 
-    def view(self, rows: slice, col0: int, seq_len: int) -> CacheView:
+    def view(self, rows: slice, col0: int, seq_len: int, layer_offset: int = 0) -> CacheView:
         """The cache seen by a forward over ``rows``, whose position 0 is column ``col0`` and which has
-        ``seq_len`` columns filled already."""
-        return CacheView(self, rows, col0, seq_len)
+        ``seq_len`` columns filled already. ``layer_offset`` gives a second model pass its own layers
+        (self-contrast decoding runs the model twice per step)."""
+        return CacheView(self, rows, col0, seq_len, layer_offset)
 
     def shift(self, cols: slice, delta: int) -> None:
         """Move the columns ``cols`` by ``delta`` (positive: right) in every buffer (compaction)."""
@@ -60,8 +61,13 @@ class CacheView:
 
     mask: Tensor | None = None
 
-    def __init__(self, store: StaticKVCache, rows: slice, col0: int, seq_len: int):
+    def __init__(self, store: StaticKVCache, rows: slice, col0: int, seq_len: int, layer_offset: int = 0):
         self.store, self.rows, self.col0, self._seq_len = store, rows, col0, seq_len
+        self.layer_offset = layer_offset
+
+    def sibling(self, layer_offset: int) -> CacheView:
+        """The same rows and columns, layers numbered from ``layer_offset`` (a second pass's own cache)."""
+        return CacheView(self.store, self.rows, self.col0, self._seq_len, layer_offset)
 
     @property
     def seq_len(self) -> int:
@@ -75,7 +81,7 @@ class CacheView:
         if c0 + L + S > self.store.cols:
             raise IndexError(f"static KV cache full: {c0 + L + S} columns needed, {self.store.cols} allocated")
         out = []
-        for buf, t in zip(self.store.buffers(layer_idx, tensors), tensors, strict=True):
+        for buf, t in zip(self.store.buffers(layer_idx + self.layer_offset, tensors), tensors, strict=True):
             rows = buf[self.rows]
             rows[..., c0 + L:c0 + L + S, :] = t
             out.append(rows[..., c0:c0 + L + S, :])

@@ -1,22 +1,46 @@
-"""``active``: the decode backend, a loop over the experts that received rows only."""
+"""``active``: the decode backend; only the experts that received rows run, idle experts' weights are never read.
+
+Where ``torch._grouped_mm`` works (probed once per device type and dtype, see ``kernels.py``) the active
+experts run as one grouped matmul per projection: empty groups are skipped by the kernel, and one call
+instead of 2k per layer matters at decode, where every matmul is tiny and a thread pool's start-up and
+barrier dominate (k = 8 experts on 2 threads of a busy machine: docs/benchmarks.md, "Decode"). Elsewhere
+(float64, unaligned widths, no grouped_mm) it is the readable loop over the active experts."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from moesaic.moe.experts.backends import BACKENDS, Backend
+from moesaic.moe.experts.backends.grouped_mm import GroupedMMBackend
 from moesaic.moe.experts.backends.loop import per_expert
-from moesaic.moe.experts.kernels import StackedFFN, compute_dtype
+from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act, grouped_mm_aligned, grouped_mm_usable
+
+
+def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor:
+    """The reference: expert e's FFN on its rows, for the experts with rows only. Without autograd the
+    weights are indexed per active expert (``per_expert`` unbinds all E to keep gradients O(E))."""
+    if torch.is_grad_enabled():
+        return per_expert(x_ND, counts_E, ffn, skip_empty=True)
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            h_nF = glu_or_act(x_ND[start:start + n] @ ffn.w_up_EHD[e].t(), ffn.activation, ffn.gated)
+            outs.append(h_nF @ ffn.w_down_EDF[e].t())
+            start += n
+    return torch.cat(outs, 0)
 
 
 @BACKENDS.register("active")
 class ActiveBackend(Backend):
-    """Decode path: loop over the experts that have rows only; idle experts' weights are never read."""
+    """Decode path: the experts that have rows only (grouped matmul where usable, else a loop)."""
 
     @classmethod
     def rows(cls, x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor:
+        dt = compute_dtype(x_ND, ffn.w_up_EHD)
         if x_ND.shape[0] == 0:
-            dt = compute_dtype(x_ND, ffn.w_up_EHD)
             y_ND = x_ND.new_empty(0, ffn.w_down_EDF.shape[1], dtype=dt)
             return y_ND + 0 * (ffn.w_up_EHD.sum() + ffn.w_down_EDF.sum()).to(dt)  # keep the weights in the graph
-        return per_expert(x_ND, counts_E, ffn, skip_empty=True)
+        if grouped_mm_usable(x_ND.device, dt) and grouped_mm_aligned(x_ND, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt):
+            return GroupedMMBackend.rows(x_ND, counts_E, ffn)
+        return per_active_expert(x_ND, counts_E, ffn)
