@@ -4,24 +4,15 @@ alone, batched and under continuous batching, stop strings and the streaming cal
 
 import pytest
 import torch
+from decode_fixtures import tiny_lm
 
 import moesaic
 from moesaic.core.errors import ConfigError
 from moesaic.inference import CapacityError, DecodeSession, SamplingParams, StopTextStream
-from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 from moesaic.models.generation import generate as legacy_generate
-from moesaic.moe.layer import MoEConfig
 from moesaic.train.tokenizer import CharTokenizer
 
 PROMPTS = [[5, 9, 2], [7, 1, 3, 3, 8, 2, 4, 11], [1], [12, 4, 4, 9, 2]]
-
-
-def tiny_lm(dtype=torch.float32, seed=0) -> DecoderLM:
-    torch.manual_seed(seed)
-    cfg = DecoderLMConfig(vocab_size=32, d_model=16, num_layers=2, d_ff=32, max_seq_len=48,
-                          moe=MoEConfig(d_ff=32, num_experts=4, top_k=2))
-    cfg.attention.num_heads = 2
-    return DecoderLM(cfg).to(dtype).eval()
 
 
 def per_prompt(model, ids, n, **kw):

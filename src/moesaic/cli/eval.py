@@ -1,11 +1,13 @@
 """``moesaic eval CKPT [--set k=v ...]``: validation metrics of a checkpoint on its data: loss and
-perplexity for a language model, loss and accuracy (with the majority-class baseline) for a classifier."""
+perplexity for a language model, loss and accuracy (with the majority-class baseline) for a classifier.
+A language model can be evaluated under the MoE decoding strategies (``--top-k``, ``--scmoe``, ``--drop``,
+``--early-exit``; docs/inference.md)."""
 
 from __future__ import annotations
 
 import argparse
 
-from moesaic.cli import SubParsers
+from moesaic.cli import SubParsers, _decode_flags
 
 
 def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
@@ -14,6 +16,7 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data/eval setting, e.g. --set data.eval_windows=128")
+    _decode_flags.add_arguments(p)
     return p
 
 
@@ -30,14 +33,18 @@ def run(args: argparse.Namespace) -> int:
     data = cfg.data.build()
     task = select_task(cfg, data)
     batches = data.eval_batches(eval_batch_size(cfg.train))
-    m = evaluate(model, task, batches)
+    lm, info = _decode_flags.apply(args, model) if task.kind == "lm" else (model, {})
+    m = evaluate(lm, task, batches)
     n = sum(count_valid(b["labels"]) for b in batches)
     if task.kind == "classification":
         base = data.majority_baseline() if hasattr(data, "majority_baseline") else float("nan")
         print(f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}  "
               f"majority_baseline {base:.4f}  sequences {n}")
     elif task.kind == "lm":
-        print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  tokens {n}")
+        extra = "".join(f"  {k} {v}" for k, v in info.items())
+        if hasattr(lm, "exit_stats"):
+            extra += f"  mean_exit_layer {lm.exit_stats()['mean_exit_layer']:.2f}"
+        print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  tokens {n}{extra}")
     else:
         print(f"{task.eval_line(m)}  targets {n}")
     return 0

@@ -1,0 +1,85 @@
+"""The MoE decoding-strategy flags shared by ``moesaic generate`` and ``moesaic eval`` (docs/inference.md):
+``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE decoding strategies")
+    g.add_argument("--top-k", dest="moe_top_k", action="append", default=[], metavar="K|LAYER=K",
+                   help="dynamic k: route every MoE layer (K) or layer LAYER (LAYER=K, repeatable) to K experts")
+    g.add_argument("--scmoe", action="store_true", help="SCMoE self-contrast decoding (strong top-k vs rank-r)")
+    g.add_argument("--scmoe-beta", type=float, default=0.5, help="contrast strength (0 = the strong model)")
+    g.add_argument("--scmoe-alpha", type=float, default=0.1, help="plausibility cut (0 = none)")
+    g.add_argument("--scmoe-rank", type=int, default=2, help="the weak pass routes to the expert of this rank")
+    g.add_argument("--drop", type=int, default=0, metavar="N", help="LLM-Drop: drop the N most redundant sublayers")
+    g.add_argument("--drop-kind", choices=["attn", "mlp", "both"], default="attn")
+    g.add_argument("--drop-calib", default=None, metavar="TEXT_FILE",
+                   help="calibration text for --drop (default: training windows of the checkpoint's data)")
+    g.add_argument("--drop-calib-windows", type=int, default=32)
+    g.add_argument("--early-exit", type=float, default=None, metavar="T", help="per-token early-exit threshold")
+    g.add_argument("--early-exit-criterion", choices=["confidence", "similarity"], default="confidence")
+    g.add_argument("--early-exit-min-layer", type=int, default=1)
+
+
+def _calibration(args: argparse.Namespace, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    from moesaic.core.errors import ConfigError
+
+    n = args.drop_calib_windows
+    if n < 1:
+        raise ConfigError("--drop-calib-windows", n, "must be >= 1")
+    seq = min(128, getattr(model, "max_seq_len", 128) or 128)
+    if args.drop_calib is not None:
+        tok = getattr(model, "tokenizer", None)
+        path = Path(args.drop_calib)
+        if tok is None:
+            raise ConfigError("--drop-calib", args.drop_calib, "the checkpoint has no tokenizer to read text with")
+        if not path.is_file():
+            raise ConfigError("--drop-calib", args.drop_calib, "is not a readable file")
+        ids = torch.tensor(tok.encode(path.read_text()), dtype=torch.long)
+        wins = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)][:n]
+        if not wins:
+            raise ConfigError("--drop-calib", args.drop_calib, f"holds fewer than {seq} tokens")
+        return [{"input_ids": torch.stack(wins[i:i + 8])} for i in range(0, len(wins), 8)]
+    run_cfg = getattr(model, "run_config", None)
+    if run_cfg is None:
+        raise ConfigError("--drop-calib", None, "needed: the checkpoint names no training data")
+    data = run_cfg.data.build()
+    loader = data.loader(seed=1234)
+    return [{"input_ids": loader.next_batch(min(8, n - i))["input_ids"]} for i in range(0, n, 8)]
+
+
+def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The model with the requested strategies applied (transforms in place, wrappers around it), and a
+    description of what was applied for the output."""
+    from moesaic.core.errors import ConfigError
+    from moesaic.inference.dynamic_k import parse_top_k, set_top_k_
+    from moesaic.inference.early_exit import EarlyExitLM
+    from moesaic.inference.llm_drop import drop_sublayers_
+    from moesaic.inference.scmoe import scmoe_
+
+    info: dict[str, Any] = {}
+    if args.moe_top_k:
+        k = parse_top_k(args.moe_top_k)
+        set_top_k_(model, k)
+        info["top_k"] = k
+    if args.drop:
+        h = drop_sublayers_(model, args.drop, _calibration(args, model), kind=args.drop_kind)
+        names = {id(b): i for i, b in enumerate(model.model.layers)}  # type: ignore[union-attr, arg-type]
+        info["dropped"] = [f"model.layers.{names[id(blk)]}.{attr}" for blk, attr, _ in h.dropped]
+    if args.scmoe and args.early_exit is not None:
+        raise ConfigError("--scmoe", True, "cannot be combined with --early-exit")
+    if args.scmoe:
+        model = scmoe_(model, args.scmoe_beta, args.scmoe_alpha, args.scmoe_rank)
+        info["scmoe"] = {"beta": args.scmoe_beta, "alpha": args.scmoe_alpha, "rank": args.scmoe_rank}
+    elif args.early_exit is not None:
+        model = EarlyExitLM(model, args.early_exit, args.early_exit_criterion, args.early_exit_min_layer)
+        info["early_exit"] = {"threshold": args.early_exit, "criterion": args.early_exit_criterion}
+    return model, info
