@@ -4,9 +4,9 @@ alone, batched and under continuous batching, stop strings and the streaming cal
 
 import pytest
 import torch
-from decode_fixtures import tiny_lm
 
 import moesaic
+from decode_fixtures import tiny_lm
 from moesaic.core.errors import ConfigError
 from moesaic.inference import CapacityError, DecodeSession, SamplingParams, StopTextStream
 from moesaic.models.generation import generate as legacy_generate

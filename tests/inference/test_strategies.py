@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from decode_fixtures import tiny_lm
 
 import moesaic
+from decode_fixtures import tiny_lm
 from moesaic.core.errors import ConfigError
 from moesaic.inference.dynamic_k import parse_top_k, set_top_k_
 from moesaic.inference.early_exit import EarlyExitLM

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
     mask_B = torch.zeros(len(lens), P, dtype=torch.long)
     for b, n in enumerate(lens):
         ids_B[b, P - n:], mask_B[b, P - n:] = torch.randint(0, V, (n,)), 1
+    hf_kw: dict[str, Any] = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "prompt": P, "new_tokens": N}
     for shape in args.shapes:
         hf, ms = _model(shape, V)
-        hf_kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
         fns: dict[str, Any] = {
             "transformers": lambda hf=hf: hf.generate(ids, **hf_kw),
             "moesaic": lambda ms=ms: moesaic.generate(ms, ids, N),

@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
               f"majority_baseline {base:.4f}  sequences {n}")
     elif task.kind == "lm":
         extra = "".join(f"  {k} {v}" for k, v in info.items())
-        if hasattr(lm, "exit_stats"):
-            extra += f"  mean_exit_layer {lm.exit_stats()['mean_exit_layer']:.2f}"
+        stats = getattr(lm, "exit_stats", None)
+        if callable(stats):
+            extra += f"  mean_exit_layer {stats()['mean_exit_layer']:.2f}"
         print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  tokens {n}{extra}")
     else:
         print(f"{task.eval_line(m)}  targets {n}")

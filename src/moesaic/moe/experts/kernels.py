@@ -71,10 +71,13 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
 
 def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether grouped_mm works (forward and backward) for this device type and dtype; probed on first
-    use and cached, so importing never runs a kernel or initialises CUDA."""
+    use and cached, so importing never runs a kernel or initialises CUDA. The probe runs with autograd on
+    even when the first caller is under ``no_grad``/``inference_mode`` (decoding), which would otherwise
+    fail its backward check and cache False for the whole process."""
     key = (device.type, dtype)
     if key not in _GMM_OK:
-        _GMM_OK[key] = _probe(device, dtype)
+        with torch.inference_mode(False), torch.enable_grad():
+            _GMM_OK[key] = _probe(device, dtype)
     return _GMM_OK[key]
 
 
