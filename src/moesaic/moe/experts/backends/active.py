@@ -41,6 +41,8 @@ class ActiveBackend(Backend):
         if x_ND.shape[0] == 0:
             y_ND = x_ND.new_empty(0, ffn.w_down_EDF.shape[1], dtype=dt)
             return y_ND + 0 * (ffn.w_up_EHD.sum() + ffn.w_down_EDF.sum()).to(dt)  # keep the weights in the graph
-        if grouped_mm_usable(x_ND.device, dt) and grouped_mm_aligned(x_ND, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt):
+        # torch.compile: grouped_mm's meta kernel accepts bf16 only (torch 2.13), so compiled code loops
+        if (not torch.compiler.is_compiling() and grouped_mm_usable(x_ND.device, dt)
+                and grouped_mm_aligned(x_ND, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt)):
             return GroupedMMBackend.rows(x_ND, counts_E, ffn)
         return per_active_expert(x_ND, counts_E, ffn)
