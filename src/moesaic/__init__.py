@@ -20,6 +20,7 @@ from moesaic.core.errors import (
 )
 from moesaic.core.types import RoutingDecision
 from moesaic.inference.generate import Completion, complete, generate
+from moesaic.interop import load as _load  # noqa: F401  (registers the HF folder loader for distillation)
 from moesaic.interop.embed import embed
 from moesaic.moe.api import collect_aux_losses, moe_layer, moe_layers, name_layers, on_optimizer_step
 from moesaic.moe.layer import MoEConfig, MoELayer

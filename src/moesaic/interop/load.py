@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moesaic.core.errors import CheckpointError, ConversionError
+from moesaic.train.objectives.distill import TEACHER_LOADERS
 
 
 def is_hf_folder(path: str | os.PathLike[str]) -> bool:
@@ -48,3 +49,11 @@ def load_any(path: str | os.PathLike[str], *, device: str | torch.device | None 
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer file is a corrupt folder
             raise ConversionError(f"{tok}: unreadable tokenizer ({type(e).__name__}: {e})") from None
     return model
+
+
+def _hf_teacher(path: Path) -> nn.Module | None:
+    """Distillation teachers may be Hugging Face folders (train.objective.teacher; docs/convert.md)."""
+    return load_any(path) if is_hf_folder(path) else None
+
+
+TEACHER_LOADERS.append(_hf_teacher)

@@ -1,0 +1,123 @@
+"""Knowledge distillation into the trained model (typically an MoE student from a dense teacher).
+
+``train.objective: {kind: distill, teacher: CKPT_OR_HF, alpha: 0.5, temperature: 2.0, hidden_loss: none}``.
+Per labelled position the loss is
+
+    (1 - alpha) * CE(student, label) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+    + hidden_weight * d(h_s, h_t)
+
+summed over the micro-batch's labelled positions (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+Network"; the T^2 factor keeps gradient scales comparable across temperatures). ``hidden_loss`` (``mse``
+or ``cosine`` = 1 - cos) matches the final hidden states when the widths agree, the representation loss
+of MoE distillation papers: m2mKD (Lo et al. 2024, "m2mKD: Module-to-Module Knowledge Distillation for
+Modular Transformers"), TransKD and Mixture-of-Students (Salinas et al. 2022, "Knowledge Distillation for
+Mixture of Experts Models in Speech Recognition"). The teacher runs in eval mode under ``torch.no_grad``;
+it is held by the objective, never by the optimizer or the checkpoints. The logged ``loss`` stays the
+student's task loss. Docs: docs/convert.md, "distill".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moesaic.core.config import ConfigError, rule
+from moesaic.core.errors import CheckpointError
+from moesaic.train.loss import IGNORE_INDEX
+from moesaic.train.objectives.base import OBJECTIVES, LossPieces, Objective, ObjectiveConfig, ObjectiveContext
+from moesaic.train.task import LMTask
+
+#: Loaders tried in order for a teacher path that is not a moesaic checkpoint: ``fn(path) -> model or None``.
+#: ``moesaic.interop.load`` adds the Hugging Face folder loader (this layer cannot import interop).
+TEACHER_LOADERS: list[Callable[[Path], nn.Module | None]] = []
+
+
+class MissingTeacherError(ConfigError):
+    """``train.objective.teacher`` is empty, or names nothing that loads."""
+
+
+@dataclasses.dataclass
+class DistillConfig(ObjectiveConfig):
+    teacher: str = ""
+    alpha: float = rule(0.5, ge=0.0, le=1.0)
+    temperature: float = rule(2.0, gt=0.0)
+    hidden_loss: Literal["none", "mse", "cosine"] = "none"
+    hidden_weight: float = rule(1.0, ge=0.0)
+
+
+def load_teacher(path: str) -> nn.Module:
+    """The teacher model (eval mode, frozen): a moesaic checkpoint, or anything a registered loader opens."""
+    if not path:
+        raise MissingTeacherError("train.objective.teacher", path, "distillation needs a teacher "
+                                  "(a moesaic checkpoint or a Hugging Face folder)")
+    p = Path(path)
+    if not p.exists():
+        raise MissingTeacherError("train.objective.teacher", path, "not found")
+    model: nn.Module | None = None
+    for loader in TEACHER_LOADERS:
+        model = loader(p)
+        if model is not None:
+            break
+    if model is None:
+        from moesaic.train.checkpoint import load_model
+
+        try:
+            model = load_model(p)
+        except CheckpointError as e:
+            raise MissingTeacherError("train.objective.teacher", path, f"does not load: {e}") from None
+    return model.eval().requires_grad_(False)
+
+
+@OBJECTIVES.register("distill")
+class DistillObjective(Objective):
+    """Task CE mixed with temperature-scaled KL to a frozen teacher, plus an optional hidden-state loss."""
+
+    Config = DistillConfig
+    cfg: DistillConfig
+    tasks = ("lm", "classification")
+
+    def setup(self, model: nn.Module, task: LMTask) -> None:
+        super().setup(model, task)
+        p = next(model.parameters())
+        teacher = load_teacher(self.cfg.teacher).to(device=p.device, dtype=p.dtype)
+        if self.cfg.hidden_loss != "none":
+            dt, ds = getattr(getattr(teacher, "cfg", None), "d_model", None), getattr(getattr(model, "cfg", None),
+                                                                                      "d_model", None)
+            if dt is None or dt != ds:
+                raise ConfigError("train.objective.hidden_loss", self.cfg.hidden_loss,
+                                  f"needs teacher and student of one width (teacher d_model {dt}, student {ds})")
+        self.teacher = teacher
+
+    def _run(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        hidden = self.cfg.hidden_loss != "none"
+        out: Any = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         **({"output_hidden_states": True} if hidden else {}))
+        return out.logits, (out.hidden_states if hidden else None)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], task: LMTask, ctx: ObjectiveContext) -> LossPieces:
+        cfg = self.cfg
+        with ctx.autocast():
+            logits, h_s = self._run(model, batch)
+        aux = ctx.aux(model)
+        with torch.no_grad():
+            t_logits, h_t = self._run(self.teacher, batch)
+        ce_sum, _ = task.loss_sum(logits, batch["labels"])
+        labels = batch["labels"]
+        keep = labels != IGNORE_INDEX
+        if logits.dim() == 2:  # sequence classification: one row per sequence
+            keep = keep.reshape(-1)
+        s, t = logits[keep].float() / cfg.temperature, t_logits[keep].float() / cfg.temperature
+        kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+        loss = (1 - cfg.alpha) * ce_sum + cfg.alpha * cfg.temperature ** 2 * kl
+        if h_s is not None and h_t is not None and logits.dim() == 3:
+            hs, ht = h_s[keep].float(), h_t[keep].float()
+            d = ((hs - ht).square().mean(-1) if cfg.hidden_loss == "mse"
+                 else 1 - F.cosine_similarity(hs, ht, dim=-1))
+            loss = loss + cfg.hidden_weight * d.sum()
+        return LossPieces(loss, ce_sum, aux)
