@@ -51,6 +51,11 @@ class DistillConfig(ObjectiveConfig):
     hidden_weight: float = rule(1.0, ge=0.0)
 
 
+def _wide(x: Tensor) -> Tensor:
+    """fp32 for half-precision tensors (losses in fp32 or better), others unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def load_teacher(path: str) -> nn.Module:
     """The teacher model (eval mode, frozen): a moesaic checkpoint, or anything a registered loader opens."""
     if not path:
@@ -112,11 +117,11 @@ class DistillObjective(Objective):
         keep = labels != IGNORE_INDEX
         if logits.dim() == 2:  # sequence classification: one row per sequence
             keep = keep.reshape(-1)
-        s, t = logits[keep].float() / cfg.temperature, t_logits[keep].float() / cfg.temperature
+        s, t = _wide(logits[keep]) / cfg.temperature, _wide(t_logits[keep]).to(logits.dtype) / cfg.temperature
         kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
         loss = (1 - cfg.alpha) * ce_sum + cfg.alpha * cfg.temperature ** 2 * kl
         if h_s is not None and h_t is not None and logits.dim() == 3:
-            hs, ht = h_s[keep].float(), h_t[keep].float()
+            hs, ht = _wide(h_s[keep]), _wide(h_t[keep])
             d = ((hs - ht).square().mean(-1) if cfg.hidden_loss == "mse"
                  else 1 - F.cosine_similarity(hs, ht, dim=-1))
             loss = loss + cfg.hidden_weight * d.sum()
