@@ -6,7 +6,8 @@
 3. train the same MoE student with ``train.objective: {kind: distill}`` from the dense demo twin (trained
    once, seed 0, same steps) and compare its validation loss with step 1's.
 
-Usage: ``python -m moesaic.examples.shrink_distill --out runs/shrink --seeds 0,1,2 --steps 200``. Writes
+Usage: ``python -m moesaic.examples.shrink_distill --out runs/shrink --seeds 0,1,2 --steps 200``
+(``--teacher-steps`` trains the teacher longer; a finished run found in ``--out`` is reused). Writes
 ``results.json`` and prints mean +- std (population std over seeds) per row.
 """
 
@@ -39,8 +40,10 @@ def _cfg(base: Path, steps: int, seed: int, **train: Any) -> Any:
 
 
 def _train(raw: dict[str, Any], out: Path) -> Trainer:
-    t = Trainer(load_run_config(data=raw), out)
-    if not (out / "LATEST").exists():
+    """Train into ``out``, or reload the finished run found there."""
+    done = (out / "LATEST").exists()
+    t = Trainer(load_run_config(data=raw), out, resume=done)
+    if not done:
         t.run()
     return t
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/shrink_distill")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--teacher-steps", type=int, default=None, help="steps of the dense teacher (default --steps)")
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from moesaic.examples.demo import dense_twin
 
-    dense_raw = _cfg(base, args.steps, 0)
+    dense_raw = _cfg(base, args.teacher_steps or args.steps, 0)
     dense_cfg = dense_twin(load_run_config(data=dense_raw))
     from moesaic.core.config import to_dict
 
