@@ -92,6 +92,10 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
     if name == "vit_classifier":  # images with one task per image; logits of other tasks' classes are -inf
         out = model(torch.rand(4, cfg.image_size, cfg.image_size, generator=g), task_id=torch.tensor([0, 0, 0, 0]))
         return out.logits.float().square().mean()
+    if name == "dit":  # the DDPM loss against a noise target (DiT's head starts at zero, so the output is 0)
+        x = torch.randn(2, cfg.image_size, cfg.image_size, generator=g)
+        eps = model(x, torch.tensor([3, 150]), torch.tensor([1, cfg.num_classes])).logits.float()
+        return (eps - x).square().mean()
     if name == "ts_forecaster":
         return model(torch.randn(2, 12, generator=g)).logits.float().square().mean()
     ids = torch.randint(cfg.vocab_size, (2, 8), generator=g)
@@ -102,7 +106,7 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
 
 
 MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder", "vit_classifier",
-                "ts_forecaster"}
+                "ts_forecaster", "dit"}
 
 
 def test_every_model_has_example_inputs() -> None:

@@ -123,6 +123,19 @@ class ForecastTask(LMTask):
         return f"val_loss {m['val_loss']:.4f} (MSE, normalised)  val_mae {m['val_mae']:.4f}"
 
 
+class DenoiseTask(ForecastTask):
+    """Diffusion training: squared error of the predicted noise (the DDPM objective, Ho et al. 2020)."""
+
+    kind = "denoise"
+
+    def throughput_tokens(self, batch: dict[str, Tensor], num_targets: int) -> int:
+        """Images denoised (one example per image)."""
+        return int(batch["labels"].shape[0]) if num_targets > 0 else 0
+
+    def eval_line(self, m: dict[str, float]) -> str:
+        return f"val_loss {m['val_loss']:.4f} (noise MSE)  val_mae {m['val_mae']:.4f}"
+
+
 def select_task(cfg: Any, data: Any) -> LMTask:
     """The task of run config ``cfg`` (``model``, ``data`` sections) with the built dataset ``data``: the one
     the model config declares (``ModelConfig.task``); the dataset must provide it."""
@@ -142,10 +155,17 @@ def select_task(cfg: Any, data: Any) -> LMTask:
                               f"must equal data.horizon of a forecasting dataset (data.kind {cfg.data.kind}: "
                               f"{getattr(data, 'horizon', 'not a forecasting dataset')})")
         return ForecastTask()
+    if declared == "denoise":
+        for f in ("diffusion_steps", "beta_start", "beta_end"):
+            if getattr(cfg.data, f, None) != getattr(cfg.model, f):
+                raise ConfigError(f"data.{f}", getattr(cfg.data, f, None),
+                                  f"must equal model.{f} ({getattr(cfg.model, f)}): the data noises images with "
+                                  "the schedule the model denoises")
+        return DenoiseTask()
     if declared != "lm":
         raise ConfigError("model.kind", cfg.model.kind, f"declares the task {declared!r}; the trainer trains "
-                          "language models (task lm), classifiers (task classification) and forecasters "
-                          "(task forecast)")
+                          "language models (task lm), classifiers (task classification), forecasters "
+                          "(task forecast) and denoisers (task denoise)")
     if data_classes is not None:
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
                           "and needs a classifier model (e.g. encoder_classifier)")

@@ -96,3 +96,71 @@ class DigitsMultiTask(Dataset):
                 out.append({"pixel_values": x, "task_id": torch.full((len(x),), t, dtype=torch.long),
                             "labels": self.val_y[i: i + batch_size, t]})
         return out
+
+
+@dataclasses.dataclass
+class DigitsDiffusionConfig(DataConfig):
+    """Digits for DDPM training; the schedule must equal the model's (checked when the run starts)."""
+
+    val_fraction: float = rule(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    diffusion_steps: int = rule(200, ge=2)
+    beta_start: float = rule(1e-4, gt=0.0)
+    beta_end: float = rule(0.02, gt=0.0, lt=1.0)
+    class_dropout: float = rule(0.1, ge=0.0, le=1.0, doc="share of labels replaced by 'no class' (guidance)")
+    num_classes: int = 10
+
+
+class NoisedDigitsLoader(TaskPairLoader):
+    """DDPM training pairs: an image, a timestep and noise drawn from a generator seeded by the loader's
+    position (so a resumed run draws the same), the noised image and the noise as the target."""
+
+    def __init__(self, x_NHW: Tensor, y_N: Tensor, seed: int, cfg: DigitsDiffusionConfig):
+        super().__init__(x_NHW, y_N[:, None], seed)
+        from moesaic.models.dit import alphas_bar
+
+        self.cfg = cfg
+        self.abar = alphas_bar(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end).float()
+
+    def next_batch(self, batch_size: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7_919 + self.index)
+        b = super().next_batch(batch_size)
+        x0 = b["pixel_values"] * 2 - 1
+        t = torch.randint(0, self.cfg.diffusion_steps, (batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = self.abar[t][:, None, None]
+        drop = torch.rand(batch_size, generator=g) < self.cfg.class_dropout
+        y = torch.where(drop, torch.full_like(b["labels"], self.cfg.num_classes), b["labels"])
+        return {"noisy": a.sqrt() * x0 + (1 - a).sqrt() * eps, "timestep": t, "class_labels": y, "labels": eps}
+
+
+@DATASETS.register("digits_diffusion")
+class DigitsDiffusion(Dataset):
+    """Handwritten digits (scikit-learn) noised for DDPM training of a class-conditional DiT."""
+
+    Config = DigitsDiffusionConfig
+    cfg: DigitsDiffusionConfig
+
+    def __init__(self, cfg: DigitsDiffusionConfig, **kw: Any):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        self.cfg = cfg
+        d = load_digits()
+        x = (d.images / 16.0).astype(np.float32)
+        idx_tr, idx_va = train_test_split(np.arange(len(d.target)), test_size=cfg.val_fraction,
+                                          random_state=cfg.split_seed, stratify=d.target)
+        self.train_x, self.val_x = torch.from_numpy(x[idx_tr]), torch.from_numpy(x[idx_va])
+        self.train_y = torch.from_numpy(d.target[idx_tr].astype(np.int64))
+        self.val_y = torch.from_numpy(d.target[idx_va].astype(np.int64))
+
+    def loader(self, seed: int) -> NoisedDigitsLoader:
+        return NoisedDigitsLoader(self.train_x, self.train_y, seed, self.cfg)
+
+    def eval_batches(self, batch_size: int) -> list[dict[str, Tensor]]:
+        """Every validation image at fixed timesteps and noise (seed 0, no class dropout): the denoising loss."""
+        eval_cfg = dataclasses.replace(self.cfg, class_dropout=0.0)
+        ld = NoisedDigitsLoader(self.val_x, self.val_y, 0, eval_cfg)
+        ld.shuffle = False
+        n = len(self.val_y)
+        return [ld.next_batch(min(batch_size, n - i)) for i in range(0, n, batch_size)]
