@@ -71,7 +71,8 @@ def main() -> None:
         for name, sets in zip(res, ([], ["model.moe=null"])):
             cfg = load_run_config(RECIPE, [*sets, f"train.seed={seed}", f"train.max_steps={args.steps}",
                                            "train.threads=1", f"train.eval_every={args.steps}",
-                                           "train.save_at_end=false", "train.progress=false", "train.save_every=100000"])
+                                           "train.save_at_end=false", "train.progress=false",
+                                           "train.save_every=100000"])
             t = Trainer(cfg, tempfile.mkdtemp(prefix="zoo-dit-"), log=lambda _m: None)
             assert t.run() == 0
             data: Any = t.data
