@@ -5,12 +5,15 @@ with the requested class), mean confidence in the requested class, and the Frech
 generated and real validation images in the classifier's hidden-layer features (FID's recipe, Heusel et
 al. 2017, with a digits classifier instead of Inception).
 
-Usage: ``python benchmarks/zoo_dit_digits.py [--steps 800] [--seeds 0,1,2] [--guidance 1.0] [--markdown OUT]``
+Usage: ``python benchmarks/zoo_dit_digits.py [--steps 800] [--seeds 0,1,2] [--guidance 1.0] [--markdown OUT]
+[--json OUT]``; seeds can run in separate processes (``--seeds 1 --json s1.json``) and be combined with
+``--combine s0.json s1.json s2.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -62,7 +65,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--markdown", default="")
+    ap.add_argument("--json", default="", help="write the per-run numbers here")
+    ap.add_argument("--combine", nargs="*", default=[], help="only combine --json files into the table")
     args = ap.parse_args()
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        res = {k: [r for p in parts for r in p["res"][k]] for k in parts[0]["res"]}
+        return table(res, parts[0]["base"], args, sorted(s for p in parts for s in p["seeds"]))
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     res: dict[str, list[dict[str, float]]] = {"DiT-MoE (8 experts top-2 + shared)": [], "dense DiT": []}
@@ -86,6 +95,13 @@ def main() -> None:
             r["val_loss"] = t.evaluate()["val_loss"]
             res[name].append(r)
             print(name, seed, r, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"res": res, "base": base, "seeds": seeds}))
+    table(res, base, args, seeds)
+
+
+def table(res: dict[str, list[dict[str, float]]], base: dict[str, float], args: argparse.Namespace,
+          seeds: list[int]) -> None:
     keys = ["val_loss", "accuracy", "confidence", "frechet"]
     lines = ["| model | denoising val loss | classifier accuracy | confidence | Frechet distance |",
              "|---|---|---|---|---|"]
