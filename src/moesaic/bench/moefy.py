@@ -102,27 +102,29 @@ def run(args: argparse.Namespace) -> int:
     layers: Any = dense.layers
     timing_fns: dict[str, Any] = {"dense": lambda: [layer.mlp(x) for layer, x in zip(layers, xs)]}
     fracs = [float(f) for f in args.fractions.split(",")]
+    fitted: dict[tuple[str, str], tuple[nn.Module, float]] = {}
     for split in args.splits.split(","):
         for router in args.routers.split(","):
             t0 = time.perf_counter()
             model = copy.deepcopy(dense)
             cfg = MoefyConfig(num_experts=args.num_experts, router=router, split=split, mlp_steps=args.mlp_steps)
             moefy_(model, cfg, calibrate=lambda m: embed(m, folder, fit, batch_size=64))
-            fit_s = time.perf_counter() - t0
-            for frac in fracs:
-                set_active_(model, frac)
-                got = embed(model, folder, ev)
-                cos = (got * ref).sum(-1) / (got.norm(dim=-1) * ref.norm(dim=-1))
-                row = {"split": split, "router": router, "active": frac, "mean_cos": cos.mean().item(),
-                       "min_cos": cos.min().item(), "fit_s": round(fit_s, 1)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+            fitted[split, router] = (model, time.perf_counter() - t0)
             if router != "oracle":
-                timed = copy.deepcopy(model)
-                set_active_(timed, args.time_fraction)
-                timing_fns[f"{split}/{router}"] = (lambda t=timed.layers: [layer.mlp(x) for layer, x in zip(t, xs)])
-    with torch.no_grad():
+                set_active_(model, args.time_fraction)
+                timing_fns[f"{split}/{router}"] = (lambda t=model.layers: [layer.mlp(x) for layer, x in zip(t, xs)])
+    with torch.no_grad():  # timing first, so that a cut-short run still reports it
         times = time_interleaved(timing_fns, repeats=args.repeats, warmup=2)
+    print(json.dumps({"times_s": times}), file=sys.stderr, flush=True)
+    for (split, router), (model, fit_s) in fitted.items():
+        for frac in fracs:
+            set_active_(model, frac)
+            got = embed(model, folder, ev)
+            cos = (got * ref).sum(-1) / (got.norm(dim=-1) * ref.norm(dim=-1))
+            row = {"split": split, "router": router, "active": frac, "mean_cos": cos.mean().item(),
+                   "min_cos": cos.min().item(), "fit_s": round(fit_s, 1)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     tok = sum(int(x[..., 0].numel()) for x in xs[:1])
     print(f"\n| split | router | {' | '.join(f'cos @ {f:.0%}' for f in fracs)} |")
     print("|---|---|" + "---|" * len(fracs))
