@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import moesaic
 from moesaic.analysis.run import analyze
@@ -110,3 +111,33 @@ def test_unit_statistics() -> None:
     _, _, mi0 = mutual_information(np.array(["a", "b", "a", "b"], dtype=object), ids, 2)
     assert mi0 == pytest.approx(0.0)
     assert Passage("x", {}).meta == {}
+
+
+def test_prune_list_saliency(trained_ckpt: Path, tiny_config: Path) -> None:
+    from moesaic.analysis.actions import prune_list, saliency
+    from moesaic.transforms.expert_select import expert_forward
+
+    model = moesaic.load(trained_ckpt)
+    trace = record(model, load_passages(tiny_config, 8), decode_prompts=0)
+    sal, why = saliency(model, trace)
+    assert why == "" and set(sal) == {lt.name for lt in trace.layers}
+    # brute force for the first layer: every recorded token, every expert it went to, weight * ||expert(x)||
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, MoELayer))
+    xs: list = []
+    h = layer.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    got: list = []
+    r = layer.register_routing_hook(lambda _l, d, _p: got.append(d))
+    with torch.no_grad():
+        for ids, mask in trace.batches:
+            model(ids, attention_mask=mask)
+    h.remove()
+    r.remove()
+    want = [0.0] * layer.num_experts
+    for x, d in zip(xs, got):
+        for t, e, w in zip(d.token_idx_N.tolist(), d.expert_idx_N.tolist(), d.weight_N.tolist()):
+            y = expert_forward(layer.experts, e, x[t:t + 1].double().float())
+            want[e] += abs(w) * float(y.double().norm())
+    assert sal[name] == pytest.approx(want, rel=1e-5)
+    stats = trace_stats(trace)
+    p = prune_list(stats["layers"], 0.5, sal)[name]
+    assert p["least_salient"] == sorted(range(layer.num_experts), key=lambda e: want[e])[:2]

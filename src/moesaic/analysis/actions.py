@@ -8,13 +8,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from moesaic.analysis.trace import DECODE, Trace
 from moesaic.distributed.placement import affinity_counts, solve
 
 
-def prune_list(layer_stats: dict[str, Any], fraction: float = 0.25) -> dict[str, Any]:
-    """Never-used experts and the ``fraction`` least used (by assignments) of each layer."""
+def saliency(model: nn.Module, trace: Trace) -> tuple[dict[str, list[float]], str]:
+    """Per layer, each expert's saliency on the scored passages: the sum over its assignments of router weight
+    times expert-output norm (the measure of the ``prune`` verb, :mod:`moesaic.transforms.expert_select`), and
+    "" or why it does not apply (experts that are not stacked FFNs, routers without weight rows)."""
+    from moesaic.core.errors import ConversionError
+    from moesaic.transforms.expert_select import expert_stats, moe_layers
+
+    try:
+        layers = moe_layers(model, None, "analyze")
+    except ConversionError as e:
+        return {}, str(e)
+    device = next(model.parameters()).device
+
+    def calibrate(m: nn.Module) -> None:
+        for ids, mask in trace.batches:
+            m(ids.to(device), attention_mask=mask.to(device))
+
+    stats = expert_stats(model, layers, calibrate)
+    return {n: s["saliency"].tolist() for n, s in stats.items()}, ""
+
+
+def prune_list(layer_stats: dict[str, Any], fraction: float = 0.25,
+               saliency_E: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Never-used experts, and the ``fraction`` least used (by assignments) and least salient of each layer."""
     out = {}
     for name, s in layer_stats.items():
         load = np.asarray(s["load"])
@@ -22,6 +45,12 @@ def prune_list(layer_stats: dict[str, Any], fraction: float = 0.25) -> dict[str,
         out[name] = {"never_used": s["never_used"],
                      "least_used": [int(e) for e in np.argsort(load, kind="stable")[:n]],
                      "least_used_share": float(np.sort(load)[:n].sum() / max(load.sum(), 1))}
+        sal = (saliency_E or {}).get(name)
+        if sal is not None:
+            v = np.asarray(sal)
+            out[name]["saliency"] = v.tolist()
+            out[name]["least_salient"] = [int(e) for e in np.argsort(v, kind="stable")[:n]]
+            out[name]["least_salient_share"] = float(np.sort(v)[:n].sum() / max(v.sum(), 1e-30))
     return out
 
 

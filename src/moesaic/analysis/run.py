@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ def study(model: nn.Module, data: str | Path, where: str, *, passages: int = 256
     trace = record(model, load_passages(data, passages, seed), where=where)
     tok = getattr(model, "tokenizer", None)
     stats = trace_stats(trace, (lambda i: tok.decode([i])) if tok is not None else None)
-    stats["actions"] = {"prune": actions.prune_list(stats["layers"]),
+    sal, why = actions.saliency(model, trace)
+    stats["actions"] = {"prune": actions.prune_list(stats["layers"], saliency_E=sal), "saliency_note": why,
                         "cache": actions.cache_size(trace, target_hit_rate),
                         "placement": actions.placement(trace, ranks), "target_hit_rate": target_hit_rate}
     if timing:
@@ -85,8 +87,12 @@ def _top_tokens(stats: dict[str, Any]) -> str:
 
 def _actions(stats: dict[str, Any]) -> str:
     a = stats["actions"]
-    prune = table(["layer", "never used", "least used", "their share of assignments"],
-                  [[n, p["never_used"] or "-", p["least_used"], p["least_used_share"]] for n, p in a["prune"].items()])
+    prune = table(["layer", "never used", "least used", "their share of assignments", "least salient",
+                   "their share of saliency"],
+                  [[n, p["never_used"] or "-", p["least_used"], p["least_used_share"], p.get("least_salient", "n/a"),
+                    p.get("least_salient_share")] for n, p in a["prune"].items()])
+    if a.get("saliency_note"):
+        prune += f"<p>Saliency not measured: {html.escape(a['saliency_note'])}</p>"
     cache = table(["layer", f"experts cached for hit rate {a['target_hit_rate']}", "hit rate at that size"],
                   [[n, c["suggested"], c["curve"][c["suggested"] - 1] if c["suggested"] else None]
                    for n, c in a["cache"].items()])

@@ -39,13 +39,15 @@ class LayerTrace:
 @dataclasses.dataclass
 class Trace:
     """Token ids, phase (:data:`PREFILL` / :data:`DECODE`) and labels (``meta[name][t]``) of every token,
-    each MoE layer's :class:`LayerTrace` in model order, and one batch's input to each layer."""
+    each MoE layer's :class:`LayerTrace` in model order, one batch's input to each layer, and the scored
+    batches (``input_ids``, ``attention_mask``) to run the model on again."""
 
     layers: list[LayerTrace]
     token_ids: np.ndarray
     phase: np.ndarray
     meta: dict[str, np.ndarray]
     layer_inputs: dict[str, Tensor]
+    batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
 
 
 def moe_layers_of(model: nn.Module, where: str) -> list[tuple[str, MoELayer]]:
@@ -78,6 +80,7 @@ def record(model: nn.Module, passages: list[Passage], *, where: str = "model", b
     phase: list[int] = []
     labels: list[dict[str, str]] = []
     inputs: dict[str, Tensor] = {}
+    batches: list[tuple[Tensor, Tensor]] = []
     grab = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0].detach()))
             for n, m in layers]
     try:
@@ -94,6 +97,7 @@ def record(model: nn.Module, passages: list[Passage], *, where: str = "model", b
                     phase += [PREFILL] * len(ids)
                     labels += [p.meta] * len(ids)
                 model(ids_BM.to(device), attention_mask=mask_BM.to(device))
+                batches.append((ids_BM, mask_BM))
                 rows.append(np.flatnonzero(mask_BM.reshape(-1).numpy()))
                 for h in grab:
                     h.remove()
@@ -128,4 +132,5 @@ def record(model: nn.Module, passages: list[Passage], *, where: str = "model", b
             np.concatenate([c.numpy()[r] for c, r in zip(conf, rows)]), rec.dropped[name]))
     keys = sorted({k for m in labels for k in m})
     meta = {k: np.array([m.get(k, "") for m in labels], dtype=object) for k in keys}
-    return Trace(out_layers, np.array(tokens, dtype=np.int64), np.array(phase, dtype=np.int8), meta, inputs)
+    return Trace(out_layers, np.array(tokens, dtype=np.int64), np.array(phase, dtype=np.int8), meta, inputs,
+                 batches)
