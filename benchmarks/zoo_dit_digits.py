@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import linalg
+from zoo_common import train
 
 from moesaic.models.dit import sample
-from moesaic.train.run_config import load_run_config
-from moesaic.train.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "zoo" / "dit_moe_digits.yaml"
 
@@ -78,12 +76,7 @@ def main() -> None:
     clf = None
     for seed in seeds:
         for name, sets in zip(res, ([], ["model.moe=null"])):
-            cfg = load_run_config(RECIPE, [*sets, f"train.seed={seed}", f"train.max_steps={args.steps}",
-                                           "train.threads=1", f"train.eval_every={args.steps}",
-                                           "train.save_at_end=false", "train.progress=false",
-                                           "train.save_every=100000"])
-            t = Trainer(cfg, tempfile.mkdtemp(prefix="zoo-dit-"), log=lambda _m: None)
-            assert t.run() == 0
+            t = train(RECIPE, sets, seed, args.steps)
             data: Any = t.data
             if clf is None:
                 clf = judge(data.train_x.reshape(len(data.train_x), -1).numpy(), data.train_y.numpy())

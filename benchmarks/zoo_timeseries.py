@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from zoo_common import train
 
 from moesaic.train.datasets.series import PERIOD, TimeSeries, normalise
-from moesaic.train.run_config import load_run_config
-from moesaic.train.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "zoo" / "timeseries_moe.yaml"
 
@@ -67,14 +65,6 @@ def mase_table(data: TimeSeries, forecasts: dict[str, list[np.ndarray]]) -> dict
     return out
 
 
-def train(sets: list[str], seed: int, steps: int) -> Trainer:
-    cfg = load_run_config(RECIPE, [*sets, f"train.seed={seed}", f"train.max_steps={steps}", "train.threads=1",
-                                   f"train.eval_every={steps}", "train.save_at_end=false", "train.progress=false",
-                                   "train.save_every=100000"])
-    t = Trainer(cfg, tempfile.mkdtemp(prefix="zoo-ts-"), log=lambda _m: None)
-    assert t.run() == 0
-    return t
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -88,7 +78,7 @@ def main() -> None:
     data: TimeSeries | None = None
     for seed in seeds:
         for name, sets in (("MoE (8 experts, top-2)", []), ("dense twin", ["model.moe=null"])):
-            t = train(sets, seed, args.steps)
+            t = train(RECIPE, sets, seed, args.steps)
             data = t.data
             model = t.model.eval()
             L, H = data.cfg.context, data.cfg.horizon

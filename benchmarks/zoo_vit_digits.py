@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
+from zoo_common import train
 
 from moesaic.bench.measure import time_interleaved
-from moesaic.train.run_config import load_run_config
 from moesaic.train.task import evaluate
 from moesaic.train.trainer import Trainer
 from moesaic.transforms.task_prune import prune_model_to_task
@@ -27,14 +26,6 @@ VARIANTS = {"task routing (task_gates, window 4)": [],
             "shared top-k routing": ["model.moe.router={kind: topk}"],
             "dense twin": ["model.moe=null"]}
 
-
-def train(variant: list[str], seed: int, steps: int) -> Trainer:
-    cfg = load_run_config(RECIPE, [*variant, f"train.seed={seed}", f"train.max_steps={steps}", "train.threads=1",
-                                   f"train.eval_every={steps}", "train.save_every=100000", "train.save_at_end=false",
-                                   "train.progress=false"])
-    t = Trainer(cfg, tempfile.mkdtemp(prefix="zoo-vit-"), log=lambda _m: None)
-    assert t.run() == 0
-    return t
 
 
 def per_task(t: Trainer) -> list[float]:
@@ -71,7 +62,7 @@ def main() -> None:
     last: Trainer | None = None
     for seed in seeds:
         for v, sets in VARIANTS.items():
-            t = train(sets, seed, args.steps)
+            t = train(RECIPE, sets, seed, args.steps)
             acc[v].append(per_task(t))
             print(v, seed, acc[v][-1], flush=True)
             if v.startswith("task routing"):

@@ -34,6 +34,18 @@ def task_labels(task: str, digit_N: np.ndarray) -> np.ndarray:
     return (digit_N >= 5).astype(digit_N.dtype)
 
 
+def split_digits(val_fraction: float, split_seed: int) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
+    """Training and validation images ``[N, 8, 8]`` in [0, 1] and their digits, stratified by digit."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    idx_tr, idx_va = train_test_split(np.arange(len(d.target)), test_size=val_fraction, random_state=split_seed,
+                                      stratify=d.target)
+    return torch.from_numpy(x[idx_tr]), torch.from_numpy(x[idx_va]), d.target[idx_tr], d.target[idx_va]
+
+
 @dataclasses.dataclass
 class DigitsConfig(DataConfig):
     tasks: list[Task] = dataclasses.field(default_factory=lambda: ["digit", "parity", "ge5"])
@@ -70,17 +82,10 @@ class DigitsMultiTask(Dataset):
     cfg: DigitsConfig
 
     def __init__(self, cfg: DigitsConfig, **kw: Any):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         self.cfg = cfg
-        d = load_digits()
-        x = (d.images / 16.0).astype(np.float32)
-        idx_tr, idx_va = train_test_split(np.arange(len(d.target)), test_size=cfg.val_fraction,
-                                          random_state=cfg.split_seed, stratify=d.target)
-        y = np.stack([task_labels(t, d.target) for t in cfg.tasks], 1).astype(np.int64)
-        self.train_x, self.val_x = torch.from_numpy(x[idx_tr]), torch.from_numpy(x[idx_va])
-        self.train_y, self.val_y = torch.from_numpy(y[idx_tr]), torch.from_numpy(y[idx_va])
+        self.train_x, self.val_x, d_tr, d_va = split_digits(cfg.val_fraction, cfg.split_seed)
+        self.train_y, self.val_y = (torch.from_numpy(np.stack([task_labels(t, d) for t in cfg.tasks], 1)
+                                                     .astype(np.int64)) for d in (d_tr, d_va))
         self.task_classes = [CLASSES[t] for t in cfg.tasks]
         self.num_labels = max(self.task_classes)
 
@@ -142,17 +147,9 @@ class DigitsDiffusion(Dataset):
     cfg: DigitsDiffusionConfig
 
     def __init__(self, cfg: DigitsDiffusionConfig, **kw: Any):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         self.cfg = cfg
-        d = load_digits()
-        x = (d.images / 16.0).astype(np.float32)
-        idx_tr, idx_va = train_test_split(np.arange(len(d.target)), test_size=cfg.val_fraction,
-                                          random_state=cfg.split_seed, stratify=d.target)
-        self.train_x, self.val_x = torch.from_numpy(x[idx_tr]), torch.from_numpy(x[idx_va])
-        self.train_y = torch.from_numpy(d.target[idx_tr].astype(np.int64))
-        self.val_y = torch.from_numpy(d.target[idx_va].astype(np.int64))
+        self.train_x, self.val_x, d_tr, d_va = split_digits(cfg.val_fraction, cfg.split_seed)
+        self.train_y, self.val_y = torch.from_numpy(d_tr.astype(np.int64)), torch.from_numpy(d_va.astype(np.int64))
 
     def loader(self, seed: int) -> NoisedDigitsLoader:
         return NoisedDigitsLoader(self.train_x, self.train_y, seed, self.cfg)
