@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch first, pinned: the CPU wheel available here; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-toy test test-fast lint bench clean
+.PHONY: setup demo demo-toy test test-fast lint bench clean chaos chaos-short
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Fault injection, disk full / read-only output, non-finite training, fuzzed configs -> chaos-report.md
+# (docs/reliability.md). Not part of `make test`; .ci/run runs the short version. Mounts need root.
+chaos: $(STAMP)
+	nice -n 5 $(PY) benchmarks/chaos/run.py --report chaos-report.md
+
+chaos-short: $(STAMP)
+	nice -n 5 $(PY) benchmarks/chaos/run.py --short --report chaos-report.md
 
 # ruff, then mypy with the [tool.mypy] configuration in pyproject.toml (strict on core/ and moe/).
 lint: $(STAMP)

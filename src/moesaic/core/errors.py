@@ -40,6 +40,15 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the model or config it is loaded into."""
 
 
+class OutputWriteError(MoesaicError, OSError):
+    """Writing an output (a checkpoint, metrics) failed: disk full, read-only folder. Names the folder; what
+    was published before stays intact."""
+
+
+class NonFiniteTrainingError(MoesaicError, FloatingPointError):
+    """A training step produced NaN or inf (loss, gradient or weight). Names the step and the first layer."""
+
+
 class ConversionError(MoesaicError, ValueError):
     """A model cannot be converted (unsupported architecture, unused or missing tensors)."""
 

@@ -19,6 +19,7 @@ in ``extra_files``) and loads through ``scatter`` in :func:`load_model_state`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, OutputWriteError
 from moesaic.distributed.expert_state import local_model_state, unique_state_names
 from moesaic.train.faults import fault_point
 
@@ -78,8 +79,26 @@ def save_checkpoint(out_dir: str | Path, step: int, *, config_yaml: str, model_s
                     optimizer_state: dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
                     rng_state: dict[str, Any] | None = None, tokenizer_json: str | None = None,
                     extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write ``OUT/step-N`` atomically and point ``OUT/LATEST`` at it. Returns the directory."""
+    """Write ``OUT/step-N`` atomically and point ``OUT/LATEST`` at it. Returns the directory. A write that
+    fails (disk full, read-only folder) raises :class:`OutputWriteError` naming the folder; the unfinished
+    ``.step-N.tmp`` is removed as far as possible and what was published before is untouched."""
     out = Path(out_dir)
+    tmp = out / f".{step_dir_name(step)}.tmp"
+    try:
+        return _save(out, step, config_yaml, model_state, optimizer_state, trainer_state, rng_state,
+                     tokenizer_json, extra_files)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (out / ".LATEST.tmp").unlink(missing_ok=True)
+        raise OutputWriteError(f"cannot write checkpoint {step_dir_name(step)} to {out}: "
+                               f"{e.strerror or e}") from None
+
+
+def _save(out: Path, step: int, config_yaml: str, model_state: dict[str, torch.Tensor],
+          optimizer_state: dict[str, Any] | None, trainer_state: dict[str, Any] | None,
+          rng_state: dict[str, Any] | None, tokenizer_json: str | None,
+          extra_files: dict[str, bytes] | None) -> Path:
     final = out / step_dir_name(step)
     tmp = out / f".{step_dir_name(step)}.tmp"
     if tmp.exists():

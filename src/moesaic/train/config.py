@@ -44,6 +44,9 @@ class TrainConfig(Section):
     threads: int | None = rule(None, ge=1, doc="torch intra-op threads (default: torch's choice)")
     # what a micro-batch contributes to the loss: {kind: task} (default), {kind: thor, alpha: 5.0}, ...
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    on_nonfinite: Literal["stop", "skip_step", "rollback"] = rule(
+        "stop", doc="a step with NaN/inf loss or gradients: stop (error naming step and layer), skip_step (no "
+        "update), rollback (reload the newest valid checkpoint); see moesaic.train.nonfinite")
     aux_accumulation: Literal["exact", "micro_batch"] = rule(
         "exact", doc="exact: batch-statistic aux losses (Switch balance, CV^2) of the whole step under grad_accum "
         "(a no-grad pre-pass collects the statistics); micro_batch: each micro-batch's own statistics, "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moesaic.core.errors import OutputWriteError
 from moesaic.moe.api import moe_layers
 
 
@@ -86,8 +87,12 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full, read-only folder: one typed line naming the folder
+            raise OutputWriteError(f"cannot write {self.path.name} to {self.path.parent}: {e.strerror or e}") \
+                from None
         if self.tb is not None:
             step = record["step"]
             for k, v in record.items():

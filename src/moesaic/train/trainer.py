@@ -29,7 +29,7 @@ import torch
 
 import moesaic
 from moesaic.core.config import dump_yaml, loads_yaml, parse, to_dict
-from moesaic.core.errors import CheckpointMismatchError, ConfigError
+from moesaic.core.errors import CheckpointMismatchError, ConfigError, NonFiniteInputError, NonFiniteTrainingError
 from moesaic.distributed.strategy import SingleProcess, strategy_from_config
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.aux_accumulation import AuxAccumulation
@@ -37,17 +37,20 @@ from moesaic.train.exact_aux import AuxFn
 from moesaic.train.faults import fault_point
 from moesaic.train.loss import count_tokens, count_valid
 from moesaic.train.lr_schedule import lr_factor
+from moesaic.train.memory_check import check_model_fits
 from moesaic.train.metrics import MetricsWriter, RoutingStats
+from moesaic.train.nonfinite import NonFiniteGuard
 from moesaic.train.objectives.base import LossPieces, ObjectiveContext
 from moesaic.train.optim import build_adamw
 from moesaic.train.progress import NoMetrics, Progress, log_line
+from moesaic.train.run_folder import claim_run_folder
 from moesaic.train.task import eval_batch_size, evaluate, select_task
 
 EXIT_PREEMPTED = 143
 #: Config fields that may change on resume (logging, cadence, length); anything else is a mismatch.
 RESUME_ALLOWED = {f"train.{k}" for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_last",
                                           "progress", "tensorboard", "threads", "eval_at_end", "save_at_end",
-                                          "handle_sigterm", "eval_batch_size")}
+                                          "handle_sigterm", "eval_batch_size", "on_nonfinite")}
 RESUME_ALLOWED |= {"parallel.ep_size"}  # checkpoints hold global expert keys (distributed/expert_state.py)
 
 
@@ -82,6 +85,8 @@ class Trainer:
             log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.is_writer else (lambda msg: None)
         self.log = log
         check_writable(self.out)
+        if self.is_writer:
+            claim_run_folder(self.out)  # never write into a user's folder that no run wrote (train/run_folder.py)
         tc = cfg.train
         self.strategy.check_batch(tc.batch_size, tc.grad_accum)
         if tc.threads:
@@ -99,6 +104,7 @@ class Trainer:
         self.tc = tc
         self.dtype = torch.float64 if tc.dtype == "float64" else torch.float32
         self.objective = tc.objective.build()
+        check_model_fits(cfg.model, self.dtype)  # before allocating (train/memory_check.py)
         torch.manual_seed(tc.seed)
         self.model = cfg.model.build().to(self.dtype)
         self.forward_model = self.strategy.prepare(self.model)  # shards experts, wraps in DDP (or itself)
@@ -109,6 +115,8 @@ class Trainer:
         self.eval_data = self.data.eval_batches(eval_batch_size(tc))
         self.step = 0
         self.stats = RoutingStats(self.model)
+        self.guard = NonFiniteGuard(self.model)  # names the layer of a NaN/inf step (train/nonfinite.py)
+        self._rolled_back: set[int] = set()
         self._stop = False
         self.metrics: MetricsWriter | NoMetrics = MetricsWriter(self.out, tc.tensorboard) if self.is_writer \
             else NoMetrics()
@@ -218,18 +226,49 @@ class Trainer:
         fault_point("step.begin", step=self.step, rank=self.strategy.rank)
         for g in self.opt.param_groups:
             g["lr"] = self.tc.lr * lr_factor(self.step, self.tc)
-        out: dict[str, float] = self.accumulate(batch)
+        self.guard.reset()
+        router_error = None
+        try:
+            out: dict[str, float] = self.accumulate(batch)
+        except NonFiniteInputError as e:  # a router saw NaN/inf before the loss did: same policy
+            out, router_error = {"loss": float("nan"), "aux_loss": float("nan"), "tokens": 0}, str(e)
         fault_point("step.after_backward", step=self.step, rank=self.strategy.rank)
-        if out["tokens"] > 0:
+        bad = self.guard.check(out["loss"], router_error)
+        if bad is not None and self._on_nonfinite(bad):
+            out["rolled_back"] = 1.0
+            return out
+        if out["tokens"] > 0 and bad is None:
             if self.tc.grad_clip > 0:
                 out["grad_norm"] = self.strategy.clip_grad_norm_(self.model, self.tc.grad_clip)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        moesaic.on_optimizer_step(self.model, self.step)
+        if bad is None:
+            moesaic.on_optimizer_step(self.model, self.step)
         out["lr"] = self.opt.param_groups[0]["lr"]
         self._stop = self.strategy.any_(self._stop)
         return out
+
+    def _on_nonfinite(self, where: str) -> bool:
+        """``train.on_nonfinite`` (moesaic.train.nonfinite): raise, skip the update (False) or roll back to
+        the newest valid checkpoint (True)."""
+        step, policy = self.step + 1, self.tc.on_nonfinite
+        msg = f"step {step}: non-finite {where} (train.on_nonfinite={policy})"
+        self.opt.zero_grad(set_to_none=True)
+        if policy == "skip_step" and not where.startswith("weight "):
+            self.log(f"warning: {msg}: update skipped")
+            return False
+        if policy == "rollback" and step not in self._rolled_back:
+            found = ckpt.latest_valid(self.out, warn=lambda m: self.log(f"warning: {m}"))
+            if found is not None:
+                self._rolled_back.add(step)
+                self.log(f"warning: {msg}: rolling back to {found}")
+                self.restore(found)
+                return True
+            msg += ": no checkpoint to roll back to"
+        elif policy != "stop":
+            msg += ": a non-finite weight cannot be skipped" if policy == "skip_step" else ": failed again"
+        raise NonFiniteTrainingError(msg)
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on the eval batches: val_loss and val_ppl (LM) or val_accuracy (classifier)."""
@@ -254,6 +293,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = self.train_step(batch)
                 dt = time.perf_counter() - t0
+                if "rolled_back" in r:
+                    continue
                 n_tok = self.task.throughput_tokens(batch, int(r["tokens"]))
                 win_tokens, win_time = win_tokens + n_tok, win_time + dt
                 all_tokens, all_time = all_tokens + n_tok, all_time + dt

@@ -1,0 +1,140 @@
+"""Chaos launcher: run the real ``moesaic`` CLI in this process with one fault armed, and record the type of the
+exception that ended the command (the CLI still prints its own one line; a traceback would show on stderr).
+
+    python benchmarks/chaos/launch.py --result R [FAULT] -- train CONFIG --out DIR [...]
+
+FAULT (``--step S`` is the 0-based training step, as passed to moesaic.train.faults' ``step.begin``):
+  --kill forward|backward|optimizer|eval --nth K   SIGKILL inside the K-th module forward of step S (training),
+                                                   inside the backward through that output, at the optimizer step,
+                                                   or inside the K-th module forward of the evaluation after S
+  --kill point:NAME                                SIGKILL at fault point NAME (checkpoint.after_files, ...) of step S
+  --inject nan-act|inf-grad|nan-weight --nth K     NaN into the K-th module output / inf into the gradient through it /
+                                                   NaN into a Linear weight, once, at step S
+  --fill PATH                                      at step S fill the file system of PATH (a tmpfs) to the last byte
+  --readonly DIR                                   at step S bind-mount DIR read-only over itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    sep = sys.argv.index("--")
+    p = argparse.ArgumentParser()
+    p.add_argument("--result", required=True)
+    p.add_argument("--kill")
+    p.add_argument("--inject")
+    p.add_argument("--fill")
+    p.add_argument("--readonly")
+    p.add_argument("--step", type=int, default=-1)
+    p.add_argument("--nth", type=int, default=1)
+    a = p.parse_args(sys.argv[1:sep])
+
+    import torch
+
+    import moesaic.cli as cli
+    from moesaic.train import faults
+
+    state = {"step": -1, "count": 0, "done": False}
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step(step: int, rank: int = 0) -> None:
+        state["step"], state["count"] = step, 0
+        if step != a.step or state["done"]:
+            return
+        if a.fill:
+            state["done"] = True
+            filler = Path(a.fill) / ".chaos-filler"
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            with open(filler, "ab") as f:  # and the last partial block
+                try:
+                    while True:
+                        f.write(b"\0")
+                        f.flush()
+                except OSError:
+                    pass
+        if a.readonly:
+            state["done"] = True
+            subprocess.run(["mount", "--bind", a.readonly, a.readonly], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", a.readonly], check=True)
+
+    faults.install("step.begin", on_step)
+    if a.kill and a.kill.startswith("point:"):
+        faults.install(a.kill[6:], lambda step, rank=0: kill() if step == a.step else None)
+    if a.kill == "optimizer":
+        torch.optim.optimizer.register_optimizer_step_pre_hook(
+            lambda *_: kill() if state["step"] == a.step else None)
+
+    def hook(module: torch.nn.Module, _inp: object, out: object) -> object:
+        if state["step"] != a.step or state["done"] or not isinstance(out, torch.Tensor):
+            return None
+        training = module.training and torch.is_grad_enabled()
+        want_eval = a.kill == "eval"
+        if training == want_eval or not out.is_floating_point():
+            return None
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        if a.inject == "nan-weight" and not linears:
+            return None
+        state["count"] += 1
+        if state["count"] != a.nth:
+            return None
+        state["done"] = True
+        if a.kill in ("forward", "eval"):
+            kill()
+        if a.kill == "backward" and out.requires_grad:
+            out.register_hook(lambda g: kill())
+        if a.inject == "nan-act":
+            return out * float("nan")
+        if a.inject == "inf-grad" and out.requires_grad:
+            out.register_hook(lambda g: g * float("inf"))
+        if a.inject == "nan-weight":
+            with torch.no_grad():
+                linears[0].weight.view(-1)[0] = float("nan")
+        return None
+
+    if a.kill in ("forward", "backward", "eval") or a.inject:
+        torch.nn.modules.module.register_module_forward_hook(hook)
+
+    build = cli.build_parser
+
+    def recording_parser() -> argparse.ArgumentParser:
+        parser = build()
+        parse = parser.parse_args
+
+        def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+            ns = parse(argv)
+            run = ns._run
+
+            def recorded(args: argparse.Namespace) -> int:
+                try:
+                    code = int(run(args) or 0)
+                except BaseException as e:
+                    Path(a.result).write_text(type(e).__name__)
+                    raise
+                Path(a.result).write_text("ok")
+                return code
+            ns._run = recorded
+            return ns
+        parser.parse_args = parse_args  # type: ignore[method-assign]
+        return parser
+
+    cli.build_parser = recording_parser
+    return cli.main(sys.argv[sep + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
