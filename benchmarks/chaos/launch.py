@@ -52,21 +52,16 @@ def main() -> int:
             return
         if a.fill:
             state["done"] = True
-            filler = Path(a.fill) / ".chaos-filler"
-            with open(filler, "wb") as f:
-                try:
+            fd = os.open(Path(a.fill) / ".chaos-filler", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:  # unbuffered: a buffered file would raise ENOSPC again on close
+                for size in (65536, 1):
                     while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-            with open(filler, "ab") as f:  # and the last partial block
-                try:
-                    while True:
-                        f.write(b"\0")
-                        f.flush()
-                except OSError:
-                    pass
+                        try:
+                            os.write(fd, b"\0" * size)
+                        except OSError:
+                            break
+            finally:
+                os.close(fd)
         if a.readonly:
             state["done"] = True
             subprocess.run(["mount", "--bind", a.readonly, a.readonly], check=True)
