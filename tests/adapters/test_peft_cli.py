@@ -5,9 +5,9 @@ import copy
 
 import torch
 import yaml
-from lm_fixtures import TINY
 
 import moesaic
+from lm_fixtures import TINY
 from moesaic.cli import main
 from moesaic.core.config import parse
 from moesaic.models.base import MODELS
