@@ -24,6 +24,7 @@ from moesaic.moe.experts.base import EXPERTS
 from moesaic.moe.layer import MoEConfig
 from moesaic.moe.routing.base import ROUTERS
 from moesaic.train.datasets.base import DATASETS, Dataset
+from moesaic.train.datasets.shakespeare import play_files
 from moesaic.train.objectives.base import OBJECTIVES
 
 for _module in REGISTRY_MODULES:
@@ -34,7 +35,8 @@ COMPONENTS = [ROUTERS, DISPATCHERS, EXPERTS, ATTENTIONS, MODELS, DATASETS, SCHED
 
 #: Tiny sizes applied to whichever of these fields a default Config has (the rest stays default).
 TINY: dict[str, Any] = {"vocab_size": 32, "d_model": 16, "d_ff": 32, "num_layers": 2, "max_seq_len": 16,
-                        "d_in": 4, "tokenizer": "char", "seq_len": 16, "eval_windows": 2}
+                        "d_in": 4, "tokenizer": "char", "seq_len": 16, "eval_windows": 2,
+                        "files": [str(play_files()["tempest"])]}  # data.kind text: a user's text file
 
 
 def tiny(cfg: Any, **more: Any) -> Any:

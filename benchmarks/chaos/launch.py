@@ -9,9 +9,12 @@ FAULT (``--step S`` is the 0-based training step, as passed to moesaic.train.fau
                                                    or inside the K-th module forward of the evaluation after S
   --kill point:NAME                                SIGKILL at fault point NAME (checkpoint.after_files, ...) of step S
   --inject nan-act|inf-grad|nan-weight --nth K     NaN into the K-th module output / inf into the gradient through it /
-                                                   NaN into a Linear weight, once, at step S
+                                                   NaN into the K-th Linear weight at the start of step S (in place
+                                                   during a forward, autograd would see its saved tensor changed)
   --fill PATH                                      at step S fill the file system of PATH (a tmpfs) to the last byte
   --readonly DIR                                   at step S bind-mount DIR read-only over itself
+  --vanish FILE | --rewrite FILE                   delete FILE / rewrite it shorter after the loader read its first
+                                                   chunk (fault point data.read)
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> int:
     p.add_argument("--inject")
     p.add_argument("--fill")
     p.add_argument("--readonly")
+    p.add_argument("--vanish")
+    p.add_argument("--rewrite")
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--nth", type=int, default=1)
     a = p.parse_args(sys.argv[1:sep])
@@ -46,10 +51,26 @@ def main() -> int:
     def kill() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
+    from moesaic.train.trainer import Trainer
+
+    trainer_step = Trainer.train_step
+    model: dict[str, torch.nn.Module] = {}
+
+    def recording_step(self: Trainer, batch: dict) -> dict:
+        model["m"] = self.model
+        return trainer_step(self, batch)
+
+    Trainer.train_step = recording_step  # type: ignore[method-assign]
+
     def on_step(step: int, rank: int = 0) -> None:
         state["step"], state["count"] = step, 0
         if step != a.step or state["done"]:
             return
+        if a.inject == "nan-weight":  # at the step boundary: no graph holds the weight yet
+            state["done"] = True
+            linears = [m for m in model["m"].modules() if isinstance(m, torch.nn.Linear)]
+            with torch.no_grad():
+                linears[(a.nth - 1) % len(linears)].weight.view(-1)[0] = float("nan")
         if a.fill:
             state["done"] = True
             fd = os.open(Path(a.fill) / ".chaos-filler", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -68,11 +89,24 @@ def main() -> int:
             subprocess.run(["mount", "-o", "remount,bind,ro", a.readonly], check=True)
 
     faults.install("step.begin", on_step)
+
+    def on_read(offset: int) -> None:
+        if state["done"]:
+            return
+        state["done"] = True
+        if a.vanish:
+            os.unlink(a.vanish)
+        if a.rewrite:
+            Path(a.rewrite).write_text("a shorter text\n")
+
+    if a.vanish or a.rewrite:
+        faults.install("data.read", on_read)
     if a.kill and a.kill.startswith("point:"):
         faults.install(a.kill[6:], lambda step, rank=0: kill() if step == a.step else None)
     if a.kill == "optimizer":
-        torch.optim.optimizer.register_optimizer_step_pre_hook(
-            lambda *_: kill() if state["step"] == a.step else None)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        register_optimizer_step_pre_hook(lambda *_: kill() if state["step"] == a.step else None)
 
     def hook(module: torch.nn.Module, _inp: object, out: object) -> object:
         if state["step"] != a.step or state["done"] or not isinstance(out, torch.Tensor):
@@ -80,9 +114,6 @@ def main() -> int:
         training = module.training and torch.is_grad_enabled()
         want_eval = a.kill == "eval"
         if training == want_eval or not out.is_floating_point():
-            return None
-        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-        if a.inject == "nan-weight" and not linears:
             return None
         state["count"] += 1
         if state["count"] != a.nth:
@@ -96,12 +127,9 @@ def main() -> int:
             return out * float("nan")
         if a.inject == "inf-grad" and out.requires_grad:
             out.register_hook(lambda g: g * float("inf"))
-        if a.inject == "nan-weight":
-            with torch.no_grad():
-                linears[0].weight.view(-1)[0] = float("nan")
         return None
 
-    if a.kill in ("forward", "backward", "eval") or a.inject:
+    if a.kill in ("forward", "backward", "eval") or a.inject in ("nan-act", "inf-grad"):
         torch.nn.modules.module.register_module_forward_hook(hook)
 
     build = cli.build_parser

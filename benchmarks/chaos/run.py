@@ -26,6 +26,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bad_data import bad_data  # noqa: E402
 from fuzz_configs import run_config_fuzz  # noqa: E402
 
 BASE = {
@@ -44,13 +45,15 @@ COMPARED = ("model.safetensors", "trainer_state.json", "rng.pt")
 class Run:
     def __init__(self, work: Path):
         self.work = work
+        self.n = 0
         self.env = dict(os.environ, MOESAIC_CACHE=str(work / "cache"), OMP_NUM_THREADS="1",
                         PYTHONPATH=os.pathsep.join([str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")]))
 
     def train(self, cfg: Path, out: Path, *args: str, fault: tuple[str, ...] = (), timeout: float = 180,
               kill_after: float | None = None, preexec: Any = None) -> dict:
-        res = out.parent / f"{out.name}.result"
-        res.unlink(missing_ok=True)
+        self.n += 1  # outside --out's file system: a full disk must not stop the launcher's own record
+        res = self.work / "results" / f"{self.n}-{out.name}.result"
+        res.parent.mkdir(exist_ok=True)
         cmd = [sys.executable, str(HERE / "launch.py"), "--result", str(res), *fault, "--", "train", str(cfg),
                "--out", str(out), *args]
         t0 = time.perf_counter()
@@ -84,6 +87,11 @@ def same_as(ref: Path, out: Path, step: int) -> bool:
     ta = [t for s in oa["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
     tb = [t for s in ob["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
     return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def last_line(r: dict) -> str:
+    lines = r["stderr"].strip().splitlines()
+    return lines[-1][:120] if lines else ""
 
 
 def tb(r: dict) -> bool:
@@ -122,7 +130,8 @@ def kills(run: Run, cfg: Path, ref: Path, n: int, rng: random.Random, ref_wall: 
         ok = killed and r2["rc"] == 0 and not tb(r2) and not r2["hang"] and same_as(ref, out, steps)
         lost = not same_as(ref, out, steps)
         rows.append({"case": f"kill -9 #{i + 1}: {where}", "expect": "SIGKILL, then --resume exit 0, bitwise equal",
-                     "got": f"rc {r['rc']}, checkpoints {len(before)}; resume rc {r2['rc']}, "
+                     "got": f"rc {r['rc']}{'' if killed else ' ' + str(r['type']) + ': ' + last_line(r)}, "
+                            f"checkpoints {len(before)}; resume rc {r2['rc']}, "
                             f"{'bitwise equal' if not lost else 'DIFFERENT'}",
                      "ok": ok, "traceback": tb(r2), "hang": r["hang"] or r2["hang"], "lost": lost})
     return rows
@@ -216,7 +225,7 @@ def main() -> int:
     ap.add_argument("--short", action="store_true", help="the CI version: fewer kills and configs")
     ap.add_argument("--report", default="chaos-report.md")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sections", default="kill,disk,nonfinite,configs",
+    ap.add_argument("--sections", default="kill,disk,nonfinite,data,configs",
                     help="comma-separated subset (to run parts side by side; the report lists what ran)")
     a = ap.parse_args()
     only = set(a.sections.split(","))
@@ -240,6 +249,10 @@ def main() -> int:
         if "nonfinite" in only:
             print("non-finite ...", flush=True)
             sections["Non-finite training (injected at step 6; checkpoints every 4 steps)"] = nonfinite(run, cfg, ref)
+        if "data" in only:
+            print("bad data ...", flush=True)
+            sections["Bad data (a user's text file, `data.kind: text`; tokenizer files)"] = bad_data(
+                run, BASE, write_cfg, tb)
         cfg_summary = ""
         if "configs" in only:
             print("configs ...", flush=True)

@@ -45,6 +45,11 @@ class OutputWriteError(MoesaicError, OSError):
     was published before stays intact."""
 
 
+class DataError(MoesaicError, ValueError):
+    """A data file is unusable: missing, empty, binary or not UTF-8, or it changed or vanished while being
+    read. Names the config field and the file."""
+
+
 class NonFiniteTrainingError(MoesaicError, FloatingPointError):
     """A training step produced NaN or inf (loss, gradient or weight). Names the step and the first layer."""
 

@@ -12,7 +12,8 @@ Points (keyword arguments passed to the callback in brackets):
 * ``checkpoint.before_publish`` (step): the manifest is written, the directory is not yet renamed;
 * ``checkpoint.after_publish`` (step): ``step-N/`` is in place, ``LATEST`` not yet replaced;
 * ``step.begin`` (step, rank): before a training step's forwards (a failing rank);
-* ``step.after_backward`` (step, rank): after a step's backwards, before the optimizer.
+* ``step.after_backward`` (step, rank): after a step's backwards, before the optimizer;
+* ``data.read`` (offset): a chunk of a user's text file was read (:mod:`moesaic.train.text_files`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 POINTS = ("checkpoint.after_files", "checkpoint.before_publish", "checkpoint.after_publish", "step.begin",
-          "step.after_backward")
+          "step.after_backward", "data.read")
 FaultCallback = Callable[..., None]
 _CALLBACKS: dict[str, list[FaultCallback]] = {}
 

@@ -40,3 +40,26 @@ def claim_run_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():
         (out / MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+
+
+#: What a start writes into a new run folder before its first step (besides per-process write probes).
+_START_FILES = {MARKER, "config.yaml", "metrics.jsonl"}
+
+
+def discard_new_run_folder(out: Path) -> None:
+    """Remove ``out`` after a failed start, when this command created it and it holds only what a start
+    writes (the marker, config.yaml, an empty metrics.jsonl, tensorboard events); anything else stays."""
+    if not out.is_dir() or out.is_symlink():
+        return
+    entries = list(out.iterdir())
+    ours = all(p.name in _START_FILES or p.name.startswith(_TRANSIENT) or p.name == "tensorboard" for p in entries)
+    if not ours or any(p.name.startswith(("step-", ".step-")) or p.name == "LATEST" for p in entries):
+        return
+    for p in entries:
+        if p.is_dir():
+            for q in sorted(p.rglob("*"), reverse=True):
+                q.rmdir() if q.is_dir() else q.unlink()
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+    out.rmdir()

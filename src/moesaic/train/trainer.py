@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -43,7 +44,7 @@ from moesaic.train.nonfinite import NonFiniteGuard
 from moesaic.train.objectives.base import LossPieces, ObjectiveContext
 from moesaic.train.optim import build_adamw
 from moesaic.train.progress import NoMetrics, Progress, log_line
-from moesaic.train.run_folder import claim_run_folder
+from moesaic.train.run_folder import claim_run_folder, discard_new_run_folder
 from moesaic.train.task import eval_batch_size, evaluate, select_task
 
 EXIT_PREEMPTED = 143
@@ -63,6 +64,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def same_tokenizer(a: str, b: str) -> bool:
+    """Two tokenizer JSON texts describe the same tokenizer (key order and spacing aside)."""
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return a == b
+
+
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +85,16 @@ def check_writable(out: Path) -> None:
 class Trainer:
     def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None,
                  strategy: SingleProcess | None = None):
+        created = not Path(out_dir).exists()
+        try:
+            self._setup(cfg, out_dir, resume, log, strategy)
+        except BaseException:
+            if created and getattr(self, "is_writer", False):
+                discard_new_run_folder(Path(out_dir))  # a failed start leaves no folder it created behind
+            raise
+
+    def _setup(self, cfg: Any, out_dir: str | Path, resume: bool, log: Callable[[str], None] | None,
+               strategy: SingleProcess | None) -> None:
         from moesaic.train.run_config import RunConfig
 
         self.strategy = strategy if strategy is not None else strategy_from_config(cfg.parallel.ep_size)
@@ -161,6 +180,10 @@ class Trainer:
         from moesaic.train.run_config import RunConfig
 
         files = ckpt.load_files(path, training=True)
+        tok = getattr(self.data, "tokenizer", None)
+        if tok is not None and "tokenizer_json" in files and not same_tokenizer(tok.to_json(), files["tokenizer_json"]):
+            raise CheckpointMismatchError(f"{path}: the data's tokenizer differs from the checkpoint's tokenizer.json "
+                                          f"(data.kind {self.cfg.data.kind}; the text or data.tokenizer_file changed)")
         saved = parse(RunConfig, loads_yaml(files["config_yaml"], "config.yaml"), "")
         a, b = _flatten(to_dict(saved)), _flatten(to_dict(self.cfg))
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_ALLOWED)
