@@ -113,6 +113,10 @@ def check_in_process(cfg: dict) -> tuple[str, str]:
         signal.signal(signal.SIGALRM, old)
 
 
+def cpu_note(r: dict) -> str:
+    return f"wall {r['wall']:.0f} s, CPU {r['cpu'] if r['cpu'] is None else round(r['cpu'], 1)} s"
+
+
 def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
@@ -170,6 +174,7 @@ def run_config_fuzz(run: Any, base: dict, n: int, n_cli: int, rng: random.Random
     # the accepted ones: 2 training steps each
     trained: dict[str, int] = {}
     bad = []
+    walls: list[float] = []
     for i, cfg in enumerate(accepted):
         cfg = copy.deepcopy(cfg)
         p = d / f"a{i}.yaml"
@@ -179,8 +184,11 @@ def run_config_fuzz(run: Any, base: dict, n: int, n_cli: int, rng: random.Random
                       preexec=_limit)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
             if (out / "metrics.jsonl").exists() else []
+        walls.append(r["wall"])
         if r["hang"]:
             key = "HANG"
+            stack = [ln.strip() for ln in r["stderr"].splitlines() if ln.strip().startswith("File ")]
+            bad.append(f"a{i} hang, {cpu_note(r)}; innermost frames: {stack[:3]}")
         elif r["rc"] == 0 and recs and all(math.isfinite(x["loss"]) for x in recs) and recs[-1]["step"] == 2:
             key = "trained, finite loss"
         elif r["rc"] == 2 and r["type"] not in (None, "ok") and not recs:
@@ -193,7 +201,10 @@ def run_config_fuzz(run: Any, base: dict, n: int, n_cli: int, rng: random.Random
         trained[key] = trained.get(key, 0) + 1
     rows.append({"case": f"{len(accepted)} accepted configs, 2 training steps each (RLIMIT_AS 8 GiB, 60 s)",
                  "expect": "finite loss, or a typed error before the first step",
-                 "got": ", ".join(f"{k} {v}" for k, v in sorted(trained.items())) + (f"; {bad[:2]}" if bad else ""),
+                 "got": ", ".join(f"{k} {v}" for k, v in sorted(trained.items()))
+                        + (f"; slowest {max(walls):.1f} s, median {sorted(walls)[len(walls) // 2]:.1f} s"
+                           if walls else "")
+                        + (f"; {bad[:2]}" if bad else ""),
                  "ok": not bad and "HANG" not in trained, "traceback": any("traceback" in b for b in bad),
                  "hang": "HANG" in trained, "lost": False})
     summary = (f"Generated from the working base config by 1-4 mutations each over every field of the schema "

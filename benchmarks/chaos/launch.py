@@ -20,6 +20,7 @@ FAULT (``--step S`` is the 0-based training step, as passed to moesaic.train.fau
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import subprocess
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--nth", type=int, default=1)
     a = p.parse_args(sys.argv[1:sep])
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the harness asks for the stacks of a hang
 
     import torch
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,16 +60,28 @@ class Run:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
                              preexec_fn=preexec)
-        hang = False
+        hang, cpu = False, None
         try:
             so, se = p.communicate(timeout=kill_after if kill_after is not None else timeout)
         except subprocess.TimeoutExpired:
-            if kill_after is None:
+            if kill_after is None:  # a hang: the launcher's faulthandler prints every thread's stack first
                 hang = True
+                cpu = cpu_seconds(p.pid)
+                p.send_signal(signal.SIGUSR1)
+                time.sleep(2)
             p.kill()
             so, se = p.communicate()
         return {"rc": p.returncode, "stderr": se, "stdout": so, "hang": hang, "wall": time.perf_counter() - t0,
-                "type": res.read_text() if res.exists() else None}
+                "cpu": cpu, "type": res.read_text() if res.exists() else None}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (tells a starved run from a spinning one)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def write_cfg(path: Path, data: dict) -> Path:
