@@ -14,6 +14,7 @@ from moesaic.cli import main
     (["--request-timeout", "-1"], "--request-timeout"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--port", "70000"], "--port"),
+    (["--context", "4096"], "context = 4096: must be in [2, the model's context (2048)]"),
 ])
 def test_bad_flags_exit_2_with_one_line(serve_ckpt, capsys, flags, needle):
     assert main(["serve", str(serve_ckpt), *flags]) == 2

@@ -48,7 +48,7 @@ def test_hf_folder_chat_template_generate_equality_and_batching(hf_dir, capsys):
     model = moesaic.load(hf_dir)
     template = load_chat_template(hf_dir)
     assert template == TEMPLATE
-    app = build_app(model, ServeConfig(model_name="mixtral"), chat_template=template, max_batch=4)
+    app = build_app(model, ServeConfig(model_name="mixtral"), chat_template=template, max_batch=4, context=128)
     with serve_in_thread(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         r = c.completions.create(model="mixtral", prompt="to be or", max_tokens=12, temperature=0)
@@ -57,6 +57,9 @@ def test_hf_folder_chat_template_generate_equality_and_batching(hf_dir, capsys):
                      "--json"]) == 0
         ref = json.loads(capsys.readouterr().out)
         assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == ref["completion_tokens"]
+        # --context 128 (the model has 256): prompt + max_tokens beyond it is a 400
+        with pytest.raises(openai.BadRequestError, match="served context"):
+            c.completions.create(model="mixtral", prompt="to be or", max_tokens=128, temperature=0)
         # the model's template, with its eos token, formats chat messages
         msgs = [{"role": "user", "content": "to be"}]
         prompt = ChatFormatter(TEMPLATE, eos_token="<|eos|>").format([("user", "to be")])

@@ -27,6 +27,9 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0 = none); 408")
     p.add_argument("--body-limit", type=int, default=1 << 20, help="request body limit in bytes; 413 past it")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence, prompt + completion (default: the model's context, at most 4096); "
+                        "the KV cache holds max-batch rows of twice this")
     p.add_argument("--max-tokens", type=int, default=None, help="default max_tokens (default: up to the context)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests may finish after SIGTERM before they are cancelled")
@@ -67,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
                       default_max_tokens=args.max_tokens)
     template = load_chat_template(path) if path.is_dir() else None
     run_server(lambda ready: build_app(lm, cfg, tokenizer=tok, chat_template=template, max_batch=args.max_batch,
-                                       max_queue=args.max_queue, on_ready=ready),
+                                       max_queue=args.max_queue, context=args.context, on_ready=ready),
                args.host, args.port, args.shutdown_grace)
     return 0

@@ -81,7 +81,7 @@ class State:
         body.unsupported()
         ctx = self.engine.context
         if ctx is not None and n_prompt >= ctx:
-            raise APIError(400, f"{field}: {n_prompt} tokens, the model's context is {ctx}", param=field,
+            raise APIError(400, f"{field}: {n_prompt} tokens, the served context is {ctx}", param=field,
                            code="context_length_exceeded")
         room = (ctx - n_prompt) if ctx is not None else None
         max_name = "max_completion_tokens" if isinstance(body, ChatRequest) and body.max_completion_tokens else \
@@ -90,7 +90,7 @@ class State:
             max_tokens = min(v for v in (room, self.cfg.default_max_tokens, 1 << 20) if v is not None)
         elif room is not None and max_tokens > room:
             raise APIError(400, f"{max_name}: the prompt ({n_prompt} tokens) + {max_name} ({max_tokens}) exceeds the "
-                           f"model's context ({ctx})", param=max_name, code="context_length_exceeded")
+                           f"served context ({ctx} tokens)", param=max_name, code="context_length_exceeded")
         eos = getattr(self.tokenizer, "eos_id", None)
         temperature = 1.0 if body.temperature is None else body.temperature
         return SamplingParams(max_tokens, temperature, 1.0 if body.top_p is None else body.top_p, 0,

@@ -70,7 +70,7 @@ class Engine:
     every decode step with the number of rows it ran (metrics)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
-                 on_step: Callable[[int], None] | None = None):
+                 context: int | None = None, on_step: Callable[[int], None] | None = None):
         if max_batch < 1:
             raise ConfigError("max_batch", max_batch, "must be >= 1")
         if max_queue < 0:
@@ -78,7 +78,13 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step
-        self.session = DecodeSession(self.model, max_batch)
+        model_ctx: int | None = getattr(model, "max_seq_len", None)
+        if context is not None and (context < 2 or (model_ctx is not None and context > model_ctx)):
+            raise ConfigError("context", context, f"must be in [2, the model's context ({model_ctx})]")
+        #: tokens per sequence (prompt + completion); the cache holds 2x that per row, so any mix of
+        #: sequences that each fit goes in (DecodeSession's shared column cursor).
+        self.context = context or model_ctx or 2048
+        self.session = self._new_session()
         self._waiting: collections.deque[Job] = collections.deque()
         self._live: dict[int, Job] = {}
         self._cond = threading.Condition()
@@ -86,11 +92,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.errors = 0
 
-    # ------------------------------------------------------------------ any thread
-    @property
-    def context(self) -> int | None:
-        return self.session.context
+    def _new_session(self) -> DecodeSession:
+        return DecodeSession(self.model, self.max_batch, 2 * self.context)
 
+    # ------------------------------------------------------------------ any thread
     @property
     def running(self) -> int:
         return len(self._live)
@@ -233,4 +238,4 @@ class Engine:
                 for j in list(self._live.values()):
                     self._finish(j, "error", error="the model raised during decoding (see the server log)")
                 self._live.clear()
-                self.session = DecodeSession(self.model, self.max_batch)
+                self.session = self._new_session()

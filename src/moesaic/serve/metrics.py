@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from torch import nn
@@ -73,6 +73,7 @@ class ServeMetrics:
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self, model: nn.Module):
+        disable_created_metrics()  # no `*_created` timestamp series (process-wide in prometheus_client)
         r = self.registry = CollectorRegistry()
         self.requests = Counter("moesaic_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)

@@ -32,16 +32,23 @@ from moesaic.serve.metrics import ServeMetrics
 
 #: The line ``moesaic serve`` prints on stdout once it accepts requests; scripts read the port from it.
 READY_LINE = "moesaic serve: listening on http://{host}:{port}"
+#: Tokens per sequence unless ``--context`` says otherwise: the KV cache is allocated up front for
+#: ``max_batch`` rows of twice this, so a model's full context (32k and more) would be gigabytes.
+DEFAULT_CONTEXT = 4096
 READY_RE = re.compile(r"^moesaic serve: listening on (http://\S+):(\d+)")
 
 
 def build_app(model: nn.Module, cfg: ServeConfig, *, tokenizer: Any = None, chat_template: str | None = None,
-              max_batch: int = 8, max_queue: int = 64, on_ready: Callable[[], None] | None = None) -> ASGIApp:
+              max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+              on_ready: Callable[[], None] | None = None) -> ASGIApp:
     """The ASGI application serving ``model`` (its ``.tokenizer`` unless ``tokenizer`` is given)."""
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ConfigError("tokenizer", None, "the model has no tokenizer; the server needs one to read and write text")
-    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    if context is None:
+        model_ctx = getattr(model, "max_seq_len", None)
+        context = min(model_ctx, DEFAULT_CONTEXT) if model_ctx else DEFAULT_CONTEXT
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, context=context)
     special = getattr(tok, "decode", None)
     eos = getattr(tok, "eos_id", None)
     chat = ChatFormatter(chat_template, eos_token=special([eos]) if special is not None and eos is not None else "")
