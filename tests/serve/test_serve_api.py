@@ -3,13 +3,15 @@ streams join to the non-streamed text, usage, stop strings, seeds, every error s
 /v1/models, /health and /metrics."""
 
 import json
+import socket
+import urllib.parse
 
 import pytest
 
 from moesaic.cli import main
 from moesaic.serve.chat import plain_prompt
 
-from .conftest import openai
+from .conftest import KEY, openai
 
 
 def _generate(ckpt, prompt, n, capsys, *extra):
@@ -171,15 +173,37 @@ def test_chat_bad_fields_and_error_statuses(server):
     e = _status(lambda: c.completions.create(model="tiny-lm", prompt="x" * (1 << 20), max_tokens=2))
     assert e.status_code == 413 and _err(e)["code"] == "body_too_large"
 
-    def chunks():
-        yield b'{"model": "tiny-lm", "prompt": "'
-        for _ in range(17):
-            yield b"y" * 65536
-        yield b'"}'
-    r = server.post("/v1/completions", content=chunks())
-    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    # a chunked body (no declared length) is refused once it passes the limit; the server reads the rest
+    # (up to 16x the limit) before its 413, so a client still sending gets the answer, not a reset
+    counted = 'moesaic_requests_total{endpoint="/v1/completions",status="413"}'
+    before = server.metric(counted)
+    reply = _send_chunked(server, [b'{"model": "tiny-lm", "prompt": "'] + [b"y" * 65536] * 17 + [b'"}'])
+    assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply, reply[:200]  # drained, then 413
+    assert server.metric(counted) == before + 1
     ok = c.completions.create(model="tiny-lm", prompt="x" * 1000, max_tokens=2)  # 1 KB is fine
     assert ok.usage.prompt_tokens == 1000
+
+
+def _send_chunked(server, chunks):
+    """POST /v1/completions with a chunked body over a raw socket; the reply bytes (b"" if the connection was
+    reset before any arrived)."""
+    u = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        try:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for c in chunks:
+                s.sendall(b"%x\r\n" % len(c) + c + b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+        reply = b""
+        try:
+            while data := s.recv(65536):
+                reply += data
+        except OSError:
+            pass
+    return reply
 
 
 def test_metrics_count_requests_tokens_latency_and_expert_load(server):

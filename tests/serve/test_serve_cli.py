@@ -31,3 +31,24 @@ def test_missing_folder_and_busy_port(serve_ckpt, tmp_path, capsys):
         assert main(["serve", str(serve_ckpt), "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot listen on 127.0.0.1" in err[0]
+
+
+def test_decoding_strategy_flags_serve_what_generate_decodes(serve_ckpt, capsys):
+    """`--scmoe` (self-contrast decoding, a wrapper around the model) over HTTP equals `moesaic generate --scmoe`."""
+    import json
+
+    from .conftest import Server
+
+    s = Server(serve_ckpt, ["--scmoe", "--top-k", "1"])
+    try:
+        r = s.client(key="x").completions.create(model="tiny-lm", prompt="KING", max_tokens=12, temperature=0)
+    finally:
+        assert s.stop() == 0
+    capsys.readouterr()
+    assert main(["generate", str(serve_ckpt), "--prompt", "KING", "--temperature", "0", "--max-new-tokens", "12",
+                 "--scmoe", "--top-k", "1", "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == ref["completion_tokens"]
+    plain = json.loads((main(["generate", str(serve_ckpt), "--prompt", "KING", "--temperature", "0",
+                              "--max-new-tokens", "12", "--json"]), capsys.readouterr().out)[1])
+    assert plain["text"] != ref["text"]  # the flags changed the decoding

@@ -192,8 +192,10 @@ def create_app(engine: Engine, tokenizer: Any, chat: ChatFormatter, cfg: ServeCo
         return JSONResponse(error_body(f"internal error ({type(e).__name__})", "server_error"), status_code=500)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": cfg.model_name, "running": engine.running, "waiting": engine.waiting}
+    async def health() -> Response:
+        ok = engine.alive
+        return _json({"status": "ok" if ok else "unavailable", "model": cfg.model_name, "running": engine.running,
+                      "waiting": engine.waiting}, 200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

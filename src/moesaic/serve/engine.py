@@ -97,6 +97,11 @@ class Engine:
 
     # ------------------------------------------------------------------ any thread
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (False before ``start`` and after ``stop``)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def running(self) -> int:
         return len(self._live)
 

@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moesaic.serve.metrics import ServeMetrics
 from moesaic.serve.protocol import error_body
 
+#: A refused body up to this many times the limit is read to its end before the 413 (see ``Guard._drain``).
+DRAIN_FACTOR = 16
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -60,6 +62,8 @@ class Guard:
                 return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.body_limit):
+            if declared.isdigit() and int(declared) <= DRAIN_FACTOR * self.body_limit:
+                await self._drain(receive)
             await self._too_large(send)
             return
         chunks: list[bytes] = []
@@ -71,6 +75,8 @@ class Guard:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.body_limit:
+                if msg.get("more_body", False):
+                    await self._drain(receive)
                 await self._too_large(send)
                 return
             chunks.append(chunk)
@@ -92,6 +98,19 @@ class Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop the rest of a refused body (up to ``DRAIN_FACTOR`` times the limit) before answering,
+        so that closing the connection does not reset it under a client still sending (which would lose the
+        413: "lingering close", as nginx does)."""
+        left = DRAIN_FACTOR * self.body_limit
+        while left > 0:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            left -= len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
 
     async def _too_large(self, send: Send) -> None:
         await send_json(send, 413, error_body(f"request body over the limit of {self.body_limit} bytes "
