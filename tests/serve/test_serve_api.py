@@ -37,6 +37,21 @@ def test_greedy_completion_equals_moesaic_generate(server, serve_ckpt, capsys):
     assert by_ids.usage.prompt_tokens == 4 and by_ids.usage.completion_tokens == 8
 
 
+def test_a_list_of_prompts_gets_one_choice_each(server):
+    c = server.client()
+    prompts = ["KING", "QUEEN", "To be"]
+    batch = c.completions.create(model="tiny-lm", prompt=prompts, max_tokens=9, temperature=0)
+    single = [c.completions.create(model="tiny-lm", prompt=p, max_tokens=9, temperature=0) for p in prompts]
+    assert [ch.index for ch in batch.choices] == [0, 1, 2]
+    assert [ch.text for ch in batch.choices] == [s.choices[0].text for s in single]
+    assert batch.usage.prompt_tokens == sum(len(p) for p in prompts) and batch.usage.completion_tokens == 27
+    # sampled: prompt i uses seed + i, as moesaic.complete does
+    sampled = c.completions.create(model="tiny-lm", prompt=["KING", "KING"], max_tokens=12, temperature=1, seed=5)
+    again = [c.completions.create(model="tiny-lm", prompt="KING", max_tokens=12, temperature=1, seed=s)
+             for s in (5, 6)]
+    assert [ch.text for ch in sampled.choices] == [a.choices[0].text for a in again]
+
+
 def test_chat_uses_the_plain_template(server):
     c = server.client()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
@@ -138,7 +153,8 @@ def _err(e):
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(presence_penalty=0.5), "presence_penalty"),
     (dict(prompt=[1, 2, 10**6]), "prompt"),
-    (dict(prompt=["one", "two"]), "prompt"),
+    (dict(prompt=["one", "two"], stream=True), "prompt"),
+    (dict(prompt=["one", ""]), "prompt.1"),
 ])
 def test_bad_fields_answer_400_naming_the_field(server, kwargs, param):
     c = server.client()

@@ -75,6 +75,17 @@ def test_disconnect_cancels_a_plain_request(small):
     assert r.usage.completion_tokens == 3
 
 
+def test_a_prompt_list_over_the_queue_is_refused_whole(small):
+    """1 row + 1 queue place: a list of 3 prompts gets a 429 and none of it runs; a list of 2 fits."""
+    c = small.client(key="x")
+    with pytest.raises(openai.RateLimitError):
+        c.completions.create(model="m", prompt=["KING", "QUEEN", "LEAR"], max_tokens=3, temperature=0)
+    _wait(lambda: small.get("/health").json() | {"model": 0} == {"status": "ok", "model": 0, "running": 0,
+                                                                   "waiting": 0}, "the admitted prompts to end")
+    r = c.completions.create(model="m", prompt=["KING", "QUEEN"], max_tokens=3, temperature=0)
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 6
+
+
 def test_request_timeout_answers_408(serve_ckpt):
     s = Server(serve_ckpt, ["--request-timeout", "1", "--model-name", "m"])
     try:

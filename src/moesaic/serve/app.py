@@ -5,6 +5,7 @@ and ``/metrics``. Response and error shapes follow OpenAI's API reference; docs/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -22,10 +23,18 @@ from starlette.types import ASGIApp
 from moesaic.inference.sampling import SamplingParams
 from moesaic.serve.bridge import ABORTED, Generation
 from moesaic.serve.chat import ChatFormatter
-from moesaic.serve.engine import Engine
+from moesaic.serve.engine import Engine, JobEvent
 from moesaic.serve.guard import Guard
 from moesaic.serve.metrics import ServeMetrics
-from moesaic.serve.protocol import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body
+from moesaic.serve.protocol import (
+    SEED_MAX,
+    SEED_MIN,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    error_body,
+)
 
 
 @dataclasses.dataclass
@@ -62,22 +71,24 @@ class State:
             raise APIError(400, f"{field}: must not be empty", param=field)
         return ids
 
-    def prompt_ids(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
-        one: Any = prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}", param="prompt")
-            one = prompt[0]
+    def prompt_lists(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+        """The prompts of a completion request: a string or token ids, or a list of either."""
+        many: list[Any] = (list(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+                           else [prompt])
+        return [self._prompt_ids(p, "prompt" if len(many) == 1 else f"prompt.{i}") for i, p in enumerate(many)]
+
+    def _prompt_ids(self, one: Any, field: str) -> list[int]:
         if isinstance(one, str):
-            return self.encode(one, "prompt")
+            return self.encode(one, field)
         ids = [int(t) for t in one]
         if not ids:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
+            raise APIError(400, f"{field}: must not be empty", param=field)
         if self.vocab is not None and not all(0 <= t < self.vocab for t in ids):
-            raise APIError(400, f"prompt: token ids must be in [0, {self.vocab})", param="prompt")
+            raise APIError(400, f"{field}: token ids must be in [0, {self.vocab})", param=field)
         return ids
 
-    def sampling(self, body: SamplingRequest, n_prompt: int, max_tokens: int | None, field: str) -> SamplingParams:
+    def sampling(self, body: SamplingRequest, n_prompt: int, max_tokens: int | None, field: str,
+                 seed_offset: int = 0) -> SamplingParams:
         body.unsupported()
         ctx = self.engine.context
         if ctx is not None and n_prompt >= ctx:
@@ -93,8 +104,11 @@ class State:
                            f"served context ({ctx} tokens)", param=max_name, code="context_length_exceeded")
         eos = getattr(self.tokenizer, "eos_id", None)
         temperature = 1.0 if body.temperature is None else body.temperature
+        seed = body.seed
+        if seed is not None:  # prompt i of a list samples with seed + i, wrapped into the generator's range
+            seed = (seed + seed_offset - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
         return SamplingParams(max_tokens, temperature, 1.0 if body.top_p is None else body.top_p, 0,
-                              body.seed, (eos,) if eos is not None else ())
+                              seed, (eos,) if eos is not None else ())
 
     def generation(self, endpoint: str, ids: list[int], params: SamplingParams, body: SamplingRequest) -> Generation:
         gen = Generation(self.engine, self.metrics, endpoint, ids, params, body.stops(), self.cfg.request_timeout)
@@ -216,8 +230,20 @@ def create_app(engine: Engine, tokenizer: Any, chat: ChatFormatter, cfg: ServeCo
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         st.check_model(body.model)
-        ids = st.prompt_ids(body.prompt)
-        gen = st.generation("/v1/completions", ids, st.sampling(body, len(ids), body.max_tokens, "prompt"), body)
+        prompts = st.prompt_lists(body.prompt)
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, f"prompt: a stream takes one prompt, got {len(prompts)} (send them without stream)",
+                           param="prompt")
+        params = [st.sampling(body, len(ids), body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}", i)
+                  for i, ids in enumerate(prompts)]
+        gens: list[Generation] = []
+        try:
+            for ids, p in zip(prompts, params, strict=True):
+                gens.append(st.generation("/v1/completions", ids, p, body))
+        except APIError:  # the queue took only some: none of them runs
+            for g in gens:
+                g.close()
+            raise
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, reason: str | None) -> dict[str, Any]:
@@ -225,9 +251,26 @@ def create_app(engine: Engine, tokenizer: Any, chat: ChatFormatter, cfg: ServeCo
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
 
         if body.stream:
-            return _stream(gen, body, chunk, None)
-        text, final = await gen.collect(request)
-        return JSONResponse({**chunk(text, final.finish_reason), "usage": _usage(len(ids), final.completion_tokens)})
+            return _stream(gens[0], body, chunk, None)
+
+        async def watched() -> tuple[str, JobEvent]:  # the first prompt watches the client for all of them
+            try:
+                return await gens[0].collect(request)
+            except APIError:
+                for g in gens:
+                    g.close()
+                raise
+
+        results = await asyncio.gather(watched(), *(g.collect(None) for g in gens[1:]), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        done = [r for r in results if not isinstance(r, BaseException)]
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": final.finish_reason}
+                   for i, (text, final) in enumerate(done)]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                             "choices": choices, "usage": _usage(sum(map(len, prompts)),
+                                                                 sum(f.completion_tokens for _, f in done))})
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

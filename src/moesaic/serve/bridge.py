@@ -88,7 +88,7 @@ class Generation:
                 if task is not None:
                     task.cancel()
 
-    async def collect(self, request: Request) -> tuple[str, JobEvent]:
+    async def collect(self, request: Request | None) -> tuple[str, JobEvent]:
         """The whole text and the last event; an aborted generation is an :class:`APIError`."""
         parts = [ev.delta async for ev in self.events(request)]
         final = self.final

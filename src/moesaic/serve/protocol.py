@@ -104,7 +104,8 @@ def _plain_text_format(fmt: Any) -> bool:
 
 
 class CompletionRequest(SamplingRequest):
-    """``POST /v1/completions``: ``prompt`` is a string or token ids, or a list holding one of either."""
+    """``POST /v1/completions``: ``prompt`` is a string or token ids, or a list of either (not streamed: one
+    choice per prompt, prompt i sampling with ``seed + i``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
 
