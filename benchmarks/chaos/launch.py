@@ -8,6 +8,9 @@ FAULT (``--step S`` is the 0-based training step, as passed to moesaic.train.fau
                                                    inside the backward through that output, at the optimizer step,
                                                    or inside the K-th module forward of the evaluation after S
   --kill point:NAME                                SIGKILL at fault point NAME (checkpoint.after_files, ...) of step S
+  --kill gather --step S                           SIGKILL inside the save after step S, between the model's and the
+                                                   optimizer's gather (a non-writer rank mid-save)
+  --rank R                                         under --nproc: arm the fault on rank R only
   --inject nan-act|inf-grad|nan-weight --nth K     NaN into the K-th module output / inf into the gradient through it /
                                                    NaN into the K-th Linear weight at the start of step S (in place
                                                    during a forward, autograd would see its saved tensor changed)
@@ -40,7 +43,13 @@ def main() -> int:
     p.add_argument("--rewrite")
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--nth", type=int, default=1)
+    p.add_argument("--rank", type=int, default=None, help="only this rank of a --nproc run (default: every rank)")
     a = p.parse_args(sys.argv[1:sep])
+    rank = os.environ.get("RANK")
+    if rank is not None:  # a worker of `moesaic train --nproc N`: its own result file, faults on --rank only
+        a.result = f"{a.result}.rank{rank}"
+        if a.rank is not None and int(rank) != a.rank:
+            a.kill = a.inject = a.fill = a.readonly = a.vanish = a.rewrite = None
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the harness asks for the stacks of a hang
 
     import torch
@@ -55,14 +64,25 @@ def main() -> int:
 
     from moesaic.train.trainer import Trainer
 
-    trainer_step = Trainer.train_step
+    if "--nproc" in sys.argv[sep + 1:] and rank is None:  # the parent: its workers run this launcher too
+        import moesaic.distributed.launch as dl
+
+        dl.WORKER = [str(Path(__file__).resolve()), *sys.argv[1:sep], "--"]
+
+    trainer_step, trainer_save = Trainer.train_step, Trainer.save
     model: dict[str, torch.nn.Module] = {}
 
     def recording_step(self: Trainer, batch: dict) -> dict:
         model["m"] = self.model
         return trainer_step(self, batch)
 
+    def killing_save(self: Trainer) -> Path:  # --kill gather: inside the save, between the two collectives
+        if a.kill == "gather" and self.step == a.step:
+            self.strategy.gather_optimizer_state = lambda *_: kill()  # type: ignore[method-assign]
+        return trainer_save(self)
+
     Trainer.train_step = recording_step  # type: ignore[method-assign]
+    Trainer.save = killing_save  # type: ignore[method-assign]
 
     def on_step(step: int, rank: int = 0) -> None:
         state["step"], state["count"] = step, 0

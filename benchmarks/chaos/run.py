@@ -11,6 +11,7 @@ has a timeout (a timeout is a hang).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -28,7 +29,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bad_data import bad_data  # noqa: E402
+from ep import ep_kills  # noqa: E402
 from fuzz_configs import run_config_fuzz  # noqa: E402
+from serve_fuzz import serve_fuzz  # noqa: E402
 
 BASE = {
     "model": {"kind": "decoder_lm", "d_model": 16, "num_layers": 2, "d_ff": 32, "max_seq_len": 32,
@@ -238,7 +241,7 @@ def main() -> int:
     ap.add_argument("--short", action="store_true", help="the CI version: fewer kills and configs")
     ap.add_argument("--report", default="chaos-report.md")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sections", default="kill,disk,nonfinite,data,configs",
+    ap.add_argument("--sections", default="kill,disk,nonfinite,data,ep,serve,configs",
                     help="comma-separated subset (to run parts side by side; the report lists what ran)")
     a = ap.parse_args()
     only = set(a.sections.split(","))
@@ -266,6 +269,19 @@ def main() -> int:
             print("bad data ...", flush=True)
             sections["Bad data (a user's text file, `data.kind: text`; tokenizer files)"] = bad_data(
                 run, BASE, write_cfg, tb)
+        if "ep" in only:
+            print("expert parallelism ...", flush=True)
+            sections["Expert parallelism: one rank of 4 killed (gloo)"] = ep_kills(run, BASE, write_cfg, same_as, tb,
+                                                                                  a.short)
+        notes: list[str] = []
+        if "serve" in only:
+            if importlib.util.find_spec("moesaic.cli.serve") is None:
+                notes.append("`moesaic serve` fuzzing did not run: `moesaic serve` is not in this checkout.")
+            else:
+                print("serve ...", flush=True)
+                n_req, n_disc = (250, 50) if a.short else (1000, 200)
+                sections["`moesaic serve`: fuzzed requests and abrupt disconnects"] = serve_fuzz(
+                    run, ref / "step-00000012", n_req, n_disc, a.seed)
         cfg_summary = ""
         if "configs" in only:
             print("configs ...", flush=True)
@@ -280,7 +296,7 @@ def main() -> int:
              f"- cases: {len(rows)}, passed: {sum(r['ok'] for r in rows)}, failed: {sum(not r['ok'] for r in rows)}",
              f"- losses of data: {sum(r['lost'] for r in rows)}",
              f"- tracebacks reaching the user: {sum(r['traceback'] for r in rows)}",
-             f"- hangs (timeouts): {sum(r['hang'] for r in rows)}", ""]
+             f"- hangs (timeouts): {sum(r['hang'] for r in rows)}", "", *notes, ""]
     for title, rs in sections.items():
         lines += [f"## {title}", ""]
         if title == "Fuzzed configs":

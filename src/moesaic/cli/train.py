@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from moesaic.cli import SubParsers
 
@@ -47,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         from moesaic.distributed.groups import init_process_group
 
         init_process_group()  # the trainer then picks expert + data parallelism (distributed/strategy.py)
-    trainer = Trainer(cfg, out, resume=args.resume)
-    code = trainer.run()
+    if world > 1:
+        trainer, code = _run_rank(cfg, out, args.resume, world)
+    else:
+        trainer = Trainer(cfg, out, resume=args.resume)
+        code = trainer.run()
     s, writer = trainer.summary, trainer.is_writer
     if world > 1:  # release DDP's reducer before its process groups, then leave together (no abort at exit)
         import gc
@@ -66,3 +70,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"step {s['steps']}  loss {s.get('loss', float('nan')):.4f}{val}  {s['tokens_per_s']:.0f} tokens/s  "
           f"-> {out}")
     return code
+
+
+#: Words in the RuntimeError of a broken or timed-out collective (gloo's transport, NCCL, the c10d store).
+_COMM_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe",
+                "socket")
+
+
+def _run_rank(cfg: Any, out: str, resume: bool, world: int) -> tuple[Any, int]:
+    """One rank of a distributed run: a collective that breaks because another rank died or hung (a
+    RuntimeError from the backend) becomes a one-line RankFailedError naming this rank and the step."""
+    import torch.distributed as dist
+
+    from moesaic.core.errors import RankFailedError
+    from moesaic.train.trainer import Trainer
+
+    rank, trainer = dist.get_rank(), None
+    try:
+        trainer = Trainer(cfg, out, resume=resume)
+        return trainer, trainer.run()
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        if not (isinstance(e, dist.DistError) or any(w in msg.lower() for w in _COMM_ERRORS)):
+            raise
+        at = f" at step {trainer.step + 1}" if trainer is not None else " while starting"
+        raise RankFailedError(f"rank {rank} of {world}: a collective failed{at} ({msg[:160]}); another rank "
+                              "died or hung, nothing was published from this step") from None

@@ -50,6 +50,11 @@ class DataError(MoesaicError, ValueError):
     read. Names the config field and the file."""
 
 
+class RankFailedError(MoesaicError, RuntimeError):
+    """A rank of a distributed run failed, was killed or lost contact with the others (a collective broke
+    or timed out). Names the rank."""
+
+
 class NonFiniteTrainingError(MoesaicError, FloatingPointError):
     """A training step produced NaN or inf (loss, gradient or weight). Names the step and the first layer."""
 

@@ -10,8 +10,6 @@ If a rank raises, the others are terminated and the exception is re-raised here.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,11 +48,32 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any) -> list[Any]:
         return [torch.load(Path(tmp) / f"result_{r}.pt", weights_only=False) for r in range(nprocs)]
 
 
+#: What each worker runs after ``torch.distributed.run``'s own arguments (the chaos harness points it at its
+#: fault launcher; nothing in the package changes it).
+WORKER: list[str] = ["-m", "moesaic"]
+
+
 def torchrun(nproc: int, moesaic_args: list[str]) -> int:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m moesaic ARGS``; its exit code
-    (non-zero when any rank fails: torchrun then stops the others)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "moesaic", *moesaic_args]
-    return subprocess.run(cmd, env=env).returncode
+    """``torchrun --standalone --nproc-per-node N -m moesaic ARGS``, run in this process; its exit code.
+
+    When a rank fails, torchrun stops the others (SIGTERM, then SIGKILL); its ``ChildFailedError`` (a
+    traceback) becomes a one-line :class:`~moesaic.core.errors.RankFailedError` naming the first rank that
+    failed and how (an exit code, or the signal that killed it)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from moesaic.core.errors import RankFailedError
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                                         *WORKER, *moesaic_args])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, f = e.get_first_failure()
+        how = (f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with {f.exitcode}")
+        others = [r for r in e.failures if r != rank]
+        raise RankFailedError(f"rank {rank} of {nproc} {how} (pid {f.pid}); torchrun stopped the other ranks"
+                              + (f" ({', '.join(map(str, others))} failed too)" if others else "")
+                              + "; only checkpoints published before it remain") from None
+    return 0
