@@ -28,6 +28,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent.parent / "src"))  # this checkout's moesaic, as in every subprocess
 from bad_data import bad_data  # noqa: E402
 from ep import ep_kills  # noqa: E402
 from fuzz_configs import run_config_fuzz  # noqa: E402
