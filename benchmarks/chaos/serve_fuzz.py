@@ -55,10 +55,8 @@ def _body(rng: random.Random, model: str, chat: bool) -> bytes | str:
     if kind < 0.77:
         return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200))).decode("latin-1")
     if kind < 0.82:
-        deep: Any = 1
-        for _ in range(rng.randint(100, 3000)):
-            deep = [deep]
-        return json.dumps({**base, "prompt": deep})
+        n = rng.randint(100, 3000)  # written as text: json.dumps itself would recurse too deep
+        return json.dumps({**base, "prompt": 0}).replace('"prompt": 0', '"prompt": ' + "[" * n + "1" + "]" * n)
     if kind < 0.86:
         return json.dumps({**base, "prompt": "x" * (2 << 20)})  # over the 1 MiB body limit
     if kind < 0.9:
