@@ -192,7 +192,8 @@ def run_config_fuzz(run: Any, base: dict, n: int, n_cli: int, rng: random.Random
         elif r["rc"] == 0 and recs and all(math.isfinite(x["loss"]) for x in recs) and recs[-1]["step"] == 2:
             key = "trained, finite loss"
         elif r["rc"] == 2 and r["type"] not in (None, "ok") and not recs:
-            key = f"{r['type']} before the first step"
+            size = "GiB for weights, gradients and AdamW state" in r["stderr"]
+            key = f"{r['type']} {'(size check) ' if size else ''}before the first step"
         else:
             key = f"FAILED rc {r['rc']} {r['type']}"
             bad.append(f"a{i}: {r['stderr'].strip()[-300:]}")
@@ -207,6 +208,19 @@ def run_config_fuzz(run: Any, base: dict, n: int, n_cli: int, rng: random.Random
                         + (f"; {bad[:2]}" if bad else ""),
                  "ok": not bad and "HANG" not in trained, "traceback": any("traceback" in b for b in bad),
                  "hang": "HANG" in trained, "lost": False})
+    # a model far too large for memory: refused by the size check before allocation, quickly
+    huge = copy.deepcopy(base)
+    huge["model"]["moe"].update(num_experts=4096, d_ff=1 << 16)
+    p = d / "huge.yaml"
+    p.write_text(yaml.safe_dump(huge))
+    r = run.train(p, d / "huge", timeout=60, preexec=_limit)
+    last = r["stderr"].strip().splitlines()[-1] if r["stderr"].strip() else ""
+    ok = (r["rc"] == 2 and r["type"] == "ConfigError" and "GiB for weights, gradients" in last
+          and not (d / "huge").exists() and "Traceback" not in r["stderr"])
+    rows.append({"case": "a model too large for memory (4096 experts of d_ff 65536 per layer)",
+                 "expect": "exit 2, ConfigError from the size check before allocation (60 s timeout), no --out left",
+                 "got": f"rc {r['rc']}, {r['type']}: '{last[:110]}', {r['wall']:.1f} s", "ok": ok,
+                 "traceback": "Traceback" in r["stderr"], "hang": r["hang"], "lost": False})
     summary = (f"Generated from the working base config by 1-4 mutations each over every field of the schema "
                f"(random values of every type, out-of-range numbers, 10^10..10^400, NaN/inf, unicode and 10 000-char "
                f"strings, key deletions and additions, 50-400-level nesting, whole sections replaced). Untyped "

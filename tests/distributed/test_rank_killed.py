@@ -1,0 +1,41 @@
+"""`moesaic train --nproc 2` with one rank SIGKILLed: one `error:` line naming the rank and the signal (not
+torchrun's ChildFailedError traceback), the surviving rank ends with one line too, nothing is published
+after the last good checkpoint, and --resume finishes."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import moesaic.distributed.launch as dl
+from lm_fixtures import TINY
+from moesaic.cli import main
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_a_killed_rank_is_one_line_and_nothing_is_published(tmp_path, monkeypatch, capfd, data_cache):
+    cfg = tmp_path / "ep.yaml"
+    data = copy.deepcopy(TINY)
+    data["train"].update(max_steps=4, save_every=2, eval_every=100, dtype="float32")
+    data["parallel"] = {"ep_size": 2}
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("MOESAIC_PG_TIMEOUT", "30")
+    launch = str(Path(__file__).resolve().parents[1] / "fault_launch.py")  # rank 1 killed at the start of step 3
+    monkeypatch.setattr(dl, "WORKER", [launch, "kill", "step.begin", "2", "--rank", "1", "--"])
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("PYTHONPATH", ":".join(sys.path))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--nproc", "2", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert lines[-1].startswith("error: rank 1 of 2 was killed by SIGKILL"), lines
+    assert any(ln.startswith("error: rank 0 of 2: a collective failed at step 3") for ln in lines), lines
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002"]
+    monkeypatch.setattr(dl, "WORKER", ["-m", "moesaic"])
+    assert main(["train", str(cfg), "--nproc", "2", "--out", str(out), "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
