@@ -29,6 +29,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
           "stream_options", "logprobs", "echo", "logit_bias", "max_completion_tokens", "response_format", "tools"]
 OK_STATUS = {200, 400, 401, 404, 405, 408, 413, 415, 422, 429}
 REQ_TIMEOUT = 60.0
+BODY_LIMIT = 1 << 20  # moesaic serve's default --body-limit
 
 
 def _body(rng: random.Random, model: str, chat: bool) -> bytes | str:
@@ -168,6 +169,10 @@ def serve_fuzz(run: Any, checkpoint: Path, n_req: int, n_disc: int, seed: int) -
                 disc_res = list(pool.map(lambda i: disconnect(port, model, i), range(nd)))
             for q, (st, body, wall) in zip(reqs, results):
                 slowest = max(slowest, wall)
+                if isinstance(st, str) and st.startswith("closed") and len(q[3]) > BODY_LIMIT:
+                    st = "reset while sending a body over --body-limit"  # the server answered 413 and closed
+                    statuses[st] = statuses.get(st, 0) + 1
+                    continue
                 statuses[str(st)] = statuses.get(str(st), 0) + 1
                 err_shape = st == 200 or not q[1].startswith("/v1/") or st in (404, 405) or _openai_error(body)
                 if st not in OK_STATUS or not err_shape:
