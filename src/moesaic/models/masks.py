@@ -41,6 +41,7 @@ def sliding_window_mask(mask_B1QK: Tensor | None, S_q: int, S_kv: int, window: i
     """AND a sliding window into a ``[B, 1, S_q, S_kv]`` mask (or the plain causal one when None): query at
     cache index ``q`` sees keys ``k`` with ``q - window < k`` (Mistral; transformers' ``sliding_window``).
     Query rows left with no key (padding) attend to every key, as in :func:`attention_mask_4d`."""
+    window = min(window, S_kv + 1)  # a window past the keys excludes nothing (and a huge int fits a tensor)
     q = torch.arange(S_q, device=device).unsqueeze(1) + (S_kv - S_q)
     k = torch.arange(S_kv, device=device).unsqueeze(0)
     allowed = k > q - window

@@ -10,6 +10,7 @@ take the machine down (the kernel's OOM killer, or a ``MemoryError`` deep inside
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,34 @@ def count_parameters(model_cfg: Any) -> int | None:
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
+def _huge_field(cfg: Any, path: str) -> tuple[str, int] | None:
+    """The first integer field of the config tree ``cfg`` that no tensor size can hold (>= 2**62)."""
+    if isinstance(cfg, bool):
+        return None
+    if isinstance(cfg, int):
+        return (path, cfg) if abs(cfg) >= 2**62 else None
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        items: list[tuple[str, Any]] = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    elif isinstance(cfg, dict):
+        items = [(str(k), v) for k, v in cfg.items()]
+    elif isinstance(cfg, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(cfg)]
+    else:
+        return None
+    for name, v in items:
+        hit = _huge_field(v, f"{path}.{name}")
+        if hit is not None:
+            return hit
+    return None
+
+
 def check_model_fits(model_cfg: Any, dtype: torch.dtype) -> None:
-    """Raise :class:`ConfigError` on ``model`` when its training states exceed the memory left."""
+    """Raise :class:`ConfigError` on ``model`` when its training states exceed the memory left (or a size
+    field is beyond what a tensor dimension can hold)."""
+    huge = _huge_field(model_cfg, "model")
+    if huge is not None:
+        raise ConfigError(huge[0], None, f"an integer of {huge[1].bit_length()} bits is far beyond any tensor size "
+                          "(the model could not be allocated)", show_value=False)
     n = count_parameters(model_cfg)
     avail = available_bytes()
     if n is None or avail is None:
