@@ -194,7 +194,7 @@ def parse(tp: Any, data: Any, path: str = "") -> Any:
         try:
             return float(data)
         except OverflowError:  # an integer beyond float64 (10**309 and up)
-            raise ConfigError(path, None, f"an integer of {data.bit_length()} bits is too large for a number (at "
+            raise ConfigError(path, None, f"an integer of {int(data).bit_length()} bits is too large for a number (at "
                               "most about 1.8e308)", show_value=False) from None
     if tp is str:
         if not isinstance(data, str):
