@@ -126,3 +126,23 @@ def test_bad_options_are_typed_errors():
     sess.add([1, 2], SamplingParams(max_new_tokens=5))
     with pytest.raises(CapacityError):
         sess.add([1, 2], SamplingParams(max_new_tokens=5))
+
+
+@pytest.mark.parametrize("attention", [{"kind": "mla", "num_heads": 2},
+                                       {"kind": "mha", "num_heads": 4, "num_key_value_heads": 2,
+                                        "sliding_window": 4}])
+def test_static_cache_other_attention_kinds_match_model_generate(attention):
+    """MLA caches its latent (other tensor shapes), a sliding window masks by column: both through the
+    static cache give the tokens of the model's own concatenating cache, left-padded batch included."""
+    from moesaic.core.config import parse, validate_tree
+    from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+
+    torch.manual_seed(0)
+    data = {"vocab_size": 32, "d_model": 16, "num_layers": 2, "d_ff": 32, "max_seq_len": 48,
+            "attention": attention, "moe": {"d_ff": 32, "num_experts": 4, "top_k": 2}}
+    m = DecoderLM(validate_tree(parse(DecoderLMConfig, data, "model"), "model")).eval()
+    P = max(len(p) for p in PROMPTS)
+    ids_BP = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS])
+    assert torch.equal(moesaic.generate(m, ids_BP, 10, attention_mask=mask),
+                       m.generate(ids_BP, max_new_tokens=10, attention_mask=mask))
