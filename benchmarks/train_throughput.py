@@ -16,7 +16,10 @@ Two modes:
 ``--repeats R`` measures R times in a row on the same models and reports the median of the R ratios with
 all of them (the ratio of one 30-step measurement moves by about +-0.02 on a shared host).
 
-Usage: ``python benchmarks/train_throughput.py [configs/demo.yaml] [--steps 20] [--repeats 1] [--threads 1]
+Threads default to every core of the machine; the first output line names the thread count, the C allocator
+(core/allocator.py) and the load average.
+
+Usage: ``python benchmarks/train_throughput.py [configs/demo.yaml] [--steps 20] [--repeats 1] [--threads N]
 [--set k=v ...] [--reference] [--json out.json]``
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import moesaic
+from moesaic.bench.measure import run_header
+from moesaic.core.allocator import allocator_description
 from moesaic.examples.demo import count_params, dense_twin
 from moesaic.train.optim import build_adamw
 from moesaic.train.run_config import load_run_config
@@ -142,12 +148,13 @@ def main() -> None:
     ap.add_argument("config", nargs="?", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="measurements in a row; the median ratio is reported")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--reference", action="store_true", help="the issue's Mixtral/Llama shapes, with transformers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(run_header("wall", "median step time, wall clock (CPU-time ratios reported beside)"), flush=True)
     if args.reference:
         res = {"threads": args.threads, **reference(args.steps)}
     else:
@@ -164,6 +171,7 @@ def main() -> None:
                **reps[mid], "ratio_moe_over_dense": rs[mid]["wall"],
                "ratio_moe_over_dense_cpu_time": statistics.median(r["cpu_time"] for r in rs),
                "repeats": [{"wall": r["wall"], "cpu_time": r["cpu_time"]} for r in rs]}
+    res["allocator"], res["load_average"] = allocator_description(), os.getloadavg()
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

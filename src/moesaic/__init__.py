@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from moesaic.core.allocator import tune_malloc
 from moesaic.core.errors import (
     CausalityError,
     CheckpointCorruptError,
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 __version__ = "0.1.0"
+
+# reuse freed memory instead of page-faulting it in again (core/allocator.py); MOESAIC_MALLOC=default: off
+tune_malloc()
 
 
 def load(checkpoint_dir: str | Path, **kwargs: Any) -> nn.Module:

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from moesaic.bench.impls import Impl, floor_impls, moesaic_impls, peer_impls
-from moesaic.bench.measure import peak_growth, saved_bytes, time_interleaved
+from moesaic.bench.measure import peak_growth, run_header, saved_bytes, time_interleaved
+from moesaic.core.allocator import allocator_description
 from moesaic.core.errors import MoesaicError
 from moesaic.moe.layer import MoELayer
 
@@ -102,7 +104,8 @@ def _autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractCo
 def bench_config(T: int, E: int, k: int, D: int, Fd: int, dtypes: Sequence[str], repeats: int, warmup: int,
                  names: Sequence[str] | None = None, peers: bool = True, memory: bool = True, atol: float = 1e-4,
                  extra: Callable[[list[Impl]], list[Impl]] | None = None, device: torch.device | None = None,
-                 backward: bool = True, clock: str = "wall") -> tuple[list[dict[str, Any]], list[str]]:
+                 backward: bool = True, clock: str = "wall", grad: str = "sum"
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
     device = device or torch.device("cpu")
     impls, notes = build_impls(D, Fd, E, k, T, names, peers, extra)
     checked = impls
@@ -129,7 +132,10 @@ def bench_config(T: int, E: int, k: int, D: int, Fd: int, dtypes: Sequence[str],
             x = x_TD.detach().requires_grad_()
             with _autocast(dtype, device):
                 y = i.run(x)
-            y.backward(torch.ones_like(y))
+            if grad == "sum":  # what a user's y.sum().backward() sends: an expanded (stride-0) gradient
+                y.sum().backward()
+            else:
+                y.backward(torch.ones_like(y))
 
         t_f: dict[str, float] = {}
         t_fb: dict[str, float] = {}
@@ -216,7 +222,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--no-backward", action="store_true", help="time the forward only (decode)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: process CPU time (for a shared machine, with OMP_NUM_THREADS=1)")
+                   help="cpu: process CPU time (for a loaded machine, with --threads 1); labelled in the output")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch intra-op threads (default: every core of the machine)")
+    p.add_argument("--grad", choices=["sum", "dense"], default="sum",
+                   help="upstream gradient of fwd+bwd: y.sum().backward() (expanded) or a dense tensor of ones")
     p.add_argument("--atol", type=float, default=1e-4, help="output agreement tolerance (fp32)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
     p.add_argument("--markdown", default="", help="write the markdown table here")
@@ -229,13 +239,15 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
         if d not in DTYPES:
             raise MoesaicError(f"bench layer: --dtype {d!r} must be one of {', '.join(DTYPES)}")
     names = [n for n in args.impl.split(",") if n]
+    torch.set_num_threads(args.threads)
+    print(run_header(args.clock, f"grad={args.grad}"), flush=True)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for E, k in args.E:
         for T in args.T:
             r, n = bench_config(T, E, k, args.D, args.F, dtypes, args.repeats, args.warmup, names,
                                 not args.no_peers, not args.no_memory, args.atol, extra, torch.device(args.device),
-                                not args.no_backward, args.clock)
+                                not args.no_backward, args.clock, args.grad)
             rows += r
             notes += [m for m in n if m not in notes]
             print(markdown(r), file=sys.stderr, flush=True)
@@ -249,5 +261,6 @@ def run(args: argparse.Namespace, extra: Callable[[list[Impl]], list[Impl]] | No
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                       "grad": args.grad, "allocator": allocator_description(), "load": os.getloadavg(),
                        "rows": rows}, f, indent=1)
     return 0

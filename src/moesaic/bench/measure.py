@@ -21,6 +21,7 @@ i.e. the activation memory.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -56,6 +57,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             _sync(dev)
             times[n].append(now() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
+
+
+def run_header(clock: str = "wall", extra: str = "") -> str:
+    """One line: torch threads, C allocator, clock (``cpu`` labelled as process CPU time), load average."""
+    from moesaic.core.allocator import allocator_description
+
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    what = "wall clock" if clock == "wall" else "PROCESS CPU TIME (--clock cpu: not wall-clock latency)"
+    return (f"# threads={torch.get_num_threads()} of {os.cpu_count()} cores; allocator: {allocator_description()}; "
+            f"clock: {what}; load average: {load}" + (f"; {extra}" if extra else ""))
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:

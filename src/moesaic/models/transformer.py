@@ -28,6 +28,7 @@ from moesaic.models.masks import (
 from moesaic.models.norms import RMSNorm
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.layer import MoEConfig, MoELayer
+from moesaic.moe.recompute import checkpointed
 
 
 @dataclasses.dataclass
@@ -63,6 +64,14 @@ class TransformerConfig(ModelConfig):
     max_seq_len: int = rule(256, ge=1)
     rms_norm_eps: float = rule(1e-6, gt=0.0)
     init_std: float = rule(0.02, gt=0.0)
+    activation_checkpointing: bool | list[int] = rule(
+        False, doc="recompute blocks in backward instead of keeping their activations: true (every block) or a "
+                   "list of block indices (moesaic.moe.recompute; docs/benchmarks.md)")
+
+    def checkpointed_layer(self, i: int) -> bool:
+        """Whether block ``i`` runs under activation checkpointing."""
+        ac = self.activation_checkpointing
+        return ac if isinstance(ac, bool) else i in ac
 
     def validate(self, path: str) -> None:
         self.attention.validate_model(f"{path}.attention", self.d_model)
@@ -74,6 +83,10 @@ class TransformerConfig(ModelConfig):
                     "cannot be true together with moe")
             if ov.attention is not None:
                 ov.attention.validate_model(f"{path}.layer_overrides.{j}.attention", self.d_model)
+        if not isinstance(self.activation_checkpointing, bool):
+            for i in self.activation_checkpointing:
+                require(0 <= i < self.num_layers, f"{path}.activation_checkpointing", i,
+                        f"must list block indices in [0, {self.num_layers})")
 
     def layer_spec(self, i: int) -> tuple[AttentionConfig, MoEConfig | None, int]:
         """(attention config, MoE config or None for a dense FFN, dense FFN width) of layer ``i``."""
@@ -129,6 +142,7 @@ class TransformerBody(nn.Module):
         self.cfg, self.causal = cfg, causal
         self.embed_tokens = nn.Embedding(cfg.require_vocab(), cfg.d_model)
         self.layers = nn.ModuleList([TransformerLayer(cfg, i, causal=causal) for i in range(cfg.num_layers)])
+        self.checkpoint_blocks = [cfg.checkpointed_layer(i) for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
     def forward(self, input_ids_BS: Tensor, attention_mask_BK: Tensor | None = None,
@@ -152,8 +166,12 @@ class TransformerBody(nn.Module):
         mask_B1QK = attention_mask_4d(attention_mask_BK, B, S, past + S, self.causal, input_ids_BS.device)
         token_mask_BS = attention_mask_BK[:, -S:].bool() if attention_mask_BK is not None else None
         h_BSD = self.embed_tokens(input_ids_BS)
-        for layer in self.layers:
-            h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, cache, token_mask_BS, input_ids_BS)
+        for layer, ckpt in zip(self.layers, self.checkpoint_blocks):
+            if ckpt and cache is None and self.training:
+                h_BSD = checkpointed(layer, layer, h_BSD, position_ids_BS, mask_B1QK, None, token_mask_BS,
+                                     input_ids_BS)
+            else:
+                h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, cache, token_mask_BS, input_ids_BS)
         if cache is not None:
             cache.advance(S, attention_mask_BK)
         return self.norm(h_BSD)

@@ -31,6 +31,7 @@ from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.experts.base import ExpertsConfig
+from moesaic.moe.recompute import recomputing
 from moesaic.moe.routing.base import ROUTERS, RouterConfig
 
 
@@ -140,7 +141,10 @@ class MoELayer(nn.Module):
             y_TD = self._add_shared(x_TD, y_TD, mask_T if self.cfg.mask_padding else None)
 
         coefs = self.router.loss_coefs()
-        self.aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
+        aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
+        if recomputing():  # activation checkpointing: the first forward did the bookkeeping (moe/recompute.py)
+            return y_TD.reshape(x.shape)
+        self.aux_losses = aux_losses
         self.aux_stats = dict(decision.aux_stats)
         self._record(decision, plan)
         for hook in list(self._routing_hooks.values()):
