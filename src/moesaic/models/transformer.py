@@ -145,6 +145,12 @@ class TransformerBody(nn.Module):
         self.checkpoint_blocks = [cfg.checkpointed_layer(i) for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
+    def set_activation_checkpointing(self, blocks: bool | list[int]) -> None:
+        """Checkpoint every block (True), none (False) or the listed ones, as the config key does."""
+        self.cfg.activation_checkpointing = blocks
+        self.cfg.validate("model")
+        self.checkpoint_blocks = [self.cfg.checkpointed_layer(i) for i in range(len(self.layers))]
+
     def forward(self, input_ids_BS: Tensor, attention_mask_BK: Tensor | None = None,
                 position_ids_BS: Tensor | None = None, cache: KVCache | None = None,
                 seq_ids_BS: Tensor | None = None) -> Tensor:
