@@ -29,10 +29,11 @@ import moesaic
 from moesaic.bench.measure import run_header, saved_bytes
 from moesaic.core.allocator import allocator_description
 from moesaic.core.errors import MoesaicError
+from moesaic.models.transformer import TransformerBody
 
 TARGET = "train"
 B, S, V, D, L, H = 8, 256, 4096, 256, 4, 4
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": dict(intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
     "fine": dict(intermediate_size=128, num_local_experts=64, num_experts_per_tok=8),
 }
@@ -67,7 +68,9 @@ def steps(shape: str, checkpointing: bool) -> dict[str, tuple[nn.Module, Step]]:
     models: dict[str, nn.Module] = {"transformers grouped_mm": hf, "moesaic": from_hf(hf)}
     if checkpointing:
         ck = from_hf(hf)
-        ck.model.set_activation_checkpointing(True)
+        body = ck.model
+        assert isinstance(body, TransformerBody)
+        body.set_activation_checkpointing(True)
         models["moesaic checkpointed"] = ck
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
     out: dict[str, tuple[nn.Module, Step]] = {}
