@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-per-play", type=int, default=48, help="training windows drawn from each training play")
+    p.add_argument("--val-per-play", type=int, default=24, help="validation windows from each held-out play")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    train, val = data(64, 48, 24)
+    train, val = data(64, a.train_per_play, a.val_per_play)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
