@@ -1,4 +1,6 @@
-"""``moesaic convert hf-import HF_DIR OUT_CKPT`` and ``moesaic convert hf-export CKPT HF_DIR [--arch NAME]``.
+"""``moesaic convert hf-import HF_DIR OUT_CKPT``, ``moesaic convert hf-export CKPT HF_DIR [--arch NAME]`` and
+``moesaic convert VERB IN... OUT [--set key=value ...]`` for every registered conversion verb (upcycle, ...;
+:data:`moesaic.transforms.convert.CONVERTERS`, docs/convert.md).
 
 ``hf-import`` writes a moesaic checkpoint (``OUT_CKPT/step-00000000`` with ``config.yaml``,
 ``model.safetensors`` and ``manifest.json``, ``OUT_CKPT/LATEST``; :mod:`moesaic.train.checkpoint`), with
@@ -35,11 +37,45 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     exp.add_argument("--arch", default=None, help="target architecture (default: the closest supported one)")
     exp.add_argument("--expert-layout", choices=["per_expert", "fused"], default="per_expert")
     exp.add_argument("--max-shard-size", type=int, default=5 * 2**30, metavar="BYTES")
+    from moesaic.transforms.convert import CONVERTERS
+
+    for name, verb in CONVERTERS.items():
+        v = conv.add_parser(name, help=verb.doc)
+        v.add_argument("paths", nargs="+", metavar="IN... OUT",
+                       help="input model(s) (moesaic checkpoints or Hugging Face folders), then the output folder")
+        v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"a setting of {name} (repeatable; docs/convert.md)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    return hf_import(args) if args.direction == "hf-import" else hf_export(args)
+    if args.direction == "hf-import":
+        return hf_import(args)
+    if args.direction == "hf-export":
+        return hf_export(args)
+    return convert_verb(args)
+
+
+def convert_verb(args: argparse.Namespace) -> int:
+    """Load the inputs, apply the verb, write OUT atomically (nothing is written when any step fails)."""
+    from moesaic.core.config import to_dict
+    from moesaic.core.errors import ConfigError
+    from moesaic.transforms.convert import CONVERTERS
+    from moesaic.transforms.convert_io import check_out_folder, load_inputs, save_converted
+
+    verb = CONVERTERS.get(args.direction)
+    if len(args.paths) < 2:
+        raise ConfigError("OUT", None, f"convert {verb.name} needs IN... OUT (at least one input and the output "
+                                       "folder)", show_value=False)
+    *inputs, out = args.paths
+    verb.check_inputs(len(inputs))
+    cfg = verb.parse_config(args.overrides)
+    check_out_folder(out)  # before the (possibly long) load: a refused OUT costs nothing
+    model = verb(load_inputs(inputs), cfg)
+    step = save_converted(model, out, {"verb": verb.name, "inputs": [str(Path(p).resolve()) for p in inputs],
+                                       "config": to_dict(cfg)})
+    print(f"{verb.name}: {', '.join(inputs)} -> {step}")
+    return 0
 
 
 def hf_import(args: argparse.Namespace) -> int:

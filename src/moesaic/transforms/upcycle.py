@@ -1,0 +1,224 @@
+"""Sparse upcycling: turn the dense FFNs of a trained model into MoE layers whose experts start as copies.
+
+* Copy upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts from Dense
+  Checkpoints", ICLR): every expert is a copy of the dense FFN; with top-k weights that sum to one
+  (``normalization: renorm``) the upcycled layer computes exactly the dense FFN at step 0, whatever the
+  router says. The router starts ``random`` (its own init), ``zero`` (uniform scores) or from ``data``:
+  the k-means centres of the layer's inputs on a text sample.
+* Drop-upcycling (Nakamura et al. 2025, "Drop-Upcycling: Training Sparse Mixture of Experts with Partial
+  Re-initialization", ICLR): in every expert, exactly ``round(drop_fraction * F)`` intermediate neurons
+  (rows of gate/up, columns of down) are re-drawn from a normal with the mean and std of the source matrix.
+* Fine-grained upcycling (He et al. 2024, "Upcycling Large Language Models into Mixture of Experts"; the
+  segmentation of Dai et al. 2024, DeepSeekMoE): ``granularity: m`` splits each copy into m experts of width
+  F/m (``m * E`` experts, ``m * k`` active); their down projections are scaled by m, so the zero router
+  (which ties and picks whole copies) is exact at step 0.
+* Several inputs (same architecture): expert e copies the FFN of input ``e % n``. CLIP-MoE's multiplet
+  upcycling (Zhang et al. 2024, "CLIP-MoE: Towards Building Mixture of Experts for CLIP with Diversified
+  Multiplet Upcycling") keeps the non-FFN weights of the first input (``non_expert: first``); BAM (Zhang et
+  al. 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts") and
+  Branch-Train-MiX average them (``non_expert: average``). BAM's mixture-of-attention needs an attention kind
+  that moesaic does not have yet; ``attention: moa`` is refused with a typed error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from moesaic.core.config import Section, require, rule, validate_tree
+from moesaic.core.errors import ConversionError
+from moesaic.models.transformer import LayerOverride, TransformerConfig
+from moesaic.moe.api import name_layers
+from moesaic.moe.dense_ffn import DenseFFN
+from moesaic.moe.experts.base import ExpertsConfig
+from moesaic.moe.layer import MoEConfig, MoELayer
+from moesaic.moe.routing.base import RouterConfig
+from moesaic.transforms.convert import FilterFn, converter
+from moesaic.transforms.upcycle_init import drop_reinit_, router_from_data_
+
+
+@dataclasses.dataclass
+class UpcycleConfig(Section):
+    """``moesaic convert upcycle IN... OUT --set key=value``; defaults: 8 copies, top-2, renormalised."""
+
+    num_experts: int = rule(8, ge=1)
+    top_k: int = rule(2, ge=1)
+    granularity: int = rule(1, ge=1)
+    normalization: Literal["renorm", "none", "softmax_topk"] = "renorm"
+    router_init: Literal["random", "zero", "data"] = "random"
+    router_std: float = rule(0.02, ge=0.0)
+    router_data: str = ""
+    router_tokens: int = rule(4096, ge=1)
+    aux_loss_coef: float = rule(0.01, ge=0.0)
+    drop_fraction: float = rule(0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    layers: list[int] | None = None
+    non_expert: Literal["first", "average"] = "first"
+    attention: Literal["keep", "moa"] = "keep"
+
+    def validate(self, path: str) -> None:
+        require(self.top_k <= self.num_experts, f"{path}.top_k", self.top_k,
+                f"must be <= num_experts ({self.num_experts})")
+        require(self.router_init != "data" or bool(self.router_data), f"{path}.router_data", self.router_data,
+                "router_init: data needs a text file to sample tokens from")
+
+
+def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
+    experts = ExpertsConfig.for_kind("glu" if ffn.gated else "mlp")
+    experts.activation = ffn.activation  # type: ignore[attr-defined]
+    router = RouterConfig.for_kind("topk")
+    router.normalization, router.aux_loss_coef = cfg.normalization, cfg.aux_loss_coef  # type: ignore[attr-defined]
+    router.init_std = cfg.router_std
+    return MoEConfig(d_ff=ffn.d_ff, num_experts=cfg.num_experts, top_k=cfg.top_k, granularity=cfg.granularity,
+                     router=router, experts=experts)
+
+
+def dense_ffns(model: nn.Module, filter_fn: FilterFn | None, layers: list[int] | None
+               ) -> tuple[Any, list[tuple[int, str, DenseFFN]]]:
+    """(the Transformer body, its selected dense FFNs as (layer index, module path, FFN))."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
+             and isinstance(getattr(m, "cfg", None), TransformerConfig)]
+    if not found:
+        raise ConversionError(f"{type(model).__name__}: no FFN found (upcycle reads Transformer bodies with "
+                              "layers.N.mlp dense FFNs: decoder_lm, encoder_classifier, Hugging Face Llama, "
+                              "Mistral, Qwen2)")
+    prefix, body = found[0]
+    out = []
+    for i, layer in enumerate(body.layers):
+        path = f"{prefix + '.' if prefix else ''}layers.{i}.mlp"
+        if not isinstance(layer.mlp, DenseFFN) or (layers is not None and i not in layers):
+            continue
+        if filter_fn is None or filter_fn(path, layer.mlp):
+            out.append((i, path, layer.mlp))
+    if not out:
+        raise ConversionError(f"{type(model).__name__}: no dense FFN found to upcycle (every selected layer "
+                              "already is an MoE layer, or the layer filter kept none)")
+    return body, out
+
+
+def _ffn_kind(cfg: dict[str, Any]) -> str:
+    act = cfg.get("activation")
+    return f"{act} gated ({'SwiGLU' if act == 'silu' else 'GeGLU'})" if cfg.get("gated", False) else f"{act} MLP"
+
+
+def _check_same(model: nn.Module, others: Sequence[nn.Module]) -> None:
+    mcfg: Any = model.cfg
+    ref = dataclasses.asdict(mcfg)
+    for j, o in enumerate(others, 1):
+        ocfg: Any = getattr(o, "cfg", None)
+        other = dataclasses.asdict(ocfg) if dataclasses.is_dataclass(ocfg) and not isinstance(ocfg, type) else {}
+        if (other.get("activation"), other.get("gated")) != (ref.get("activation"), ref.get("gated")):
+            raise ConversionError(f"input {j + 1}: FFN mismatch, {_ffn_kind(other)} vs {_ffn_kind(ref)} in input 1 "
+                                  "(SwiGLU vs GELU): the experts of one layer share one activation")
+        diff = sorted(k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k))
+        if diff:
+            raise ConversionError(f"input {j + 1} does not have the architecture of input 1 (model.{diff[0]}: "
+                                  f"{other.get(diff[0])!r} vs {ref.get(diff[0])!r}); several inputs must be "
+                                  "fine-tuned copies of one dense model")
+
+
+@torch.no_grad()
+def _average_non_expert_(model: nn.Module, others: Sequence[nn.Module]) -> None:
+    """BAM / Branch-Train-MiX: the non-FFN parameters become the mean over the inputs."""
+    states = [o.state_dict() for o in others]
+    for name, t in model.state_dict().items():
+        if ".mlp." in name or not t.is_floating_point():
+            continue
+        t.copy_(torch.stack([t, *(s[name].to(t.dtype) for s in states)]).mean(0))
+
+
+@torch.no_grad()
+def fill_experts_(layer: MoELayer, ffns: Sequence[DenseFFN], granularity: int) -> None:
+    """Expert ``e * m + j`` = segment j (neurons ``[j F/m, (j+1) F/m)``) of ``ffns[e % n]``; the down
+    projection of a segment is scaled by m (m = 1: plain copies)."""
+    experts = layer.experts
+    m, E = granularity, experts.num_experts // granularity
+    Fm = ffns[0].d_ff // m
+    for e in range(E):
+        src = ffns[e % len(ffns)]
+        for j in range(m):
+            seg = slice(j * Fm, (j + 1) * Fm)
+            up = src.up_proj.weight[seg]
+            w_up_HD = torch.cat([src.gate_proj.weight[seg], up]) if src.gated else up
+            state = {"w_up_EHD": w_up_HD, "w_down_EDF": src.down_proj.weight[:, seg] * m}
+            experts.load_expert_state(e * m + j, state)
+
+
+def _new_config(mcfg: TransformerConfig, chosen: list[tuple[int, str, DenseFFN]], moe: MoEConfig
+                ) -> TransformerConfig:
+    """The model config with MoE at the chosen layers: ``moe`` model-wide when every layer is chosen and
+    nothing else differs per layer, else one ``layer_overrides`` entry for the chosen layers."""
+    idx = [i for i, _, _ in chosen]
+    same_width = all(f.d_ff == mcfg.d_ff for _, _, f in chosen)
+    if mcfg.moe is None and not mcfg.layer_overrides and idx == list(range(mcfg.num_layers)) and same_width:
+        return dataclasses.replace(mcfg, moe=moe)
+    if not same_width:
+        raise ConversionError(f"layers {idx}: dense FFN widths differ per layer; upcycle those layers separately "
+                              "(layers: [...])")
+    return dataclasses.replace(mcfg, layer_overrides=[*mcfg.layer_overrides, LayerOverride(layers=idx, moe=moe)])
+
+
+@converter("upcycle", UpcycleConfig, inputs=(1, None))
+def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = None, *,
+             extra: Sequence[nn.Module] = ()) -> nn.Module:
+    """Sparse upcycling (Komatsuzaki et al. 2023): every dense FFN becomes an MoE layer of its copies.
+
+    Also drop-upcycling, fine-grained segments, and multiplet / BAM experts from several inputs (module
+    docstring). Returns ``model``, changed in place (its ``cfg`` describes the new layers)."""
+    if cfg.attention == "moa":
+        raise ConversionError("upcycle.attention = 'moa': BAM's mixture-of-attention needs a mixture-of-attention "
+                              "kind in the attention registry; none is registered (only the FFNs are upcycled "
+                              "with attention: keep)")
+    sources = [model, *extra]
+    if cfg.num_experts % len(sources):
+        raise ConversionError(f"upcycle.num_experts = {cfg.num_experts}: expert count not divisible by the number "
+                              f"of inputs ({len(sources)}); every input must give the same number of experts")
+    body, chosen = dense_ffns(model, filter_fn, cfg.layers)
+    _check_same(model, extra)
+    others = [dense_ffns(o, filter_fn, cfg.layers)[1] for o in extra]
+    mcfg: TransformerConfig = body.cfg
+    for _, path, ffn in chosen:
+        if ffn.bias:
+            raise ConversionError(f"{path}: a dense FFN with biases has no bias-free experts kind to go to")
+        if ffn.d_ff % cfg.granularity:
+            raise ConversionError(f"{path}: granularity {cfg.granularity} does not divide d_ff ({ffn.d_ff})")
+    moe = _moe_config(cfg, chosen[0][2])
+    new_cfg = validate_tree(_new_config(mcfg, chosen, moe), "model")
+    router_inputs = router_from_data_(model, cfg, [p for _, p, _ in chosen]) if cfg.router_init == "data" else {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for c, (i, path, ffn) in enumerate(chosen):
+            ref = ffn.down_proj.weight
+            layer = moe.build(mcfg.d_model, causal=body.causal).to(device=ref.device, dtype=ref.dtype)
+            fill_experts_(layer, [ffn, *(o[c][2] for o in others)], cfg.granularity)
+            if cfg.router_init == "zero":
+                nn.init.zeros_(layer.router.weight)
+            elif cfg.router_init == "data":
+                layer.router.weight.data.copy_(router_inputs[path].to(ref.dtype))
+            if cfg.drop_fraction > 0:
+                drop_reinit_(layer.experts, cfg.drop_fraction, gen)
+            body.layers[i].mlp = layer
+    if cfg.non_expert == "average" and extra:
+        _average_non_expert_(model, extra)
+    body.cfg = new_cfg
+    if getattr(model, "cfg", None) is mcfg:
+        model.cfg = new_cfg
+    name_layers(model)
+    return model
+
+
+def expert_counts(model: nn.Module) -> dict[str, int]:
+    """Active and total parameters of a model (MoE layers count ``top_k`` of their experts as active)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            per = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
+            inactive += per * (m.num_experts - m.top_k)
+    return {"total": total, "active": total - inactive}
+
