@@ -1,4 +1,6 @@
-"""``moesaic train CONFIG [--set k=v ...] [--out DIR] [--resume]``: train a model from a YAML config."""
+"""``moesaic train CONFIG [--set k=v ...] [--out DIR] [--resume] [--init-from CKPT_OR_HF]``: train a model from a
+YAML config, optionally starting from the weights of a moesaic checkpoint (e.g. a ``moesaic convert`` output)
+or a Hugging Face folder (docs/convert.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in --out (invalid ones are skipped)")
+    p.add_argument("--init-from", default=None, metavar="CKPT_OR_HF",
+                   help="start from these weights (a moesaic checkpoint, e.g. a `moesaic convert` output, or a Hugging "
+                        "Face folder); they must fit the config's model (names and shapes)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="launch N processes on this machine with torchrun (same as `torchrun --nproc-per-node N "
                         "-m moesaic train ...`); experts are sharded over parallel.ep_size of them")
@@ -39,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc < 1 or args.nproc % cfg.parallel.ep_size:
             raise ConfigError("--nproc", args.nproc, f"must be a positive multiple of parallel.ep_size "
                                                      f"({cfg.parallel.ep_size})")
-        argv = [args.config, "--out", out, *(x for o in args.overrides for x in ("--set", o))]
+        argv = [args.config, "--out", out, *(x for o in args.overrides for x in ("--set", o)),
+                *(["--init-from", args.init_from] if args.init_from else [])]
         return torchrun(args.nproc, ["train", *argv, *(["--resume"] if args.resume else [])])
     if cfg.parallel.ep_size > world:
         raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, f"needs at least that many processes (got "
@@ -48,10 +54,16 @@ def run(args: argparse.Namespace) -> int:
         from moesaic.distributed.groups import init_process_group
 
         init_process_group()  # the trainer then picks expert + data parallelism (distributed/strategy.py)
+    init_kw: dict[str, Any] = {}
+    if args.init_from:
+        import moesaic
+        from moesaic.distributed.expert_state import local_model_state
+
+        init_kw = {"init_state": local_model_state(moesaic.load(args.init_from)), "init_from": str(args.init_from)}
     if world > 1:
-        trainer, code = _run_rank(cfg, out, args.resume, world)
+        trainer, code = _run_rank(cfg, out, args.resume, world, init_kw)
     else:
-        trainer = Trainer(cfg, out, resume=args.resume)
+        trainer = Trainer(cfg, out, resume=args.resume, **init_kw)
         code = trainer.run()
     s, writer = trainer.summary, trainer.is_writer
     if world > 1:  # release DDP's reducer before its process groups, then leave together (no abort at exit)
@@ -77,7 +89,7 @@ _COMM_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "timed 
                 "socket")
 
 
-def _run_rank(cfg: Any, out: str, resume: bool, world: int) -> tuple[Any, int]:
+def _run_rank(cfg: Any, out: str, resume: bool, world: int, init_kw: dict[str, Any]) -> tuple[Any, int]:
     """One rank of a distributed run: a collective that breaks because another rank died or hung (a
     RuntimeError from the backend) becomes a one-line RankFailedError naming this rank and the step."""
     import torch.distributed as dist
@@ -87,7 +99,7 @@ def _run_rank(cfg: Any, out: str, resume: bool, world: int) -> tuple[Any, int]:
 
     rank, trainer = dist.get_rank(), None
     try:
-        trainer = Trainer(cfg, out, resume=resume)
+        trainer = Trainer(cfg, out, resume=resume, **init_kw)
         return trainer, trainer.run()
     except RuntimeError as e:
         msg = " ".join(str(e).split())

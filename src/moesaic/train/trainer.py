@@ -84,17 +84,22 @@ def check_writable(out: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: Any, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None,
-                 strategy: SingleProcess | None = None):
+                 strategy: SingleProcess | None = None, init_state: dict[str, torch.Tensor] | None = None,
+                 init_from: str = "init state"):
+        """``init_state``: weights to start from (``moesaic train --init-from``: a converted checkpoint or a
+        Hugging Face folder), loaded into the config's model by name; a name or shape that does not fit raises
+        :class:`~moesaic.core.errors.CheckpointMismatchError` naming ``init_from``. A resumed checkpoint wins."""
         created = not Path(out_dir).exists()
         try:
-            self._setup(cfg, out_dir, resume, log, strategy)
+            self._setup(cfg, out_dir, resume, log, strategy, init_state, init_from)
         except BaseException:
             if created and getattr(self, "is_writer", False):
                 discard_new_run_folder(Path(out_dir))  # a failed start leaves no folder it created behind
             raise
 
     def _setup(self, cfg: Any, out_dir: str | Path, resume: bool, log: Callable[[str], None] | None,
-               strategy: SingleProcess | None) -> None:
+               strategy: SingleProcess | None, init_state: dict[str, torch.Tensor] | None,
+               init_from: str) -> None:
         from moesaic.train.run_config import RunConfig
 
         self.strategy = strategy if strategy is not None else strategy_from_config(cfg.parallel.ep_size)
@@ -126,6 +131,8 @@ class Trainer:
         check_model_fits(cfg.model, self.dtype)  # before allocating (train/memory_check.py)
         torch.manual_seed(tc.seed)
         self.model = cfg.model.build().to(self.dtype)
+        if init_state is not None:
+            ckpt.load_model_state(self.model, init_state, f"--init-from {init_from}")
         self.forward_model = self.strategy.prepare(self.model)  # shards experts, wraps in DDP (or itself)
         self.objective.setup(self.model, self.task)
         self.aux_acc = AuxAccumulation(self.model, tc.aux_accumulation, tc.grad_accum, self.strategy.batch_group)
