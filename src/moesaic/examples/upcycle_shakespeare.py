@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         tr = dataclasses.replace(base.train, seed=seed, max_steps=a.pretrain, eval_every=a.pretrain)
         pre_cfg = dataclasses.replace(base, train=tr)
         run(pre_cfg, out / f"dense-pre-{seed}")
-        dense = load_model(out / f"dense-pre-{seed}").train()
+        dense: Any = load_model(out / f"dense-pre-{seed}").train()
         # the continuation: fresh AdamW with warmup, another data seed (tokens the pretraining did not start on),
         # the same for both models
         ctr = dataclasses.replace(base.train, seed=1000 + seed, max_steps=a.cont, eval_every=a.eval_every)
         dense_cfg = dataclasses.replace(pre_cfg, model=dense.cfg, train=ctr)
         state = local_model_state(dense)
-        moe = upcycle_(dense, UpcycleConfig(seed=seed))
+        moe: Any = upcycle_(dense, UpcycleConfig(seed=seed))
         moe_cfg = dataclasses.replace(dense_cfg, model=moe.cfg)
         rec: dict[str, Any] = {}
         for name, cfg, init in (("dense", dense_cfg, state), ("moe", moe_cfg, local_model_state(moe))):

@@ -16,8 +16,8 @@
   upcycling (Zhang et al. 2024, "CLIP-MoE: Towards Building Mixture of Experts for CLIP with Diversified
   Multiplet Upcycling") keeps the non-FFN weights of the first input (``non_expert: first``); BAM (Zhang et
   al. 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts") and
-  Branch-Train-MiX average them (``non_expert: average``). BAM's mixture-of-attention needs an attention kind
-  that moesaic does not have yet; ``attention: moa`` is refused with a typed error.
+  Branch-Train-MiX average them (``non_expert: average``). BAM's attention upcycling (into a mixture of
+  attention) is not implemented: ``attention: moa`` is refused with a typed error.
 """
 
 from __future__ import annotations
@@ -170,9 +170,8 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
     Also drop-upcycling, fine-grained segments, and multiplet / BAM experts from several inputs (module
     docstring). Returns ``model``, changed in place (its ``cfg`` describes the new layers)."""
     if cfg.attention == "moa":
-        raise ConversionError("upcycle.attention = 'moa': BAM's mixture-of-attention needs a mixture-of-attention "
-                              "kind in the attention registry; none is registered (only the FFNs are upcycled "
-                              "with attention: keep)")
+        raise ConversionError("upcycle.attention = 'moa': upcycling attention into BAM's mixture-of-attention is "
+                              "not implemented (only the FFNs are upcycled, with attention: keep)")
     sources = [model, *extra]
     if cfg.num_experts % len(sources):
         raise ConversionError(f"upcycle.num_experts = {cfg.num_experts}: expert count not divisible by the number "
