@@ -121,6 +121,8 @@ def test_fused_keeps_activations_only_while_all_of_them_are_small():
 
     x = torch.zeros(1, 16)
     w_up, w_down = torch.zeros(1, 2048, 16), torch.zeros(1, 16, 1024)
-    assert 4096 * 16 * 4 < gg.KEEP_GATHERED_MAX_BYTES  # the gathered rows alone would be kept
-    assert not gg._keep_for_backward(4096, x, w_up, w_down)  # 4096 x (16 + 2048 + 3072) x 4 B = 84 MB
-    assert gg._keep_for_backward(1024, x, w_up, w_down)  # 21 MB
+    row_bytes = (16 + 2048 + 3 * 1024) * 4
+    n_big = gg.KEEP_GATHERED_MAX_BYTES // row_bytes + 1
+    assert n_big * 16 * 4 < gg.KEEP_GATHERED_MAX_BYTES  # the gathered rows alone would be kept
+    assert not gg._keep_for_backward(n_big, x, w_up, w_down)  # all kept activations exceed the limit
+    assert gg._keep_for_backward(n_big // 4, x, w_up, w_down)

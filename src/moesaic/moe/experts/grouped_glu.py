@@ -83,14 +83,21 @@ def _mm_rows(a_NI: Tensor, w_EOI: Tensor, plan: BlockPlan, transpose: bool) -> T
     return out
 
 
-def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan: BlockPlan, num_experts: int) -> Tensor:
-    """Per expert e: ``g[rows_e]^T @ a[rows_e]`` -> ``[E, O, I]`` (zero for experts without rows)."""
+def _mm_weight_grad(g_NO: Tensor, a_NI: Tensor, plan: BlockPlan, num_experts: int,
+                    out: Tensor | None = None) -> Tensor:
+    """Per expert e: ``g[rows_e]^T @ a[rows_e]`` -> ``[E, O, I]`` (zero for experts without rows).
+
+    ``out`` (host counts only): write into this ``[E, O, I]`` slice of the full gradient instead of a new
+    tensor, so a blocked backward neither zero-fills nor copies the whole weight gradient."""
     counts, offs = plan
-    if offs is not None:
+    if offs is not None and out is None:
         return grouped_mm(g_NO.t(), a_NI, offs)
     assert counts is not None
-    alloc = torch.zeros if 0 in counts else torch.empty
-    out = alloc(num_experts, g_NO.shape[1], a_NI.shape[1], dtype=g_NO.dtype, device=g_NO.device)
+    if out is None:
+        alloc = torch.zeros if 0 in counts else torch.empty
+        out = alloc(num_experts, g_NO.shape[1], a_NI.shape[1], dtype=g_NO.dtype, device=g_NO.device)
+    elif 0 in counts:
+        out[torch.tensor([n == 0 for n in counts], device=out.device)] = 0
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -221,14 +228,14 @@ class GroupedGLU(torch.autograd.Function):
                         else:
                             aw_b, g_b = a_b, (g_b.mul_(w_b) if ctx.scatter else g_b * w_b)
                 if g_wdown is not None:
-                    g_wdown.put(b, _mm_weight_grad(g_b, aw_b, b.plan, b.e1 - b.e0))
+                    g_wdown.compute(b, g_b, aw_b)
                 del a_b, aw_b, g_b
                 g_h = _act_bwd(h_b, g_a, ctx.act, ctx.gated, silu_b)
                 del g_a, silu_b
                 if g_wup is not None:
                     if x_b is None:
                         x_b = gather_rows(x_SD, rows_b) if rows_b is not None else x_SD[b.r0:b.r1]
-                    g_wup.put(b, _mm_weight_grad(g_h, x_b, b.plan, b.e1 - b.e0))
+                    g_wup.compute(b, g_h, x_b)
                 del x_b
                 if g_x is not None:
                     g_xb = _mm_rows(g_h, w_up[b.e0:b.e1], b.plan, transpose=False)
@@ -254,19 +261,27 @@ class _Block:
 
 
 class _WeightGrad:
-    """The ``[E, O, I]`` gradient of a stacked expert weight, assembled block by block (zero for experts
-    that no block computed: experts without rows at the end)."""
+    """The ``[E, O, I]`` gradient of a stacked expert weight, assembled block by block: each block writes its
+    experts' slice in place (:meth:`compute`); experts that no block covers (no rows) are zeroed once."""
 
     def __init__(self, w: Tensor, blocks: list[_Block]):
         self.w, self.full = w, len(blocks) == 1 and blocks[0].e0 == 0 and blocks[0].e1 == w.shape[0]
-        self.out: Tensor | None = None if self.full else torch.zeros_like(w)
+        self.out: Tensor | None = None
+        if not self.full:
+            self.out = torch.empty_like(w)
+            covered = torch.zeros(w.shape[0], dtype=torch.bool)
+            for b in blocks:
+                covered[b.e0:b.e1] = True
+            if not bool(covered.all()):
+                self.out[(~covered).to(w.device)] = 0
 
-    def put(self, b: _Block, g_eOI: Tensor) -> None:
+    def compute(self, b: _Block, g_NO: Tensor, a_NI: Tensor) -> None:
+        """``dW[e] = g[rows_e]^T a[rows_e]`` for the experts of block ``b``."""
         if self.full:
-            self.out = g_eOI
+            self.out = _mm_weight_grad(g_NO, a_NI, b.plan, b.e1 - b.e0)
         else:
             assert self.out is not None
-            self.out[b.e0:b.e1] = g_eOI
+            _mm_weight_grad(g_NO, a_NI, b.plan, b.e1 - b.e0, out=self.out[b.e0:b.e1])
 
     def value(self) -> Tensor:
         return self.out if self.out is not None else torch.zeros_like(self.w)
@@ -308,14 +323,17 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
 #: expert with more rows is a block of its own, so the temporaries of large inputs stay O(rows of one
 #: expert). Below it all rows are one block: fewer, larger elementwise ops. (Smaller blocks, sized for the
 #: L2 cache, were measured too: 1 MiB blocks made the demo layer's fused fwd + bwd 6% slower than one
-#: block, 1 thread.)
-BLOCK_BYTES = 64 << 20
+#: block, 1 thread. At 64 MiB, T=2048, E=64, k=8 ran as two blocks and fwd + bwd was 5-8 % slower than one
+#: block, at 1 and 2 threads, wall clock, interleaved: docs/benchmarks.md, issue 13.)
+BLOCK_BYTES = 256 << 20
 
 
 #: Below this many bytes of activations to keep (``[N, D + H + 3F]``: the gathered rows, ``h``, ``silu(gate)``
 #: and the activation with and without the routing weight), the forward keeps them for backward instead of
 #: gathering and recomputing them (small inputs, where every pass counts); above it only ``h_NH`` is kept.
-KEEP_GATHERED_MAX_BYTES = 64 << 20
+#: 512 MiB keeps T=2048, E=64, k=8 (369 MB; autograd's grouped_mm path keeps more) and leaves T=8192 on the
+#: lean path (1.5 GB would be kept), where the memory target of docs/benchmarks.md applies.
+KEEP_GATHERED_MAX_BYTES = 512 << 20
 
 
 def _keep_for_backward(N: int, x_SD: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
