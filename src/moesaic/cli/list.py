@@ -14,7 +14,7 @@ REGISTRY_MODULES = (
     "moesaic.core.registry", "moesaic.moe.routing.base", "moesaic.moe.dispatch.base", "moesaic.moe.experts.base",
     "moesaic.moe.experts.backends", "moesaic.models.attention", "moesaic.models.base",
     "moesaic.train.datasets.base", "moesaic.train.objectives.base", "moesaic.interop.common",
-    "moesaic.transforms.convert",
+    "moesaic.transforms.convert", "moesaic.inference.offload.policies",
 )
 
 
