@@ -10,8 +10,9 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from moesaic.cli import SubParsers, _decode_flags
+from moesaic.cli import SubParsers, _decode_flags, _offload_flags
 
 
 def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def add_parser(sub: SubParsers) -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON line per prompt (text, finish reason, counts)")
     _decode_flags.add_arguments(p)
+    _offload_flags.add_arguments(p)
     return p
 
 
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 1")
     prompts = _prompts(args)
+    _offload_flags.check(args)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads", args.threads, "must be >= 1")
@@ -88,13 +91,18 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(delta)
             sys.stdout.flush()
 
+    def go(on_token: Any = None) -> list[moesaic.Completion]:
+        return moesaic.complete(lm, ids, tokenizer=tok, max_new_tokens=new, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.sample_top_k, seed=args.seed, stop=args.stop,
+                                compile=args.compile, max_batch=args.max_batch, on_token=on_token)
+
+    offload = _offload_flags.apply(args, model, go)
     if args.stream:
         sys.stdout.write(prompts[0])
     t0 = time.perf_counter()
-    res = moesaic.complete(lm, ids, tokenizer=tok, max_new_tokens=new, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.sample_top_k, seed=args.seed, stop=args.stop, compile=args.compile,
-                           max_batch=args.max_batch, on_token=stream if args.stream else None)
+    res = go(stream if args.stream else None)
     secs = time.perf_counter() - t0
+    info.update(_offload_flags.report(args, offload))
     if args.stream:
         print()
     for p, c in zip(prompts, res, strict=True):

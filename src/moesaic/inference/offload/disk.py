@@ -44,6 +44,9 @@ from moesaic.inference.offload.store import ExpertStore, LayerSpec
 FORMAT = "moesaic-expert-store"
 MANIFEST = "manifest.json"
 VERIFY = ("read", "open", "none")
+#: Bytes around an expert's range also released after a read: the kernel maps up to 64 KiB of cached pages
+#: around a read fault (``fault_around_bytes``).
+FAULT_AROUND = 256 << 10
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -176,7 +179,8 @@ class DiskStore(ExpertStore):
                 for ex in range(x["num_experts"]):
                     for n in shapes:
                         if f"{ex}.{n}" not in f.ranges:
-                            raise CheckpointCorruptError(f"{f.path}: expert {ex} tensor {n} missing (layer {x['name']})")
+                            raise CheckpointCorruptError(f"{f.path}: expert {ex} tensor {n} missing "
+                                                         f"(layer {x['name']})")
                 specs[x["name"]] = LayerSpec(x["name"], int(x["num_experts"]), shapes, _DTYPES[x["dtype"]])
         except BaseException:
             self.close()
@@ -206,10 +210,9 @@ class DiskStore(ExpertStore):
                 raise CheckpointCorruptError(f"{f.path}: expert {e} of {layer} does not match its sha256 in the "
                                              "manifest; refusing to use it")
             self.verified.add((layer, e))
-        if self.release_pages and hi > lo:
-            page = mmap.PAGESIZE
-            start = lo // page * page
-            f.map.madvise(mmap.MADV_DONTNEED, start, hi - start)
+        if self.release_pages and hi > lo:  # with a margin: a read fault also maps neighbours (fault-around)
+            start = max(0, lo - FAULT_AROUND) // mmap.PAGESIZE * mmap.PAGESIZE
+            f.map.madvise(mmap.MADV_DONTNEED, start, min(f.size, hi + FAULT_AROUND) - start)
         return n
 
     def drop_page_cache(self) -> None:

@@ -1,0 +1,114 @@
+"""offload: decode tokens/s, hit rate and bytes read of offloaded experts against the resident fraction.
+
+Protocol (docs/benchmarks.md, "Offloaded experts"): a seeded decoder LM (default 8 layers, d_model 1024,
+16 gated experts of width 2816 per layer, k = 2: 4.43 GB of fp32 expert weights) is written once to a disk
+expert store (``DIR/store``, mmap'd safetensors). Then every run is its own process (``--worker``, with
+``MOESAIC_MALLOC=default`` so the freed resident weights go back to the system): the resident model (also
+recording the routing trace the oracle reads), and for each resident fraction (cache slots per layer =
+fraction x E, at least k), policy and prefetch mode the offloaded model, with the store's page cache
+dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``) just before the prompt. Reported: prefill seconds, decode
+tokens/s (batch 1, greedy) and its ratio to resident, decode-only hit rate, MiB read, hint precision,
+prefetch accuracy, resident expert memory (cache slots + the store's mapped pages) as a share of all
+experts, the process's ``RssAnon``, and whether the tokens equal the resident run's. At 100 % every
+policy behaves alike (nothing is evicted), so that fraction runs once per prefetch mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGET = "offload"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="bench-offload", help="work folder (the expert store and the trace)")
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--d-ff", type=int, default=2816, help="expert width")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fractions", type=int, nargs="+", default=[25, 50, 75, 100], help="resident %% of experts")
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "lfru", "oracle"])
+    p.add_argument("--prefetch", nargs="+", default=["none", "pregate"], help="prefetch modes to compare")
+    p.add_argument("--json", default=None, help="write every run's results to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def _spawn(spec: Any) -> dict[str, Any]:
+    env = dict(os.environ, MOESAIC_MALLOC="default", OMP_NUM_THREADS=str(spec.threads))
+    cmd = [sys.executable, "-m", "moesaic", "bench", "offload", "--worker", json.dumps(dataclasses.asdict(spec))]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"offload worker {spec.task} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _row(cfg: dict[str, Any], r: dict[str, Any], base: dict[str, Any]) -> str:
+    t = r["telemetry"]
+    mem = (r["cache_bytes"] + r["mapped_bytes"]) / r["store_bytes"]
+    same = "yes" if r["tokens"] == base["tokens"] else "NO"
+    return (f"| {cfg['policy']} | {cfg['prefetch']} | {cfg['fraction']} % ({cfg['cache']}) | {r['tok_s']:.2f} | "
+            f"{r['tok_s'] / base['tok_s']:.2f}x | {r['prefill_s']:.1f} | {t['hit_rate']:.3f} | "
+            f"{t['bytes_read'] / 2**20:.0f} | {t['hint_precision']:.2f} | {t['prefetch_accuracy']:.2f} | "
+            f"{100 * mem:.1f} % | {r['rss_anon_kib'] / 1024:.0f} | {same} |")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesaic.bench.offload_worker import Spec, work
+    from moesaic.core.errors import ConfigError
+
+    if args.worker is not None:
+        print(json.dumps(work(Spec(**json.loads(args.worker)))))
+        return 0
+    from moesaic.inference.offload.policies import CACHE_POLICIES
+    from moesaic.inference.offload.prefetch import PREFETCH_MODES
+
+    for p in args.policies:
+        if p not in CACHE_POLICIES:
+            raise ConfigError("--policies", p, f"must be among {', '.join(CACHE_POLICIES.names())}")
+    for m in args.prefetch:
+        if m not in PREFETCH_MODES:
+            raise ConfigError("--prefetch", m, f"must be among {', '.join(PREFETCH_MODES)}")
+    if any(not 0 < f <= 100 for f in args.fractions):
+        raise ConfigError("--fractions", args.fractions, "each must be in (0, 100]")
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = Spec(dir=str(root), d_model=args.d_model, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                d_ff=args.d_ff, vocab=args.vocab, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                threads=args.threads)
+    print(f"threads {args.threads}  load average {os.getloadavg()[0]:.2f}  model: {args.layers} layers, d_model "
+          f"{args.d_model}, {args.experts} experts of width {args.d_ff}, k {args.top_k}; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens", flush=True)
+    if not (root / "store" / "manifest.json").is_file():
+        info = _spawn(dataclasses.replace(base, task="setup"))
+        print(f"wrote {root / 'store'}: {info['expert_bytes'] / 1e9:.2f} GB of fp32 expert weights", flush=True)
+    resident = _spawn(dataclasses.replace(base, task="resident"))
+    print(f"resident: decode {resident['tok_s']:.2f} tok/s, prefill {resident['prefill_s']:.1f} s, RssAnon "
+          f"{resident['rss_anon_kib'] / 1024:.0f} MiB", flush=True)
+    print("| policy | prefetch | resident (cache/layer) | tok/s | vs resident | prefill s | hit rate | MiB read | "
+          "hint precision | prefetch accuracy | expert memory | RssAnon MiB | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    results: list[dict[str, Any]] = [{"task": "resident", **resident}]
+    for frac in args.fractions:
+        cache = max(args.top_k, round(args.experts * frac / 100))
+        for pf in args.prefetch:
+            for pol in (args.policies if frac < 100 else args.policies[:1]):
+                cfg = {"policy": pol if frac < 100 else "any", "prefetch": pf, "fraction": frac, "cache": cache}
+                r = _spawn(dataclasses.replace(base, task="offload", cache=cache, policy=pol, prefetch=pf))
+                print(_row(cfg, r, resident), flush=True)
+                results.append({**cfg, **r, "load_average": os.getloadavg()[0]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0

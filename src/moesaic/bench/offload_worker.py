@@ -1,0 +1,136 @@
+"""One run of ``moesaic bench offload``, in its own process (so its memory is its own and the page cache can
+be dropped before it): build the benchmark model from its seed, write the expert store (``setup``), decode
+resident (``resident``: also records the routing trace the oracle reads), or offload to the disk store with
+one cache size, policy and prefetch mode, drop the store's page cache, then prefill and decode.
+
+Prints one JSON line: prefill seconds, decode tokens/s, the tokens, decode-only cache telemetry, and memory
+(``RssAnon``/``RssFile`` of the process from /proc/self/status, the cache slots' bytes and the store's
+mapped pages from /proc/self/smaps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moesaic.inference import DecodeSession, SamplingParams
+from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+from moesaic.moe.layer import MoEConfig
+
+
+@dataclasses.dataclass
+class Spec:
+    """The benchmark model and run (the parent fills it from the command line)."""
+
+    dir: str
+    d_model: int = 1024
+    layers: int = 8
+    experts: int = 16
+    top_k: int = 2
+    d_ff: int = 2816
+    vocab: int = 4096
+    prompt_len: int = 32
+    new_tokens: int = 16
+    threads: int = 1
+    task: str = "resident"
+    cache: int = 0
+    policy: str = "lru"
+    prefetch: str = "none"
+
+
+def build(s: Spec) -> DecoderLM:
+    """The seeded benchmark model (same weights in every process)."""
+    torch.manual_seed(0)
+    cfg = DecoderLMConfig(vocab_size=s.vocab, d_model=s.d_model, num_layers=s.layers, d_ff=s.d_ff,
+                          max_seq_len=s.prompt_len + s.new_tokens + 8,
+                          moe=MoEConfig(d_ff=s.d_ff, num_experts=s.experts, top_k=s.top_k))
+    cfg.attention.num_heads = max(1, s.d_model // 64)
+    return DecoderLM(cfg).eval()
+
+
+def prompt(s: Spec) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, s.vocab, (s.prompt_len,), generator=g).tolist()
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def decode(model: torch.nn.Module, s: Spec, after_prefill: Any = None) -> dict[str, Any]:
+    """Prefill the prompt (timed), then decode ``new_tokens - 1`` steps (timed)."""
+    sess = DecodeSession(model, 1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sess.add_batch([prompt(s)], [SamplingParams(max_new_tokens=s.new_tokens)])
+    t1 = time.perf_counter()
+    snap = after_prefill() if after_prefill is not None else None
+    toks: list[int] = []
+    sess.run(lambda ev: toks.append(ev.token_id))
+    t2 = time.perf_counter()
+    steps = max(1, len(toks) - 1)
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tok_s": steps / (t2 - t1), "tokens": toks,
+            "snap": snap}
+
+
+def _minus(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accesses", "hits", "misses", "loads", "bytes_read", "prefetch_loads", "prefetch_used", "hinted",
+            "hinted_needed", "wait_s")
+    d = {k: a[k] - b[k] for k in keys}
+    d["hit_rate"] = d["hits"] / d["accesses"] if d["accesses"] else 0.0
+    d["prefetch_accuracy"] = d["prefetch_used"] / d["prefetch_loads"] if d["prefetch_loads"] else 0.0
+    d["hint_precision"] = d["hinted_needed"] / d["hinted"] if d["hinted"] else 0.0
+    return d
+
+
+def work(s: Spec) -> dict[str, Any]:
+    from moesaic.inference.offload import (
+        DiskStore,
+        OffloadConfig,
+        expert_modules,
+        offload_experts_,
+        record_expert_trace,
+        save_expert_store,
+    )
+
+    torch.set_num_threads(s.threads)
+    root = Path(s.dir)
+    model = build(s)
+    if s.task == "setup":
+        mods = expert_modules(model)
+        save_expert_store(mods, root / "store")
+        return {"expert_bytes": sum(getattr(m, n).numel() * 4 for m in mods.values() for n in m.stacked_names())}
+    if s.task == "resident":
+        out: dict[str, Any] = {}
+        rec = record_expert_trace(model, lambda: out.update(decode(model, s)))
+        (root / "trace.json").write_text(json.dumps({n: [sorted(x) for x in t] for n, t in rec.items()}))
+        out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"))
+        return out
+    trace: dict[str, list[frozenset[int]]] | None = None
+    if s.policy == "oracle":
+        raw = json.loads((root / "trace.json").read_text())
+        trace = {n: [frozenset(x) for x in t] for n, t in raw.items()}
+    store = DiskStore(root / "store")
+    cfg = OffloadConfig(cache_experts=s.cache, policy=s.policy, prefetch=s.prefetch)  # type: ignore[arg-type]
+    h = offload_experts_(model, store, cfg, trace=trace, device="cpu")
+    store.drop_page_cache()
+    try:
+        out = decode(model, s, after_prefill=lambda: h.summary()["total"])
+    finally:
+        h.close()
+    out["telemetry"] = _minus(h.summary()["total"], out.pop("snap"))
+    out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"),
+               cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(), store_bytes=store.nbytes())
+    return out

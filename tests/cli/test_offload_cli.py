@@ -1,0 +1,74 @@
+"""`moesaic generate` with offloaded experts (--offload-dir, --cache-experts, --cache-policy, --prefetch): the
+same greedy text as resident decoding, the store written once and reused, telemetry in --json; bad flags
+and broken stores exit 2 with one line."""
+
+import json
+import os
+
+import pytest
+
+from moesaic.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_config):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", str(tiny_config), "--out", str(out), "--set", "train.max_steps=2"]) == 0
+    return out
+
+
+GEN = ["--prompt", "KING", "--prompt", "QUEEN OF", "--temperature", "0", "--max-new-tokens", "8", "--json"]
+
+
+def _rows(capsys):
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+
+
+def test_offloaded_generate_equals_resident(ckpt, tmp_path, capsys):
+    assert main(["generate", str(ckpt), *GEN]) == 0
+    want = [r["text"] for r in _rows(capsys)]
+    store = tmp_path / "experts"
+    runs = [["--offload-dir", str(store), "--cache-experts", "2", "--prefetch", "pregate"],
+            ["--offload-dir", str(store), "--cache-experts", "3", "--cache-policy", "lfu", "--offload-stats"],
+            ["--cache-experts", "2", "--cache-policy", "oracle", "--prefetch", "prev"],
+            ["--offload-dir", str(store), "--cache-experts", "2", "--cache-policy", "lfru", "--offload-verify", "open"]]
+    for flags in runs:
+        assert main(["generate", str(ckpt), *GEN, *flags]) == 0, flags
+        rows = _rows(capsys)
+        assert [r["text"] for r in rows] == want, flags
+        t = rows[0]["offload"]
+        assert t["hits"] + t["misses"] == t["accesses"] > 0 and t["bytes_read"] > 0
+    assert (store / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--cache-experts", "1"], "must be >= top_k = 2"),
+    (["--cache-experts", "2", "--cache-policy", "mru"], "--cache-policy = 'mru'"),
+    (["--cache-experts", "2", "--prefetch", "soon"], "--prefetch = 'soon'"),
+    (["--cache-experts", "0"], "--cache-experts = 0"),
+    (["--offload-dir", "{tmp}"], "--cache-experts"),
+    (["--offload-dir", "{tmp}", "--cache-experts", "2"], "is not an expert store"),
+    (["--cache-experts", "2", "--offload-verify", "never"], "--offload-verify"),
+])
+def test_bad_offload_flags_exit_2_with_one_line(ckpt, tmp_path, capsys, flags, needle):
+    (tmp_path / "junk.txt").write_text("x")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert main(["generate", str(ckpt), "--prompt", "KING", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_broken_store_exits_2(ckpt, tmp_path, capsys):
+    store = tmp_path / "s"
+    assert main(["generate", str(ckpt), "--prompt", "KING", "--max-new-tokens", "2", "--offload-dir", str(store),
+                 "--cache-experts", "2"]) == 0
+    capsys.readouterr()
+    f = sorted(store.glob("layer-*.safetensors"))[0]
+    os.truncate(f, f.stat().st_size - 8)
+    assert main(["generate", str(ckpt), "--prompt", "KING", "--offload-dir", str(store), "--cache-experts", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated" in err[0], err
+    os.remove(f)
+    assert main(["generate", str(ckpt), "--prompt", "KING", "--offload-dir", str(store), "--cache-experts", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expert file missing" in err[0], err
