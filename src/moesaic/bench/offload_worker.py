@@ -20,6 +20,7 @@ import torch
 
 from moesaic.inference import DecodeSession, SamplingParams
 from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.layer import MoEConfig
 
 
@@ -44,13 +45,33 @@ class Spec:
 
 
 def build(s: Spec) -> DecoderLM:
-    """The seeded benchmark model (same weights in every process)."""
+    """The benchmark model: everything but the experts from seed 0, the experts left uninitialised (their
+    pages untouched, so they cost no memory): :func:`fill_experts` gives them their values, or offloading
+    replaces them. This keeps every run from drawing 4 GB of random numbers it would throw away."""
     torch.manual_seed(0)
     cfg = DecoderLMConfig(vocab_size=s.vocab, d_model=s.d_model, num_layers=s.layers, d_ff=s.d_ff,
                           max_seq_len=s.prompt_len + s.new_tokens + 8,
                           moe=MoEConfig(d_ff=s.d_ff, num_experts=s.experts, top_k=s.top_k))
     cfg.attention.num_heads = max(1, s.d_model // 64)
-    return DecoderLM(cfg).eval()
+    init = FFNExperts.reset_parameters
+    FFNExperts.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        model = DecoderLM(cfg)
+    finally:
+        FFNExperts.reset_parameters = init  # type: ignore[method-assign]
+    return model.eval()
+
+
+def fill_experts(model: torch.nn.Module) -> None:
+    """The experts' weights: normal with std 1/sqrt(fan_in), from their own generator (seed 1)."""
+    from moesaic.inference.offload import expert_modules
+
+    g = torch.Generator().manual_seed(1)
+    for ex in expert_modules(model).values():
+        for n in ex.stacked_names():
+            w = getattr(ex, n)
+            with torch.no_grad():
+                w.normal_(0.0, w.shape[-1] ** -0.5, generator=g)
 
 
 def prompt(s: Spec) -> list[int]:
@@ -108,6 +129,8 @@ def work(s: Spec) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     root = Path(s.dir)
     model = build(s)
+    if s.task in ("setup", "resident"):
+        fill_experts(model)
     if s.task == "setup":
         mods = expert_modules(model)
         save_expert_store(mods, root / "store")
