@@ -72,3 +72,15 @@ def test_broken_store_exits_2(ckpt, tmp_path, capsys):
     assert main(["generate", str(ckpt), "--prompt", "KING", "--offload-dir", str(store), "--cache-experts", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "expert file missing" in err[0], err
+
+
+def test_pregate_route_flag(ckpt, capsys):
+    base = ["generate", str(ckpt), "--prompt", "KING", "--temperature", "0", "--max-new-tokens", "6", "--json"]
+    assert main([*base, "--pregate-route"]) == 0
+    want = _rows(capsys)[0]
+    assert want["pregate_route"] is True
+    assert main([*base, "--pregate-route", "--cache-experts", "2", "--prefetch", "pregate"]) == 0
+    got = _rows(capsys)[0]
+    assert got["text"] == want["text"] and got["offload"]["hint_precision"] == 1.0
+    assert main(["eval", str(ckpt), "--pregate-route"]) == 0
+    assert "val_loss" in capsys.readouterr().out

@@ -145,3 +145,23 @@ def test_oracle_is_belady_optimal_and_lru_matches_reference(seed):
     w = ExpertCache(store, "L", cap, build_policy("lru", E))
     (slot,) = w.acquire([seq[0]])
     assert torch.equal(w.buffers["w"][slot], torch.full((4,), float(seq[0])))  # the slot holds that expert
+
+
+def test_route_by_pregate_changes_routing_exact_hints_and_restores():
+    from moesaic.inference.offload.pregate_route import route_by_pregate_
+
+    m = demo_lm()
+    base = decode(m)
+    h = route_by_pregate_(m)
+    routed = decode(m)
+    h.restore()
+    again = decode(m)
+    assert again[0] == base[0] and torch.equal(again[1], base[1])  # restore is exact
+    assert not torch.equal(routed[1], base[1])  # layer 1 is routed on layer 0's input: outputs change
+    m2 = demo_lm()
+    route_by_pregate_(m2)
+    o = offload_experts_(m2, memory_store(m2), OffloadConfig(cache_experts=3, prefetch="pregate"))
+    got = decode(m2)
+    o.close()
+    assert got[0] == routed[0] and torch.equal(got[1], routed[1])
+    assert o.summary()["total"]["hint_precision"] == 1.0  # the hint is the routing

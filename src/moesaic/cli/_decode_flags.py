@@ -1,5 +1,6 @@
 """The MoE decoding-strategy flags shared by ``moesaic generate`` and ``moesaic eval`` (docs/inference.md):
-``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``."""
+``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``,
+``--pregate-route`` (Pre-gated MoE routing)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-exit", type=float, default=None, metavar="T", help="per-token early-exit threshold")
     g.add_argument("--early-exit-criterion", choices=["confidence", "similarity"], default="confidence")
     g.add_argument("--early-exit-min-layer", type=int, default=1)
+    g.add_argument("--pregate-route", action="store_true",
+                   help="Pre-gated MoE: route each MoE layer but the first by its router on the previous MoE "
+                        "layer's input (changes outputs; exact prefetch hints)")
 
 
 def _calibration(args: argparse.Namespace, model: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -66,6 +70,11 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
     from moesaic.inference.scmoe import scmoe_
 
     info: dict[str, Any] = {}
+    if getattr(args, "pregate_route", False):
+        from moesaic.inference.offload.pregate_route import route_by_pregate_
+
+        route_by_pregate_(model)
+        info["pregate_route"] = True
     if args.moe_top_k:
         k = parse_top_k(args.moe_top_k)
         set_top_k_(model, k)
