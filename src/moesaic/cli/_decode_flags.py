@@ -1,6 +1,6 @@
 """The MoE decoding-strategy flags shared by ``moesaic generate`` and ``moesaic eval`` (docs/inference.md):
 ``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``,
-``--pregate-route`` (Pre-gated MoE routing)."""
+``--pregate-route`` (Pre-gated MoE routing), ``--quantize-experts int8``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pregate-route", action="store_true",
                    help="Pre-gated MoE: route each MoE layer but the first by its router on the previous MoE "
                         "layer's input (changes outputs; exact prefetch hints)")
+    g.add_argument("--quantize-experts", choices=["none", "int8"], default="none",
+                   help="weight-only group-wise int8 experts (dequantized per active expert)")
+    g.add_argument("--quant-group", type=int, default=64, help="input columns per int8 scale")
 
 
 def _calibration(args: argparse.Namespace, model: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -70,6 +73,12 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
     from moesaic.inference.scmoe import scmoe_
 
     info: dict[str, Any] = {}
+    if getattr(args, "quantize_experts", "none") == "int8":
+        from moesaic.inference.quant import QuantConfig, quantize_experts_
+
+        q = quantize_experts_(model, QuantConfig(group_size=args.quant_group))
+        info["quantized"] = {"bits": 8, "group_size": args.quant_group,
+                             "expert_bytes": sum(x.nbytes() for x in q.values())}
     if getattr(args, "pregate_route", False):
         from moesaic.inference.offload.pregate_route import route_by_pregate_
 
