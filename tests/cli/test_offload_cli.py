@@ -84,3 +84,11 @@ def test_pregate_route_flag(ckpt, capsys):
     assert got["text"] == want["text"] and got["offload"]["hint_precision"] == 1.0
     assert main(["eval", str(ckpt), "--pregate-route"]) == 0
     assert "val_loss" in capsys.readouterr().out
+
+
+def test_quantize_experts_flag(ckpt, capsys):
+    assert main(["eval", str(ckpt), "--quantize-experts", "int8", "--quant-group", "8"]) == 0
+    assert "quantized" in capsys.readouterr().out
+    assert main(["generate", str(ckpt), "--prompt", "KING", "--quantize-experts", "int8", "--quant-group", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quant.group_size = 5" in err[0], err
