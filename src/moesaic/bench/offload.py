@@ -45,13 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
-def _spawn(spec: Any) -> dict[str, Any]:
+def _spawn(spec: Any, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run the worker; its JSON lines (one per configuration), echoed briefly as they come."""
     env = dict(os.environ, MOESAIC_MALLOC="default", OMP_NUM_THREADS=str(spec.threads))
-    cmd = [sys.executable, "-m", "moesaic", "bench", "offload", "--worker", json.dumps(dataclasses.asdict(spec))]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"offload worker {spec.task} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, "-m", "moesaic", "bench", "offload", "--worker",
+           json.dumps({"spec": dataclasses.asdict(spec), "configs": configs})]
+    out: list[dict[str, Any]] = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                out.append(json.loads(line))
+                r = out[-1]
+                if "tok_s" in r:
+                    print(f"  ran {r.get('policy')} {r.get('prefetch', '')} {r.get('fraction', '')}: "
+                          f"{r['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
+        err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"offload worker {spec.task} failed ({proc.returncode}): {err.strip()[-2000:]}")
     return out
 
 
@@ -70,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from moesaic.core.errors import ConfigError
 
     if args.worker is not None:
-        print(json.dumps(work(Spec(**json.loads(args.worker)))))
+        w = json.loads(args.worker)
+        work(Spec(**w["spec"]), w["configs"])
         return 0
     from moesaic.inference.offload.policies import CACHE_POLICIES
     from moesaic.inference.offload.prefetch import PREFETCH_MODES
@@ -92,23 +104,30 @@ def run(args: argparse.Namespace) -> int:
           f"{args.d_model}, {args.experts} experts of width {args.d_ff}, k {args.top_k}; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens", flush=True)
     if not (root / "store" / "manifest.json").is_file():
-        info = _spawn(dataclasses.replace(base, task="setup"))
+        info = _spawn(dataclasses.replace(base, task="setup"), [])[0]
         print(f"wrote {root / 'store'}: {info['expert_bytes'] / 1e9:.2f} GB of fp32 expert weights", flush=True)
-    resident = _spawn(dataclasses.replace(base, task="resident"))
-    print(f"resident: decode {resident['tok_s']:.2f} tok/s, prefill {resident['prefill_s']:.1f} s, RssAnon "
-          f"{resident['rss_anon_kib'] / 1024:.0f} MiB", flush=True)
-    print("| policy | prefetch | resident (cache/layer) | tok/s | vs resident | prefill s | hit rate | MiB read | "
-          "hint precision | prefetch accuracy | expert memory | RssAnon MiB | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    results: list[dict[str, Any]] = [{"task": "resident", **resident}]
+    configs = []
     for frac in args.fractions:
         cache = max(args.top_k, round(args.experts * frac / 100))
         for pf in args.prefetch:
             for pol in (args.policies if frac < 100 else args.policies[:1]):
-                cfg = {"policy": pol if frac < 100 else "any", "prefetch": pf, "fraction": frac, "cache": cache}
-                r = _spawn(dataclasses.replace(base, task="offload", cache=cache, policy=pol, prefetch=pf))
-                print(_row(cfg, r, resident), flush=True)
-                results.append({**cfg, **r, "load_average": os.getloadavg()[0]})
+                configs.append({"policy": pol, "prefetch": pf, "fraction": frac, "cache": cache})
+    first = next((i for i, c in enumerate(configs) if c["policy"] != "oracle"), None)
+    if first is None:  # the oracle reads the trace of a first run: add one
+        configs.insert(0, {"policy": "lru", "prefetch": "none", "fraction": args.fractions[0],
+                           "cache": max(args.top_k, round(args.experts * args.fractions[0] / 100))})
+    else:
+        configs.insert(0, configs.pop(first))
+    runs = _spawn(dataclasses.replace(base, task="sweep"), configs)
+    resident = runs.pop()
+    print(f"resident: decode {resident['tok_s']:.2f} tok/s, prefill {resident['prefill_s']:.1f} s, RssAnon "
+          f"{resident['rss_anon_kib'] / 1024:.0f} MiB (load average {resident['load_average']:.1f})", flush=True)
+    print("| policy | prefetch | resident (cache/layer) | tok/s | vs resident | prefill s | hit rate | MiB read | "
+          "hint precision | prefetch accuracy | expert memory | RssAnon MiB | same tokens | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["fraction"], r["prefetch"], r["policy"])):
+        cfg = {**r, "policy": r["policy"] if r["fraction"] < 100 else "any"}
+        print(_row(cfg, r, resident) + f" {r['load_average']:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps([*runs, resident], indent=1))
     return 0

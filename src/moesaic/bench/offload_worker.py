@@ -1,17 +1,19 @@
-"""One run of ``moesaic bench offload``, in its own process (so its memory is its own and the page cache can
-be dropped before it): build the benchmark model from its seed, write the expert store (``setup``), decode
-resident (``resident``: also records the routing trace the oracle reads), or offload to the disk store with
-one cache size, policy and prefetch mode, drop the store's page cache, then prefill and decode.
+"""The worker process of ``moesaic bench offload`` (its memory is its own): ``setup`` builds the benchmark
+model and writes the expert store; ``sweep`` builds the model without expert weights and, per
+configuration (cache size, policy, prefetch), offloads to the disk store with fresh caches, drops the
+store's page cache, prefills and decodes; finally the resident model (experts read from the store).
 
-Prints one JSON line: prefill seconds, decode tokens/s, the tokens, decode-only cache telemetry, and memory
-(``RssAnon``/``RssFile`` of the process from /proc/self/status, the cache slots' bytes and the store's
-mapped pages from /proc/self/smaps).
+One JSON line per configuration: prefill seconds, decode tokens/s, the tokens, decode-only cache
+telemetry, and memory (``RssAnon``/``RssFile`` from /proc/self/status, the cache slots' bytes, the
+store's mapped pages from /proc/self/smaps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,7 @@ class Spec:
     prompt_len: int = 32
     new_tokens: int = 16
     threads: int = 1
-    task: str = "resident"
-    cache: int = 0
-    policy: str = "lru"
-    prefetch: str = "none"
+    task: str = "sweep"
 
 
 def build(s: Spec) -> DecoderLM:
@@ -116,38 +115,13 @@ def _minus(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def work(s: Spec) -> dict[str, Any]:
-    from moesaic.inference.offload import (
-        DiskStore,
-        OffloadConfig,
-        expert_modules,
-        offload_experts_,
-        record_expert_trace,
-        save_expert_store,
-    )
+def _offloaded(model: torch.nn.Module, s: Spec, store: Any, cfg: dict[str, Any],
+               trace: dict[str, list[frozenset[int]]] | None) -> dict[str, Any]:
+    """One offloaded configuration: fresh caches, the store's page cache dropped, prefill, decode."""
+    from moesaic.inference.offload import OffloadConfig, offload_experts_
 
-    torch.set_num_threads(s.threads)
-    root = Path(s.dir)
-    model = build(s)
-    if s.task in ("setup", "resident"):
-        fill_experts(model)
-    if s.task == "setup":
-        mods = expert_modules(model)
-        save_expert_store(mods, root / "store")
-        return {"expert_bytes": sum(getattr(m, n).numel() * 4 for m in mods.values() for n in m.stacked_names())}
-    if s.task == "resident":
-        out: dict[str, Any] = {}
-        rec = record_expert_trace(model, lambda: out.update(decode(model, s)))
-        (root / "trace.json").write_text(json.dumps({n: [sorted(x) for x in t] for n, t in rec.items()}))
-        out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"))
-        return out
-    trace: dict[str, list[frozenset[int]]] | None = None
-    if s.policy == "oracle":
-        raw = json.loads((root / "trace.json").read_text())
-        trace = {n: [frozenset(x) for x in t] for n, t in raw.items()}
-    store = DiskStore(root / "store")
-    cfg = OffloadConfig(cache_experts=s.cache, policy=s.policy, prefetch=s.prefetch)  # type: ignore[arg-type]
-    h = offload_experts_(model, store, cfg, trace=trace, device="cpu")
+    oc = OffloadConfig(cache_experts=cfg["cache"], policy=cfg["policy"], prefetch=cfg["prefetch"])
+    h = offload_experts_(model, store, oc, trace=trace, device="cpu")
     store.drop_page_cache()
     try:
         out = decode(model, s, after_prefill=lambda: h.summary()["total"])
@@ -157,3 +131,50 @@ def work(s: Spec) -> dict[str, Any]:
     out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"),
                cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(), store_bytes=store.nbytes())
     return out
+
+
+def work(s: Spec, configs: list[dict[str, Any]]) -> None:
+    """``setup``: write the store. ``sweep``: every configuration in this process (the experts are put back
+    between them; their uninitialised pages cost nothing), printing one JSON line each; the routing trace
+    for the oracle is recorded on the first configuration (offloading never changes routing); last the
+    resident model, its experts read from the store."""
+    from moesaic.inference.offload import DiskStore, expert_modules, record_expert_trace, save_expert_store
+    from moesaic.inference.offload.transform import moe_layers
+
+    torch.set_num_threads(s.threads)
+    root = Path(s.dir)
+    model = build(s)
+    if s.task == "setup":
+        fill_experts(model)
+        mods = expert_modules(model)
+        save_expert_store(mods, root / "store")
+        print(json.dumps({"expert_bytes": sum(getattr(m, n).numel() * 4 for m in mods.values()
+                                              for n in m.stacked_names())}))
+        return
+    layers = dict(moe_layers(model))
+    orig = {n: m.experts for n, m in layers.items()}
+    store = DiskStore(root / "store", verify="none")
+    trace: dict[str, list[frozenset[int]]] | None = None
+    for cfg in configs:
+        for n, m in layers.items():
+            m.experts = orig[n]
+        if trace is None:
+            out: dict[str, Any] = {}
+
+            def first(c: dict[str, Any] = cfg, o: dict[str, Any] = out) -> None:
+                o.update(_offloaded(model, s, store, c, None))
+
+            trace = record_expert_trace(model, first)
+        else:
+            out = _offloaded(model, s, store, cfg, trace)
+        gc.collect()
+        print(json.dumps({**cfg, **out, "load_average": os.getloadavg()[0]}), flush=True)
+    for n, m in layers.items():
+        m.experts = orig[n]
+        ex = orig[n]
+        for e in range(ex.num_experts):
+            store.read_into(n, e, {k: getattr(ex, k).data[e] for k in ex.stacked_names()})
+    res = decode(model, s)
+    res.pop("snap")
+    res.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"))
+    print(json.dumps({"policy": "resident", **res, "load_average": os.getloadavg()[0]}), flush=True)
