@@ -104,11 +104,13 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :2] = 0
     out = model(ids, attention_mask=mask)
-    return (out.last_hidden_state if name == "bert_encoder" else out.logits).float().square().mean()
+    # bert_encoder has no logits; sentence_encoder's are unit vectors (a constant square norm)
+    h = out.last_hidden_state if name in ("bert_encoder", "sentence_encoder") else out.logits
+    return h.float().square().mean()
 
 
 MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder", "vit_classifier",
-                "ts_forecaster", "dit"}
+                "ts_forecaster", "dit", "sentence_encoder"}
 
 
 def test_every_model_has_example_inputs() -> None:

@@ -1,6 +1,7 @@
 """``moesaic train CONFIG [--set k=v ...] [--out DIR] [--resume] [--init-from CKPT_OR_HF]``: train a model from a
 YAML config, optionally starting from the weights of a moesaic checkpoint (e.g. a ``moesaic convert`` output)
-or a Hugging Face folder (docs/convert.md)."""
+or a Hugging Face folder (docs/convert.md). A model config with ``pretrained`` (``sentence_encoder``) starts from
+that dense checkpoint, its FFNs copied into every expert (docs/zoo.md, "Embeddings")."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
         init_process_group()  # the trainer then picks expert + data parallelism (distributed/strategy.py)
     init_kw: dict[str, Any] = {}
+    pretrained = str(getattr(cfg.model, "pretrained", None) or "")
+    if not args.init_from and pretrained:
+        from moesaic.transforms.upcycle import pretrained_init_state
+
+        init_kw = {"init_state": pretrained_init_state(cfg.model, cfg.train.seed),
+                   "init_from": f"model.pretrained {pretrained}"}
     if args.init_from:
         import moesaic
         from moesaic.distributed.expert_state import local_model_state

@@ -114,9 +114,10 @@ class BertLayer(nn.Module):
         self.mlp: nn.Module = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, gated=False, bias=True)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
-    def forward(self, h_BSD: Tensor, mask_B1QK: Tensor | None) -> Tensor:
+    def forward(self, h_BSD: Tensor, mask_B1QK: Tensor | None, **ffn_kw: Any) -> Tensor:
+        """``ffn_kw``: keywords of the FFN slot (an MoE layer's padding ``mask`` and routing context)."""
         h_BSD = self.attn_norm(h_BSD + self.self_attn(h_BSD, mask_B1QK))
-        return self.ffn_norm(h_BSD + self.mlp(h_BSD))
+        return self.ffn_norm(h_BSD + self.mlp(h_BSD, **ffn_kw))
 
 
 @MODELS.register("bert_encoder")
@@ -147,10 +148,11 @@ class BertEncoder(nn.Module):
                 m.weight[m.padding_idx].zero_()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, return_dict: bool = True) -> EncoderOutput | Tensor:
+                position_ids: Tensor | None = None, return_dict: bool = True, **ffn_kw: Any) -> EncoderOutput | Tensor:
         """``attention_mask`` ``[B, S]``: 1 for real tokens; padding keys are never attended to (padding
         queries still get an output, as in transformers). ``position_ids`` default to ``0..S-1`` per row
-        (BERT pads on the right). ``return_dict=False`` returns ``last_hidden_state``."""
+        (BERT pads on the right). ``return_dict=False`` returns ``last_hidden_state``. ``ffn_kw`` go to every FFN
+        slot (MoE FFNs: :mod:`moesaic.models.sentence`)."""
         B, S = input_ids.shape
         if S > self.cfg.max_position_embeddings:
             raise ConfigError("input_ids.shape[1]", S, f"must be at most max_position_embeddings "
@@ -169,7 +171,7 @@ class BertEncoder(nn.Module):
         mask_B1QK = attention_mask_4d(attention_mask, B, S, S, False, input_ids.device)
         h_BSD = self.embeddings(input_ids, token_type_ids, position_ids)
         for layer in self.layers:
-            h_BSD = layer(h_BSD, mask_B1QK)
+            h_BSD = layer(h_BSD, mask_B1QK, **ffn_kw)
         if not return_dict:
             return h_BSD
         pooled_BD = torch.tanh(self.pooler(h_BSD[:, 0])) if self.pooler is not None else None

@@ -162,10 +162,20 @@ def select_task(cfg: Any, data: Any) -> LMTask:
                                   f"must equal model.{f} ({getattr(cfg.model, f)}): the data noises images with "
                                   "the schedule the model denoises")
         return DenoiseTask()
+    if declared == "embedding":
+        from moesaic.train.retrieval import EmbeddingTask
+
+        if not getattr(data, "contrastive", False):
+            raise ConfigError("data.kind", cfg.data.kind, f"model.kind {cfg.model.kind} is a sentence encoder and "
+                              "needs a contrastive dataset of positive pairs (e.g. shakespeare_passages)")
+        return EmbeddingTask()
+    if getattr(data, "contrastive", False):
+        raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} serves contrastive pairs and "
+                          "needs a sentence encoder (e.g. sentence_encoder)")
     if declared != "lm":
         raise ConfigError("model.kind", cfg.model.kind, f"declares the task {declared!r}; the trainer trains "
                           "language models (task lm), classifiers (task classification), forecasters "
-                          "(task forecast) and denoisers (task denoise)")
+                          "(task forecast), denoisers (task denoise) and sentence encoders (task embedding)")
     if data_classes is not None:
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
                           "and needs a classifier model (e.g. encoder_classifier)")

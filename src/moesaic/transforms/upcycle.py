@@ -221,3 +221,56 @@ def expert_counts(model: nn.Module) -> dict[str, int]:
             inactive += per * (m.num_experts - m.top_k)
     return {"total": total, "active": total - inactive}
 
+
+
+def upcycle_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state for a model with ``target``'s names and shapes from the state of its dense twin: every MoE FFN
+    ``P.experts.*`` gets a copy of the dense FFN ``P.{gate,up,down}_proj`` in each expert (copy upcycling,
+    Komatsuzaki et al. 2023; biases too, for ``mlp_bias`` experts); names the dense state already has are
+    taken as they are; names it cannot give (routers) keep ``target``'s values. ``moesaic train`` starts
+    ``model.pretrained`` models this way (docs/zoo.md, "Embeddings")."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in target.items():
+        prefix, _, leaf = name.rpartition(".experts.")
+        E = t.shape[0] if t.dim() else 0
+        if name in dense:
+            out[name] = dense[name]
+        elif leaf == "w_up_EHD" and f"{prefix}.up_proj.weight" in dense:
+            gate = dense.get(f"{prefix}.gate_proj.weight")
+            w = dense[f"{prefix}.up_proj.weight"]
+            out[name] = (torch.cat([gate, w]) if gate is not None else w).expand(E, *t.shape[1:]).clone()
+        elif leaf == "w_down_EDF" and f"{prefix}.down_proj.weight" in dense:
+            out[name] = dense[f"{prefix}.down_proj.weight"].expand(E, *t.shape[1:]).clone()
+        elif leaf == "b_up_EF" and f"{prefix}.up_proj.bias" in dense:
+            out[name] = dense[f"{prefix}.up_proj.bias"].expand(E, *t.shape[1:]).clone()
+        elif leaf == "b_down_ED" and f"{prefix}.down_proj.bias" in dense:
+            out[name] = dense[f"{prefix}.down_proj.bias"].expand(E, *t.shape[1:]).clone()
+        else:
+            out[name] = t
+    missing = [n for n in dense if n not in out and not any(n.startswith(f"{p}.") for p in _moe_prefixes(target))]
+    if missing:
+        raise ConversionError(f"upcycle: the dense state has tensors the target model lacks: {missing[:4]}")
+    return out
+
+
+def _moe_prefixes(target: dict[str, torch.Tensor]) -> set[str]:
+    return {n.rpartition(".experts.")[0] for n in target if ".experts." in n}
+
+
+def pretrained_init_state(model_cfg: Any, seed: int) -> dict[str, torch.Tensor] | None:
+    """The start state of a model config with ``pretrained`` set (None without): the dense checkpoint it names
+    (:func:`moesaic.train.pretrained.resolve_pretrained`, opened by :func:`moesaic.interop.load.load_any`)
+    upcycled by :func:`upcycle_state` into the config's model, built as the trainer builds it (seeded ``seed``)
+    so that parameters the checkpoint lacks (routers) start as they would without it."""
+    spec = getattr(model_cfg, "pretrained", "")
+    if not spec:
+        return None
+    from moesaic.distributed.expert_state import local_model_state
+    from moesaic.interop.load import load_any
+    from moesaic.train.pretrained import resolve_pretrained
+
+    dense = local_model_state(load_any(resolve_pretrained(spec, "model.pretrained")))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        target = model_cfg.build()
+    return upcycle_state(dense, local_model_state(target))

@@ -28,7 +28,7 @@ DISPATCH_OPTS: dict[str, dict[str, Any]] = {
 }
 #: layer options per experts kind (E and the router where a kind needs them)
 EXPERTS_OPTS: dict[str, dict[str, Any]] = {
-    "glu": {}, "mlp": {}, "ewa": {}, "evomoe": {},
+    "glu": {}, "mlp": {}, "mlp_bias": {}, "ewa": {}, "evomoe": {},
     "moepp": {"num_experts": 6, "router": {"kind": "moepp", "zero_computation_experts": 2},
               "experts": {"num_constant": 1, "num_copy": 1, "num_zero": 0}},
 }
