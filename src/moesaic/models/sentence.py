@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from moesaic.core.config import rule
 from moesaic.models.base import MODELS
 from moesaic.models.bert import BertEncoder, BertEncoderConfig
 from moesaic.moe.api import collect_aux_losses, name_layers
@@ -30,16 +31,24 @@ from moesaic.moe.layer import MoEConfig
 
 
 @dataclasses.dataclass
-class SentenceEncoderConfig(BertEncoderConfig):
-    """BERT-family encoder fields, plus ``moe`` (every FFN an MoE layer; null: dense), the ``pooling`` and
-    ``normalize`` of the sentence embedding, and ``pretrained``, the dense checkpoint ``moesaic train``
-    starts from ("" = random init)."""
+class BertMoEConfig(BertEncoderConfig):
+    """BERT-family encoder fields, plus ``moe`` (every FFN an MoE layer; null: dense) and ``pretrained``, the
+    dense checkpoint ``moesaic train`` starts from ("" = random init), whose FFN copies are multiplied by
+    ``upcycle_scale`` in the experts' output (the expert count for a zero-initialised top-1 router, whose weight
+    is then 1/E: the upcycled model computes the dense one at step 0)."""
+
+    moe: MoEConfig | None = None
+    pretrained: str = ""
+    upcycle_scale: float = rule(1.0, gt=0.0)
+
+
+@dataclasses.dataclass
+class SentenceEncoderConfig(BertMoEConfig):
+    """:class:`BertMoEConfig` plus the ``pooling`` and ``normalize`` of the sentence embedding."""
 
     task: ClassVar[str] = "embedding"
-    moe: MoEConfig | None = None
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
-    pretrained: str = ""
 
 
 @dataclasses.dataclass
@@ -52,34 +61,44 @@ class SentenceOutput:
     aux_loss: Tensor | None = None
 
 
-@MODELS.register("sentence_encoder")
-class SentenceEncoder(BertEncoder):
-    """BERT-family encoder (dense or MoE FFNs) + mean/[CLS] pooling (+ L2 norm): sentence embeddings."""
+class BertMoE(BertEncoder):
+    """A BERT-family encoder whose FFNs are MoE layers when ``cfg.moe`` is set (the base of the task models)."""
 
-    Config = SentenceEncoderConfig
-    cfg: SentenceEncoderConfig
+    cfg: BertMoEConfig
 
-    def __init__(self, cfg: SentenceEncoderConfig, **kw: Any):
+    def __init__(self, cfg: BertMoEConfig, **kw: Any):
         super().__init__(cfg)
         if cfg.moe is not None:
             for layer in self.layers:
                 layer.mlp = cfg.moe.build(cfg.d_model)
         name_layers(self)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, return_dict: bool = True,
-                domain_id: Tensor | int | None = None, **ctx: Any) -> Any:
-        """``domain_id``: one per sequence ``[B]`` (or an int) for the ``domain`` router; other routing context
-        in ``ctx``. A dense model ignores both."""
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+               position_ids: Tensor | None, ctx: dict[str, Any]) -> Tensor:
+        """``last_hidden_state``; MoE layers get the padding mask and the routing context ``ctx`` (e.g.
+        ``domain_id``, one per sequence, for the ``domain`` router); a dense model ignores ``ctx``."""
         ffn_kw: dict[str, Any] = {}
         if self.cfg.moe is not None:
-            ffn_kw = dict(ctx)
+            ffn_kw = {k: v for k, v in ctx.items() if v is not None}
             if attention_mask is not None:
                 ffn_kw["mask"] = attention_mask.bool()
-            if domain_id is not None:
-                ffn_kw["domain_id"] = domain_id
         h_BSD = super().forward(input_ids, attention_mask, token_type_ids, position_ids, return_dict=False, **ffn_kw)
         assert isinstance(h_BSD, Tensor)
+        return h_BSD
+
+
+@MODELS.register("sentence_encoder")
+class SentenceEncoder(BertMoE):
+    """BERT-family encoder (dense or MoE FFNs) + mean/[CLS] pooling (+ L2 norm): sentence embeddings."""
+
+    Config = SentenceEncoderConfig
+    cfg: SentenceEncoderConfig
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, return_dict: bool = True,
+                **ctx: Any) -> Any:
+        """``ctx``: routing context, e.g. ``domain_id`` (one per sequence ``[B]``, or an int)."""
+        h_BSD = self.hidden(input_ids, attention_mask, token_type_ids, position_ids, ctx)
         if self.cfg.pooling == "cls" or attention_mask is None:
             e_BD = h_BSD[:, 0] if self.cfg.pooling == "cls" else h_BSD.mean(1)
         else:

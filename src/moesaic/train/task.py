@@ -169,13 +169,24 @@ def select_task(cfg: Any, data: Any) -> LMTask:
             raise ConfigError("data.kind", cfg.data.kind, f"model.kind {cfg.model.kind} is a sentence encoder and "
                               "needs a contrastive dataset of positive pairs (e.g. shakespeare_passages)")
         return EmbeddingTask()
+    if declared == "span_qa":
+        from moesaic.train.span_qa import SpanQATask
+
+        if not getattr(data, "span_qa", False):
+            raise ConfigError("data.kind", cfg.data.kind, f"model.kind {cfg.model.kind} answers span questions and "
+                              "needs a span QA dataset (e.g. shakespeare_qa)")
+        return SpanQATask()
+    if getattr(data, "span_qa", False):
+        raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} serves span questions and needs "
+                          "a span QA model (e.g. span_qa)")
     if getattr(data, "contrastive", False):
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} serves contrastive pairs and "
                           "needs a sentence encoder (e.g. sentence_encoder)")
     if declared != "lm":
         raise ConfigError("model.kind", cfg.model.kind, f"declares the task {declared!r}; the trainer trains "
                           "language models (task lm), classifiers (task classification), forecasters "
-                          "(task forecast), denoisers (task denoise) and sentence encoders (task embedding)")
+                          "(task forecast), denoisers (task denoise), sentence encoders (task embedding) and span QA "
+                          "models (task span_qa)")
     if data_classes is not None:
         raise ConfigError("model.kind", cfg.model.kind, f"data.kind {cfg.data.kind} is a classification dataset "
                           "and needs a classifier model (e.g. encoder_classifier)")

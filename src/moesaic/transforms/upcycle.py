@@ -223,11 +223,14 @@ def expert_counts(model: nn.Module) -> dict[str, int]:
 
 
 
-def upcycle_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def upcycle_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tensor], scale: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
     """A state for a model with ``target``'s names and shapes from the state of its dense twin: every MoE FFN
     ``P.experts.*`` gets a copy of the dense FFN ``P.{gate,up,down}_proj`` in each expert (copy upcycling,
     Komatsuzaki et al. 2023; biases too, for ``mlp_bias`` experts); names the dense state already has are
-    taken as they are; names it cannot give (routers) keep ``target``'s values. ``moesaic train`` starts
+    taken as they are; names it cannot give (routers) keep ``target``'s values. ``scale`` multiplies the expert
+    outputs (down projection and its bias): E for a zero-initialised top-1 router of E experts (weight 1/E)
+    keeps the dense function at step 0, as fine-grained upcycling scales its segments. ``moesaic train`` starts
     ``model.pretrained`` models this way (docs/zoo.md, "Embeddings")."""
     out: dict[str, torch.Tensor] = {}
     for name, t in target.items():
@@ -240,11 +243,11 @@ def upcycle_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tensor
             w = dense[f"{prefix}.up_proj.weight"]
             out[name] = (torch.cat([gate, w]) if gate is not None else w).expand(E, *t.shape[1:]).clone()
         elif leaf == "w_down_EDF" and f"{prefix}.down_proj.weight" in dense:
-            out[name] = dense[f"{prefix}.down_proj.weight"].expand(E, *t.shape[1:]).clone()
+            out[name] = dense[f"{prefix}.down_proj.weight"].expand(E, *t.shape[1:]) * scale
         elif leaf == "b_up_EF" and f"{prefix}.up_proj.bias" in dense:
             out[name] = dense[f"{prefix}.up_proj.bias"].expand(E, *t.shape[1:]).clone()
         elif leaf == "b_down_ED" and f"{prefix}.down_proj.bias" in dense:
-            out[name] = dense[f"{prefix}.down_proj.bias"].expand(E, *t.shape[1:]).clone()
+            out[name] = dense[f"{prefix}.down_proj.bias"].expand(E, *t.shape[1:]) * scale
         else:
             out[name] = t
     missing = [n for n in dense if n not in out and not any(n.startswith(f"{p}.") for p in _moe_prefixes(target))]
@@ -273,4 +276,4 @@ def pretrained_init_state(model_cfg: Any, seed: int) -> dict[str, torch.Tensor] 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         target = model_cfg.build()
-    return upcycle_state(dense, local_model_state(target))
+    return upcycle_state(dense, local_model_state(target), float(getattr(model_cfg, "upcycle_scale", 1.0)))

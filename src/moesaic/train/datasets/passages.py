@@ -61,18 +61,24 @@ class PassagesConfig(DataConfig):
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]{0,23}\.?$")
 
 
-def play_passages(path: Any, min_words: int) -> list[str]:
-    """The speeches of a play file with at least ``min_words`` words, without the speaker: every paragraph of
-    two or more lines whose first line is a speaker's name (``Hor.`` in most texts, ``HERMIA`` in some)."""
+def play_speeches(path: Any) -> list[tuple[str, str]]:
+    """``(speaker, text)`` of every speech of a play file, in order: every paragraph of two or more lines whose
+    first line is a speaker's name (``Hor.`` in most texts, ``HERMIA`` in some; the full stop dropped), stage
+    directions in brackets left out of the text."""
     out = []
     for block in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8", errors="replace")):
         lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
         if len(lines) < 2 or not _SPEAKER.match(lines[0]) or lines[0].split()[0] in _STAGE:
             continue
         text = " ".join(ln for ln in lines[1:] if not ln.startswith("["))
-        if len(text.split()) >= min_words:
-            out.append(text)
+        if text:
+            out.append((lines[0].rstrip("."), text))
     return out
+
+
+def play_passages(path: Any, min_words: int) -> list[str]:
+    """The speeches of a play file with at least ``min_words`` words, without the speaker."""
+    return [text for _, text in play_speeches(path) if len(text.split()) >= min_words]
 
 
 class PairLoader:
