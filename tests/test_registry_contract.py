@@ -110,7 +110,7 @@ def _model_loss(name: str, model: torch.nn.Module, cfg: Any) -> torch.Tensor:
 
 
 MODEL_INPUTS = {"moe_regression", "decoder_lm", "encoder_classifier", "bert_encoder", "vit_classifier",
-                "ts_forecaster", "dit", "sentence_encoder"}
+                "ts_forecaster", "dit", "sentence_encoder", "span_qa"}
 
 
 def test_every_model_has_example_inputs() -> None:
