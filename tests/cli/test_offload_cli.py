@@ -92,3 +92,10 @@ def test_quantize_experts_flag(ckpt, capsys):
     assert main(["generate", str(ckpt), "--prompt", "KING", "--quantize-experts", "int8", "--quant-group", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quant.group_size = 5" in err[0], err
+    assert main(["eval", str(ckpt), "--quantize-experts", "plan", "--quant-group", "8",
+                 "--quant-calib-windows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "'mode': 'plan'" in out and "'int4_experts'" in out
+    assert main(["eval", str(ckpt), "--quantize-experts", "int4", "--quant-group", "8"]) == 0
+    assert main(["eval", str(ckpt), "--quantize-experts", "plan", "--quant-hot", "2"]) == 2
+    assert "--quant-hot = 2.0: must be in [0, 1]" in capsys.readouterr().err

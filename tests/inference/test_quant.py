@@ -1,12 +1,20 @@
-"""Group-wise int8 experts (``quantize_experts_``): codes within half a scale step of the weights, the
-quantized model decodes exactly like fp32 experts holding the dequantized weights (tokens and logits,
-every backend), memory about 0.27x of fp32 at group 64, typed errors."""
+"""Group-wise int8 / int4 / planned experts (``quantize_experts_``): codes within half a scale step of the
+weights, the quantized model decodes exactly like fp32 experts holding the dequantized weights (tokens and
+logits, every backend; pruned experts as zero weights), memory, the usage plan, typed errors."""
 
 import pytest
 import torch
 
 from moesaic.core.errors import ConfigError
-from moesaic.inference.quant import QuantConfig, dequantize_groups, quantize_experts_, quantize_groups
+from moesaic.inference.quant import (
+    QuantConfig,
+    dequantize_groups,
+    dequantize_groups_int4,
+    quantize_experts_,
+    quantize_groups,
+    quantize_groups_int4,
+)
+from moesaic.inference.quant_plan import expert_usage, usage_plan
 from offload_fixtures import decode, demo_lm
 
 
@@ -43,7 +51,54 @@ def test_memory_and_errors():
     assert not any("experts.w_" in n for n, _ in m.named_parameters())
     with pytest.raises(ConfigError, match="quant.group_size = 5: must divide the input width 16"):
         quantize_experts_(demo_lm(), QuantConfig(group_size=5))
-    with pytest.raises(ConfigError, match="quant.bits = 4"):
-        quantize_experts_(demo_lm(), QuantConfig(bits=4))
+    with pytest.raises(ConfigError, match="quant.bits = 3: must be 8 .int8. or 4 .int4."):
+        quantize_experts_(demo_lm(), QuantConfig(bits=3))
+    with pytest.raises(ConfigError, match="quant.group_size = 3: must be even for int4"):
+        quantize_experts_(demo_lm(), QuantConfig(bits=4, group_size=3))
+    with pytest.raises(ConfigError, match="quant.plan = True: needs routing counts for model.layers.0.mlp"):
+        quantize_experts_(demo_lm(), QuantConfig(group_size=8, plan=True))
+    with pytest.raises(ConfigError, match="quant.hot_fraction"):
+        quantize_experts_(demo_lm(), QuantConfig(plan=True, hot_fraction=1.5), usage={})
     with pytest.raises(ConfigError, match="only stacked FFN experts"):
         quantize_experts_(m)  # already quantized
+
+
+def test_int4_codes_within_half_a_step_and_exact_packing():
+    w = torch.randn(2, 6, 64) * torch.linspace(0.1, 3.0, 6)[:, None]
+    p, s, lo = quantize_groups_int4(w, 16)
+    assert p.dtype == torch.uint8 and p.shape == (2, 6, 32) and s.shape == lo.shape == (2, 6, 4)
+    err = (dequantize_groups_int4(p, s, lo) - w).abs().reshape(2, 6, 4, 16)
+    assert bool((err <= s[..., None] / 2 + 1e-6).all())
+    p2, _, _ = quantize_groups_int4(dequantize_groups_int4(p, s, lo), 16)  # codes survive a round trip
+    assert torch.equal(p, p2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_planned_model_equals_fp32_model_with_dequantized_weights(backend):
+    q = demo_lm(backend=backend)
+    usage = {f"model.layers.{i}.mlp": torch.tensor([9, 0, 5, 1, 7, 0, 2, 3]) for i in range(2)}
+    qx = quantize_experts_(q, QuantConfig(group_size=8, plan=True, hot_fraction=0.5), usage)
+    for ex in qx.values():
+        assert ex.bits_E == usage_plan(usage["model.layers.0.mlp"], 0.5) == [8, 0, 8, 4, 8, 0, 4, 4]
+    ref = demo_lm(backend=backend)
+    with torch.no_grad():
+        for ex, layer in zip(qx.values(), [b.mlp for b in ref.model.layers], strict=True):
+            for e in range(ex.num_experts):  # pruned experts: zero weights
+                layer.experts.load_expert_state(e, ex.expert_state(e))
+    want, got = decode(ref), decode(q)
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
+    assert sum(ex.pruned_rows for ex in qx.values()) > 0  # rows did reach the pruned experts
+    weights = sum(p.numel() for n, p in demo_lm().named_parameters() if "experts" in n) // 16  # per expert
+    # 2 layers x (3 int8 experts at 1 + 4/8 bytes per weight + 3 int4 at 0.5 + 8/8); pruned ones store nothing
+    assert sum(x.nbytes() for x in qx.values()) == 2 * (3 * 1.5 + 3 * 1.5) * weights
+
+
+def test_usage_plan_and_expert_usage():
+    assert usage_plan(torch.tensor([5, 0, 9, 1]), hot_fraction=0.34) == [4, 0, 8, 4]
+    assert usage_plan(torch.tensor([5, 0, 9, 1]), hot_fraction=1.0) == [8, 0, 8, 8]
+    assert usage_plan(torch.tensor([0, 0]), hot_fraction=0.5) == [0, 0]
+    m = demo_lm()
+    ids = torch.randint(40, (2, 12))
+    counts = expert_usage(m, [{"input_ids": ids}])
+    assert set(counts) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all(int(c.sum()) == 2 * 12 * 2 for c in counts.values())  # tokens x k

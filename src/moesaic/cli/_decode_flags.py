@@ -1,6 +1,6 @@
 """The MoE decoding-strategy flags shared by ``moesaic generate`` and ``moesaic eval`` (docs/inference.md):
 ``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``,
-``--pregate-route`` (Pre-gated MoE routing), ``--quantize-experts int8``."""
+``--pregate-route`` (Pre-gated MoE routing), ``--quantize-experts int8|int4|plan``."""
 
 from __future__ import annotations
 
@@ -31,17 +31,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pregate-route", action="store_true",
                    help="Pre-gated MoE: route each MoE layer but the first by its router on the previous MoE "
                         "layer's input (changes outputs; exact prefetch hints)")
-    g.add_argument("--quantize-experts", choices=["none", "int8"], default="none",
-                   help="weight-only group-wise int8 experts (dequantized per active expert)")
-    g.add_argument("--quant-group", type=int, default=64, help="input columns per int8 scale")
+    g.add_argument("--quantize-experts", choices=["none", "int8", "int4", "plan"], default="none",
+                   help="weight-only group-wise experts (dequantized per active expert): int8, int4, or plan "
+                        "(hot experts int8, cold int4, never-used pruned, from routing on calibration windows)")
+    g.add_argument("--quant-group", type=int, default=64, help="input columns per quantization scale")
+    g.add_argument("--quant-hot", type=float, default=0.5, metavar="F",
+                   help="plan: fraction of the used experts kept in int8")
+    g.add_argument("--quant-calib-windows", type=int, default=32, metavar="N",
+                   help="plan: calibration windows (the checkpoint's training data, or --drop-calib TEXT_FILE)")
 
 
-def _calibration(args: argparse.Namespace, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+def _calibration(args: argparse.Namespace, model: nn.Module, n: int | None = None,
+                 flag: str = "--drop-calib-windows") -> list[dict[str, torch.Tensor]]:
     from moesaic.core.errors import ConfigError
 
-    n = args.drop_calib_windows
+    n = args.drop_calib_windows if n is None else n
     if n < 1:
-        raise ConfigError("--drop-calib-windows", n, "must be >= 1")
+        raise ConfigError(flag, n, "must be >= 1")
     seq = min(128, getattr(model, "max_seq_len", 128) or 128)
     if args.drop_calib is not None:
         tok = getattr(model, "tokenizer", None)
@@ -73,11 +79,21 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
     from moesaic.inference.scmoe import scmoe_
 
     info: dict[str, Any] = {}
-    if getattr(args, "quantize_experts", "none") == "int8":
+    mode = getattr(args, "quantize_experts", "none")
+    if mode != "none":
         from moesaic.inference.quant import QuantConfig, quantize_experts_
+        from moesaic.inference.quant_plan import expert_usage
 
-        q = quantize_experts_(model, QuantConfig(group_size=args.quant_group))
-        info["quantized"] = {"bits": 8, "group_size": args.quant_group,
+        if not 0.0 <= args.quant_hot <= 1.0:
+            raise ConfigError("--quant-hot", args.quant_hot, "must be in [0, 1]")
+        qcfg = QuantConfig(bits=4 if mode == "int4" else 8, group_size=args.quant_group, plan=mode == "plan",
+                           hot_fraction=args.quant_hot)
+        usage = (expert_usage(model, _calibration(args, model, args.quant_calib_windows, "--quant-calib-windows"))
+                 if mode == "plan" else None)
+        q = quantize_experts_(model, qcfg, usage)
+        bits = [b for x in q.values() for b in x.bits_E]
+        info["quantized"] = {"mode": mode, "group_size": args.quant_group, "int8_experts": bits.count(8),
+                             "int4_experts": bits.count(4), "pruned_experts": bits.count(0),
                              "expert_bytes": sum(x.nbytes() for x in q.values())}
     if getattr(args, "pregate_route", False):
         from moesaic.inference.offload.pregate_route import route_by_pregate_

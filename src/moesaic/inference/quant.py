@@ -1,16 +1,24 @@
-"""Weight-only int8 experts, group-wise: ``quantize_experts_(model, QuantConfig(bits=8, group_size=64))``.
+"""Weight-only compressed experts: ``quantize_experts_(model, QuantConfig(bits=8 | 4, group_size=64))``.
 
 A transform (docs/design.md: components are swapped): every MoE layer's stacked FFN experts become
-:class:`Int8Experts`, which keep each 3-D expert tensor as int8 codes plus one fp32 scale per group of
-``group_size`` consecutive input columns (symmetric absmax: ``scale = max|w| / 127``,
-``q = round(w / scale)``, so ``|w - q * scale| <= scale / 2``). That is ``1 + 4 / group_size`` bytes per
-weight instead of 4 (0.27x at 64). Group-wise weight-only quantization as in LLM.int8()-style and GPTQ
-deployments (Dettmers et al. 2022; Frantar et al. 2023); QMoE (Frantar & Alistarh 2023) compresses MoE
-experts the same way, much further.
+:class:`QuantizedExperts`, which hold each expert's two 3-D tensors in one of three forms, per expert:
 
-The forward dequantizes only the experts that have rows (at decode: k of E) into fp32 and runs the same
-backend as the fp32 experts on them, so its output equals, bit for bit, fp32 experts holding the
-dequantized weights (tested); routing is untouched. Inference only (no parameters, no gradients to the
+* ``8``: int8 codes plus one fp32 scale per group of ``group_size`` consecutive input columns (symmetric
+  absmax: ``scale = max|w| / 127``, ``q = round(w / scale)``, so ``|w - q * scale| <= scale / 2``), that is
+  ``1 + 4 / group_size`` bytes per weight instead of 4 (0.27x at 64);
+* ``4``: int4 codes per group (asymmetric: ``scale = (max - min) / 15``, ``q = round((w - min) / scale)`` in
+  ``[0, 15]``, ``|w - (q * scale + min)| <= scale / 2``), two codes packed per byte, plus an fp32 scale and
+  minimum per group: ``0.5 + 8 / group_size`` bytes per weight (0.16x at 64);
+* ``0``: pruned: no storage; the expert acts as zero weights (its rows add nothing to their tokens).
+
+Group-wise weight-only quantization as in LLM.int8()-style and GPTQ deployments (Dettmers et al. 2022;
+Frantar et al. 2023); MoE experts tolerate it well (MoQE, Kim et al. 2023), and QMoE (Frantar & Alistarh
+2023) compresses them much further. ``QuantConfig(plan=True)`` chooses the form per expert from measured
+routing counts (:mod:`moesaic.inference.quant_plan`: hot experts int8, cold int4, never-used pruned).
+
+The forward dequantizes only the experts that have rows (at decode: k of E) into the weights' dtype and
+runs the same backend as the fp32 experts on them, so its output equals, bit for bit, fp32 experts holding
+the dequantized weights (tested); routing is untouched. Inference only (no parameters, no gradients to the
 codes).
 """
 
@@ -33,13 +41,19 @@ from moesaic.moe.layer import MoELayer
 
 @dataclasses.dataclass
 class QuantConfig(Section):
-    """``bits``: 8 (int8 codes); ``group_size``: input columns sharing one scale (must divide D and F)."""
+    """``bits``: 8 (int8) or 4 (int4) for every expert; ``group_size``: input columns sharing one scale (must
+    divide D and F; even for int4). ``plan``: bits per expert from routing counts instead (hot int8, cold
+    int4, unused pruned; ``hot_fraction`` of the used experts are hot), see :mod:`moesaic.inference.quant_plan`."""
 
     bits: int = 8
     group_size: int = rule(64, ge=1)
+    plan: bool = False
+    hot_fraction: float = rule(0.5, ge=0.0, le=1.0)
 
     def validate(self, path: str) -> None:
-        require(self.bits == 8, f"{path}.bits", self.bits, "only 8 (int8) is implemented")
+        require(self.bits in (8, 4), f"{path}.bits", self.bits, "must be 8 (int8) or 4 (int4)")
+        require(not ((self.bits == 4 or self.plan) and self.group_size % 2), f"{path}.group_size", self.group_size,
+                "must be even for int4 (two codes per byte)")
 
 
 def quantize_groups(w_EOI: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -60,65 +74,124 @@ def dequantize_groups(q_EOI: Tensor, scale_EOG: Tensor, dtype: torch.dtype = tor
     return w.reshape(E, Out, In)
 
 
-class Int8Experts(Experts):
-    """Stacked FFN experts stored as group-wise int8 codes + fp32 scales (module docstring)."""
+def quantize_groups_int4(w_EOI: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed int4 codes ``[E, O, I / 2]`` (uint8, two per byte) and fp32 scales and minima
+    ``[E, O, I / group_size]`` (asymmetric per group, codes in [0, 15])."""
+    E, Out, In = w_EOI.shape
+    g = w_EOI.detach().float().reshape(E, Out, In // group_size, group_size)
+    lo_EOG, hi_EOG = g.amin(-1), g.amax(-1)
+    scale_EOG = (hi_EOG - lo_EOG) / 15.0
+    safe = torch.where(scale_EOG > 0, scale_EOG, torch.ones_like(scale_EOG))
+    q = torch.round((g - lo_EOG[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8).reshape(E, Out, In)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous(), scale_EOG, lo_EOG
 
-    q_up_EHD: Tensor
-    s_up_EHG: Tensor
-    q_down_EDF: Tensor
-    s_down_EDG: Tensor
 
-    def __init__(self, ex: FFNExperts, group_size: int):
+def dequantize_groups_int4(p_EOP: Tensor, scale_EOG: Tensor, min_EOG: Tensor,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """``q * scale + min`` per group from packed codes, ``[E, O, 2P]`` in ``dtype``."""
+    E, Out, P = p_EOP.shape
+    G = scale_EOG.shape[-1]
+    q = torch.stack((p_EOP & 0xF, p_EOP >> 4), dim=-1).reshape(E, Out, G, 2 * P // G).to(dtype)
+    w = q * scale_EOG[..., None].to(dtype) + min_EOG[..., None].to(dtype)
+    return w.reshape(E, Out, 2 * P)
+
+
+_PROJ = {"w_up_EHD": "up", "w_down_EDF": "down"}
+
+
+class QuantizedExperts(Experts):
+    """Stacked FFN experts stored per expert as group-wise int8, int4 or nothing (module docstring).
+
+    ``bits_E[e]`` is expert e's form; the int8 experts' codes are stacked in ``q8_*`` / ``s8_*`` buffers and the
+    int4 experts' in ``p4_*`` / ``s4_*`` / ``m4_*``, ``slot_E[e]`` being e's row in its stack."""
+
+    def __init__(self, ex: FFNExperts, group_size: int, bits_E: list[int] | None = None):
         super().__init__(ex.cfg, ex.d_model, ex.d_ff, ex.num_experts)
         self.activation, self.gated, self.backend, self.group_size = ex.cfg.activation, ex.gated, ex.cfg.backend, \
             group_size
         self.dtype = ex.w_up_EHD.dtype
-        q_up, s_up = quantize_groups(ex.w_up_EHD, group_size)
-        q_down, s_down = quantize_groups(ex.w_down_EDF, group_size)
-        self.register_buffer("q_up_EHD", q_up)
-        self.register_buffer("s_up_EHG", s_up)
-        self.register_buffer("q_down_EDF", q_down)
-        self.register_buffer("s_down_EDG", s_down)
+        self.bits_E = list(bits_E) if bits_E is not None else [8] * ex.num_experts
+        self.slot_E = [sum(1 for b in self.bits_E[:e] if b == self.bits_E[e]) for e in range(ex.num_experts)]
+        self.pruned_rows = 0
+        for name, proj in _PROJ.items():
+            w = getattr(ex, name)
+            for bits, parts in ((8, ("q8", "s8")), (4, ("p4", "s4", "m4"))):
+                idx = [e for e, b in enumerate(self.bits_E) if b == bits]
+                if not idx:
+                    continue
+                fn = quantize_groups if bits == 8 else quantize_groups_int4
+                for part, t in zip(parts, fn(w[idx], group_size), strict=True):
+                    self.register_buffer(f"{part}_{proj}", t)
 
     def stacked_names(self) -> list[str]:
         return ["w_up_EHD", "w_down_EDF"]
 
+    def _weight(self, proj: str, e: int) -> Tensor:
+        """Expert e's dequantized ``[O, I]`` weight of ``proj`` (zeros if pruned)."""
+        b, i = self.bits_E[e], self.slot_E[e]
+        if b == 8:
+            return dequantize_groups(self.get_buffer(f"q8_{proj}")[i:i + 1], self.get_buffer(f"s8_{proj}")[i:i + 1],
+                                     self.dtype)[0]
+        if b == 4:
+            p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1] for p in ("p4", "s4", "m4"))
+            return dequantize_groups_int4(p4, s4, m4, self.dtype)[0]
+        Out, In = (2 * self.d_ff if self.gated else self.d_ff, self.d_model) if proj == "up" else \
+            (self.d_model, self.d_ff)
+        return torch.zeros(Out, In, dtype=self.dtype, device=next(iter(self.buffers())).device)
+
     def expert_state(self, e: int) -> dict[str, Tensor]:
-        """Expert e's dequantized tensors."""
-        return {"w_up_EHD": dequantize_groups(self.q_up_EHD[e:e + 1], self.s_up_EHG[e:e + 1], self.dtype)[0],
-                "w_down_EDF": dequantize_groups(self.q_down_EDF[e:e + 1], self.s_down_EDG[e:e + 1], self.dtype)[0]}
+        """Expert e's dequantized tensors (zeros for a pruned expert)."""
+        return {name: self._weight(proj, e) for name, proj in _PROJ.items()}
 
     def load_expert_state(self, e: int, state: dict[str, Tensor]) -> None:
-        """Quantize and store one expert's tensors."""
-        for n, (q, s) in {"w_up_EHD": ("q_up_EHD", "s_up_EHG"), "w_down_EDF": ("q_down_EDF", "s_down_EDG")}.items():
-            qe, se = quantize_groups(state[n][None], self.group_size)
-            getattr(self, q)[e].copy_(qe[0])
-            getattr(self, s)[e].copy_(se[0])
+        """Quantize and store one expert's tensors in its form (a pruned expert stays pruned)."""
+        b, i = self.bits_E[e], self.slot_E[e]
+        for name, proj in _PROJ.items():
+            parts: tuple[str, ...]
+            new: tuple[Tensor, ...]
+            if b == 8:
+                parts, new = ("q8", "s8"), quantize_groups(state[name][None], self.group_size)
+            elif b == 4:
+                parts, new = ("p4", "s4", "m4"), quantize_groups_int4(state[name][None], self.group_size)
+            else:
+                continue
+            for part, t in zip(parts, new, strict=True):
+                self.get_buffer(f"{part}_{proj}")[i].copy_(t[0])
 
     def nbytes(self) -> int:
-        """Bytes of the codes and scales."""
+        """Bytes of the codes, scales and minima."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
         """Dequantize the experts with rows, then the fp32 backend on them (the same rows per expert)."""
         name = resolve_backend(backend or self.backend, plan.num_rows, self.num_experts)
         if plan.slots is not None:  # Soft MoE: every expert computes
-            idx = torch.arange(self.num_experts, device=x_TD.device)
+            active = list(range(self.num_experts))
         else:
-            idx = plan.counts_E.nonzero().flatten()
-        w_up_AHD = dequantize_groups(self.q_up_EHD[idx], self.s_up_EHG[idx], self.dtype)
-        w_down_ADF = dequantize_groups(self.q_down_EDF[idx], self.s_down_EDG[idx], self.dtype)
-        sub = dataclasses.replace(plan, counts_E=plan.counts_E[idx]) if plan.slots is None else plan
+            active = plan.counts_E.nonzero().flatten().tolist()
+            self.pruned_rows += sum(int(plan.counts_E[e]) for e in active if self.bits_E[e] == 0)
+        w_up_AHD = torch.stack([self._weight("up", e) for e in active])
+        w_down_ADF = torch.stack([self._weight("down", e) for e in active])
+        sub = plan
+        if plan.slots is None:
+            sub = dataclasses.replace(plan, counts_E=plan.counts_E[torch.tensor(active, device=plan.counts_E.device,
+                                                                                dtype=torch.long)])
         return BACKENDS.get(name).run(x_TD, sub, StackedFFN(w_up_AHD, w_down_ADF, self.activation, self.gated))
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, int8, group_size={self.group_size}"
+        n = {b: self.bits_E.count(b) for b in (8, 4, 0)}
+        return (f"num_experts={self.num_experts}, int8={n[8]}, int4={n[4]}, pruned={n[0]}, "
+                f"group_size={self.group_size}")
 
 
-def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None) -> dict[str, Int8Experts]:
-    """Swap every MoE layer's stacked FFN experts for :class:`Int8Experts`; returns them by layer path.
-    :class:`ConfigError` (nothing swapped) for a group size that does not divide D or F, or experts that
-    are not stacked FFN experts."""
+def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
+                      usage: dict[str, Tensor] | None = None) -> dict[str, QuantizedExperts]:
+    """Swap every MoE layer's stacked FFN experts for :class:`QuantizedExperts`; returns them by layer path.
+    With ``cfg.plan``, ``usage`` gives the routing counts per layer path
+    (:func:`moesaic.inference.quant_plan.expert_usage`). :class:`ConfigError` (nothing swapped) for a group
+    size that does not divide D or F, experts that are not stacked FFN experts, or a plan without counts."""
+    from moesaic.inference.quant_plan import usage_plan
+
     cfg = validate_tree(cfg or QuantConfig(), "quant")
     layers = [(n or "moe", m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
     for name, layer in layers:
@@ -129,10 +202,14 @@ def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None) -> dict[
             if w.shape[-1] % cfg.group_size:
                 raise ConfigError("quant.group_size", cfg.group_size,
                                   f"must divide the input width {w.shape[-1]} of {name}")
+        if cfg.plan and (usage is None or name not in usage):
+            raise ConfigError("quant.plan", True, f"needs routing counts for {name} (expert_usage on calibration data)")
     out = {}
     for name, layer in layers:
         assert isinstance(layer.experts, FFNExperts)
-        new = Int8Experts(layer.experts, cfg.group_size)
+        bits = usage_plan(usage[name], cfg.hot_fraction) if cfg.plan and usage is not None else \
+            [cfg.bits] * layer.experts.num_experts
+        new = QuantizedExperts(layer.experts, cfg.group_size, bits)
         layer.experts = new
         out[name] = new
     return out
