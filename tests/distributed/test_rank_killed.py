@@ -34,7 +34,10 @@ def test_a_killed_rank_is_one_line_and_nothing_is_published(tmp_path, monkeypatc
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert lines[-1].startswith("error: rank 1 of 2 was killed by SIGKILL"), lines
-    assert any(ln.startswith("error: rank 0 of 2: a collective failed at step 3") for ln in lines), lines
+    # the survivor ends with one line: its collective fails first, or (a race: a loaded machine) torchrun's
+    # SIGTERM reaches it first and it leaves through the graceful SIGTERM path
+    assert (any(ln.startswith("error: rank 0 of 2: a collective failed at step 3") for ln in lines)
+            or "SIGTERM: saved at step 2, exiting with 143" in err), err
     assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002"]
     monkeypatch.setattr(dl, "WORKER", ["-m", "moesaic"])
     assert main(["train", str(cfg), "--nproc", "2", "--out", str(out), "--resume"]) == 0

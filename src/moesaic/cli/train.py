@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
         del trainer
         gc.collect()
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:  # a peer is gone (killed; the launcher stopped this rank): leave without it
+            if not any(w in str(e).lower() for w in _COMM_ERRORS):
+                raise
         dist.destroy_process_group()
     if not writer:
         return code
