@@ -56,6 +56,8 @@ def _spawn(spec: Any, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for line in proc.stdout:
             if line.startswith("{"):
                 out.append(json.loads(line))
+                with open(Path(spec.dir) / "runs.jsonl", "a") as f:  # kept if a later run fails
+                    f.write(line)
                 r = out[-1]
                 if "tok_s" in r:
                     print(f"  ran {r.get('policy')} {r.get('prefetch', '')} {r.get('fraction', '')}: "

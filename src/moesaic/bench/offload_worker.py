@@ -158,6 +158,7 @@ def work(s: Spec, configs: list[dict[str, Any]]) -> None:
     for cfg in configs:
         for n, m in layers.items():
             m.experts = orig[n]
+        gc.collect()  # the previous configuration's caches go before the next ones are allocated
         if trace is None:
             out: dict[str, Any] = {}
 
