@@ -58,6 +58,10 @@ def build(s: Spec) -> DecoderLM:
         model = DecoderLM(cfg)
     finally:
         FFNExperts.reset_parameters = init  # type: ignore[method-assign]
+    for m in model.modules():  # the model-wide init wrote the experts: give them fresh, untouched pages
+        if isinstance(m, FFNExperts):
+            for n in m.stacked_names():
+                setattr(m, n, torch.nn.Parameter(torch.empty_like(getattr(m, n))))
     return model.eval()
 
 
