@@ -104,7 +104,7 @@ def test_refusals_are_typed_and_leave_the_model_unchanged():
     with pytest.raises(ConversionError, match="no FFN found"):
         moefy_(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     with pytest.raises(ConversionError, match="gated"):
-        moefy_(m, MoefyConfig(num_experts=4, gated="yes"))
+        moefy_(m, MoefyConfig(num_experts=4, gated=True))
     with pytest.raises(ConversionError, match="uses gelu"):
         moefy_(m, MoefyConfig(num_experts=4, activation="silu"))
     with pytest.raises(ConfigError, match="divisible"):

@@ -22,12 +22,29 @@ tokens) beside the fast path (tokens grouped by expert, one ``addmm`` pair per e
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.activations import ACTIVATIONS
+from moesaic.core.activations import ACTIVATIONS, Activation
+from moesaic.core.config import Section, rule
+from moesaic.core.errors import ConversionError
+
+
+@dataclasses.dataclass
+class MoEfiedConfig(Section):
+    """The structure of a :class:`MoEfiedFFN` (what a converted checkpoint stores to rebuild it before its
+    weights are loaded): E experts of ``expert_size`` neurons, ``top_k`` run per token, the scorer kind."""
+
+    num_experts: int = rule(1, ge=1)
+    expert_size: int = rule(1, ge=1)
+    top_k: int = rule(1, ge=1)
+    activation: Activation = "gelu"
+    gated: bool = False
+    scorer: Literal["linear", "mlp", "oracle"] = "linear"
+    scorer_hidden: int = rule(1, ge=1)
 
 
 class LinearScorer(nn.Module):
@@ -76,6 +93,30 @@ class MoEfiedFFN(nn.Module):
         self.scorer = scorer
         idx = neuron_idx_EF if neuron_idx_EF is not None else torch.arange(E * self.expert_size).view(E, -1)
         self.register_buffer("neuron_idx_EF", idx.clone(), persistent=True)
+
+    @classmethod
+    def from_config(cls, cfg: MoEfiedConfig, d_model: int) -> MoEfiedFFN:
+        """An empty (zero) MoEfied FFN of this structure; a checkpoint's weights are loaded into it."""
+        E, f = cfg.num_experts, cfg.expert_size
+        H = 2 * f if cfg.gated else f
+        scorer: nn.Module | None = None
+        if cfg.scorer == "linear":
+            scorer = LinearScorer(torch.zeros(E, d_model))
+        elif cfg.scorer == "mlp":
+            scorer = MLPScorer(d_model, cfg.scorer_hidden, E)
+        return cls(torch.zeros(E, H, d_model), torch.zeros(E, H), torch.zeros(E, d_model, f), torch.zeros(d_model),
+                   activation=cfg.activation, gated=cfg.gated, top_k=cfg.top_k, scorer=scorer)
+
+    def config(self) -> MoEfiedConfig:
+        """This module's structure (:meth:`from_config` rebuilds it)."""
+        kind: Literal["linear", "mlp", "oracle"] = ("oracle" if self.scorer is None else
+                                                    "mlp" if isinstance(self.scorer, MLPScorer) else "linear")
+        if self.scorer is not None and kind == "linear" and not isinstance(self.scorer, LinearScorer):
+            raise ConversionError(f"MoEfiedFFN: scorer {type(self.scorer).__name__} has no config to save")
+        hidden = self.scorer.fc1.out_features if isinstance(self.scorer, MLPScorer) else 1
+        return MoEfiedConfig(num_experts=self.num_experts, expert_size=self.expert_size, top_k=self.top_k,
+                             activation=self.activation, gated=self.gated, scorer=kind,  # type: ignore[arg-type]
+                             scorer_hidden=hidden)
 
     def _hidden(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert e's activations ``[N, f]``."""

@@ -68,8 +68,10 @@ class Converter:
             raise ConfigError("IN", n, f"convert {self.name} takes {want} input model(s)")
 
     def __call__(self, models: Sequence[nn.Module], cfg: Section, filter_fn: FilterFn | None = None) -> nn.Module:
+        from moesaic.transforms.convert_structure import sync_structure_
+
         self.check_inputs(len(models))
-        return self.fn(models[0], cfg, filter_fn, extra=tuple(models[1:]))
+        return sync_structure_(self.fn(models[0], cfg, filter_fn, extra=tuple(models[1:])))
 
 
 CONVERTERS: Registry[Converter] = Registry(

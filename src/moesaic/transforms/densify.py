@@ -9,6 +9,7 @@ implementation is :mod:`moesaic.transforms.ewa_merge`; this module gives it the 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from torch import nn
 
@@ -21,7 +22,7 @@ from moesaic.transforms.expert_select import FilterFn, moe_layers
 class DensifyConfig(Section):
     """No settings yet: the EWA average is the one MoE-to-dense merge implemented."""
 
-    method: str = "ewa_average"
+    method: Literal["ewa_average"] = "ewa_average"
 
 
 def densify_(model: nn.Module, cfg: DensifyConfig | None = None, filter_fn: FilterFn | None = None

@@ -44,7 +44,7 @@ class MoefyConfig(Section):
     router: RouterKind = "centroid"
     split: Literal["kmeans", "coactivation"] = "kmeans"
     activation: Literal["any", "gelu", "silu", "gelu_tanh", "relu"] = "any"  # require this FFN activation
-    gated: Literal["any", "yes", "no"] = "any"  # require SwiGLU-style (yes) or plain (no) FFNs
+    gated: bool | None = None  # require SwiGLU-style (true) or plain GELU-style (false) FFNs; None: any
     mlp_hidden: int = rule(256, ge=1)
     mlp_steps: int = rule(400, ge=1)
     mlp_lr: float = rule(3e-3, gt=0.0)
@@ -68,10 +68,11 @@ def find_ffns(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple
 def _check_kind(name: str, ffn: DenseFFN, cfg: MoefyConfig) -> None:
     if cfg.activation != "any" and ffn.activation != cfg.activation:
         raise ConversionError(f"moefy: {name} uses {ffn.activation}, the config requires {cfg.activation}")
-    want = {"yes": True, "no": False}.get(cfg.gated)
-    if want is not None and ffn.gated != want:
-        have = "a gated (SwiGLU-style)" if ffn.gated else "a plain (GELU-style)"
-        raise ConversionError(f"moefy: {name} is {have} FFN; the config requires gated={cfg.gated}")
+    if cfg.gated is not None and ffn.gated != cfg.gated:
+        kinds = ("a gated (SwiGLU-style)", "a plain (GELU-style)")
+        have, want = kinds if ffn.gated else kinds[::-1]
+        raise ConversionError(f"moefy: {name} is {have} FFN, the config requires {want} one "
+                              f"(gated: {str(cfg.gated).lower()}): SwiGLU vs GELU mismatch")
     if ffn.d_ff % cfg.num_experts:
         raise ConfigError("num_experts", cfg.num_experts, f"{name}: the FFN width {ffn.d_ff} must be divisible "
                           "by the expert count")
