@@ -19,6 +19,7 @@ names, per architecture, the feature it lacks. See ``docs/hf.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -184,10 +185,33 @@ def choose_arch(cfg: Any, arch: str | None = None) -> Arch:
     raise ConversionError("no supported Hugging Face architecture can hold this model: " + "; ".join(why.values()))
 
 
+def flat_granularity(cfg: Any) -> Any:
+    """``cfg`` with every fine-grained MoE section (``granularity: m``) written as the layer it builds: ``m E``
+    experts of width ``d_ff / m`` with ``m k`` active, granularity 1 (the same modules and parameters, so the
+    export is exact; Hugging Face configs have no granularity)."""
+    def flat(moe: Any) -> Any:
+        if moe is None or moe.granularity == 1:
+            return moe
+        sh = moe.shared_experts
+        if sh.num > 0 and sh.d_ff is None:
+            sh = dataclasses.replace(sh, d_ff=moe.expert_d_ff)
+        return dataclasses.replace(moe, d_ff=moe.expert_d_ff, num_experts=moe.routed_experts,
+                                   top_k=moe.routed_top_k, granularity=1, shared_experts=sh)
+
+    overrides = [dataclasses.replace(ov, moe=flat(ov.moe)) for ov in cfg.layer_overrides]
+    return dataclasses.replace(cfg, moe=flat(cfg.moe), layer_overrides=overrides)
+
+
 def hf_config(model: nn.Module, arch: str | None = None) -> tuple[Arch, Any]:
     cfg = getattr(model, "cfg", None)
     if cfg is None or getattr(cfg, "kind", None) != "decoder_lm":
         raise ConversionError(f"to_hf exports decoder_lm models, got {type(model).__name__}")
+    if getattr(cfg, "module_swaps", None):
+        kinds = sorted({k for sw in cfg.module_swaps for k in ("moe", "moefied", "dense") if getattr(sw, k)})
+        raise ConversionError(f"to_hf: the model has converted modules outside its config (module_swaps: "
+                              f"{', '.join(kinds)} at {cfg.module_swaps[0].modules[0]}, ...); no Hugging Face "
+                              "architecture describes them (docs/convert.md, 'hf-export of converted models')")
+    cfg = flat_granularity(cfg)
     a = choose_arch(cfg, arch)
     tf = _transformers()
     fields = a.to_hf(cfg)

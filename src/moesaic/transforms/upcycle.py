@@ -18,6 +18,8 @@
   al. 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts") and
   Branch-Train-MiX average them (``non_expert: average``). BAM's attention upcycling (into a mixture of
   attention) is not implemented: ``attention: moa`` is refused with a typed error.
+* FFNs with biases (BERT-family encoders, ``bert_encoder`` / Hugging Face BERT, DistilBERT, MiniLM) become
+  ``biased_mlp`` experts; the copies keep both biases, so step 0 is exact as well.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class UpcycleConfig(Section):
 
 
 def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
-    experts = ExpertsConfig.for_kind("glu" if ffn.gated else "mlp")
+    experts = ExpertsConfig.for_kind("biased_mlp" if ffn.bias else "glu" if ffn.gated else "mlp")
     experts.activation = ffn.activation  # type: ignore[attr-defined]
+    if ffn.bias:  # BERT-family FFNs: experts with biases (moesaic.moe.experts.biased_mlp)
+        experts.gated = ffn.gated  # type: ignore[attr-defined]
     router = RouterConfig.for_kind("topk")
     router.normalization, router.aux_loss_coef = cfg.normalization, cfg.aux_loss_coef  # type: ignore[attr-defined]
     router.init_std = cfg.router_std
@@ -81,11 +85,11 @@ def dense_ffns(model: nn.Module, filter_fn: FilterFn | None, layers: list[int] |
                ) -> tuple[Any, list[tuple[int, str, DenseFFN]]]:
     """(the Transformer body, its selected dense FFNs as (layer index, module path, FFN))."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
-             and isinstance(getattr(m, "cfg", None), TransformerConfig)]
+             and len(m.layers) and all(hasattr(b, "mlp") for b in m.layers)]
     if not found:
         raise ConversionError(f"{type(model).__name__}: no FFN found (upcycle reads Transformer bodies with "
-                              "layers.N.mlp dense FFNs: decoder_lm, encoder_classifier, Hugging Face Llama, "
-                              "Mistral, Qwen2)")
+                              "layers.N.mlp dense FFNs: decoder_lm, encoder_classifier, bert_encoder, Hugging Face "
+                              "Llama, Mistral, Qwen2, BERT)")
     prefix, body = found[0]
     out = []
     for i, layer in enumerate(body.layers):
@@ -145,6 +149,10 @@ def fill_experts_(layer: MoELayer, ffns: Sequence[DenseFFN], granularity: int) -
             up = src.up_proj.weight[seg]
             w_up_HD = torch.cat([src.gate_proj.weight[seg], up]) if src.gated else up
             state = {"w_up_EHD": w_up_HD, "w_down_EDF": src.down_proj.weight[:, seg] * m}
+            if src.bias:  # the weights of the chosen experts sum to one: b_down is not scaled
+                b_up = src.up_proj.bias[seg]
+                state["b_up_EH"] = torch.cat([src.gate_proj.bias[seg], b_up]) if src.gated else b_up
+                state["b_down_ED"] = src.down_proj.bias
             experts.load_expert_state(e * m + j, state)
 
 
@@ -179,21 +187,22 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
     body, chosen = dense_ffns(model, filter_fn, cfg.layers)
     _check_same(model, extra)
     others = [dense_ffns(o, filter_fn, cfg.layers)[1] for o in extra]
-    mcfg: TransformerConfig = body.cfg
+    mcfg: Any = body.cfg
     for _, path, ffn in chosen:
-        if ffn.bias:
-            raise ConversionError(f"{path}: a dense FFN with biases has no bias-free experts kind to go to")
         if ffn.d_ff % cfg.granularity:
             raise ConversionError(f"{path}: granularity {cfg.granularity} does not divide d_ff ({ffn.d_ff})")
     moe = _moe_config(cfg, chosen[0][2])
-    new_cfg = validate_tree(_new_config(mcfg, chosen, moe), "model")
+    # A Transformer config says which layers are MoE; other bodies (BERT) keep their config and the converted
+    # layers are saved as module_swaps (moesaic.transforms.convert_structure).
+    new_cfg = validate_tree(_new_config(mcfg, chosen, moe), "model") if isinstance(mcfg, TransformerConfig) else mcfg
     router_inputs = router_from_data_(model, cfg, [p for _, p, _ in chosen]) if cfg.router_init == "data" else {}
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for c, (i, path, ffn) in enumerate(chosen):
             ref = ffn.down_proj.weight
-            layer = moe.build(mcfg.d_model, causal=body.causal).to(device=ref.device, dtype=ref.dtype)
+            layer = moe.build(ffn.d_model, causal=getattr(body, "causal", False)).to(device=ref.device,
+                                                                                     dtype=ref.dtype)
             fill_experts_(layer, [ffn, *(o[c][2] for o in others)], cfg.granularity)
             if cfg.router_init == "zero":
                 nn.init.zeros_(layer.router.weight)
