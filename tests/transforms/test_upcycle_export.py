@@ -28,7 +28,7 @@ def _hf_logits(folder) -> torch.Tensor:
 
 @pytest.mark.parametrize("sets", [[], ["drop_fraction=0.5", "router_init=random"],
                                   ["granularity=2", "router_init=zero"],
-                                  ["num_experts=4", "top_k=1", "normalization=softmax_topk"]])
+                                  ["num_experts=4", "normalization=softmax_topk"]])
 def test_upcycled_hf_llama_exports_as_mixtral(tmp_path, sets) -> None:
     ref = hf_llama(tmp_path / "llama")
     argv = [a for s in sets for a in ("--set", s)]

@@ -38,6 +38,7 @@ from torch import nn
 from moesaic.core.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, OutputWriteError
 from moesaic.distributed.expert_state import local_model_state, unique_state_names
 from moesaic.train.faults import fault_point
+from moesaic.train.stream_safetensors import LazyTensor, file_digest, lazy, write_lazy
 
 #: The saved state of an unsharded model, tied tensors once (expert parallelism gathers global experts).
 gather_model_state = local_model_state
@@ -104,7 +105,10 @@ def _save(out: Path, step: int, config_yaml: str, model_state: dict[str, torch.T
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    files: dict[str, bytes] = {"config.yaml": config_yaml.encode(), "model.safetensors": st_save(model_state)}
+    streamed = any(isinstance(v, LazyTensor) for v in model_state.values())
+    files: dict[str, bytes] = {"config.yaml": config_yaml.encode()}
+    if not streamed:
+        files["model.safetensors"] = st_save(model_state)
     if optimizer_state is not None:
         buf = io.BytesIO()
         torch.save(optimizer_state, buf)
@@ -123,9 +127,17 @@ def _save(out: Path, step: int, config_yaml: str, model_state: dict[str, torch.T
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    listed = {n: {"size": len(d), "sha256": _sha256(d)} for n, d in files.items()}
+    if streamed:  # one tensor at a time (a converted model larger than memory; train/stream_safetensors.py)
+        with open(tmp / "model.safetensors", "wb") as f:
+            write_lazy(f, {n: v if isinstance(v, LazyTensor) else lazy(v) for n, v in model_state.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        size, sha = file_digest(tmp / "model.safetensors")
+        listed["model.safetensors"] = {"size": size, "sha256": sha}
     fault_point("checkpoint.after_files", step=step)
     body = {"format": FORMAT, "step": step, "complete": True, "expert_weight_layout": EXPERT_LAYOUT,
-            "files": {n: {"size": len(d), "sha256": _sha256(d)} for n, d in sorted(files.items())},
+            "files": dict(sorted(listed.items())),
             "num_tensors": len(model_state)}
     manifest = dict(body, manifest_sha256=_sha256(_canonical(body)))
     with open(tmp / MANIFEST, "wb") as f:

@@ -71,7 +71,9 @@ def _tokenizer_json(model: nn.Module) -> str | None:
 def save_converted(model: nn.Module, out: str | os.PathLike[str], provenance: dict[str, Any]) -> Path:
     """Write ``model`` as the moesaic checkpoint ``OUT/step-00000000`` (``OUT/LATEST`` names it), atomically:
     built under a temporary sibling and renamed into place. Returns the step folder."""
+    from moesaic.distributed.expert_state import unique_state_names
     from moesaic.train.checkpoint import gather_model_state, save_checkpoint
+    from moesaic.transforms.upcycle_stream import streamed_state
 
     o = check_out_folder(out)
     o.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,9 @@ def save_converted(model: nn.Module, out: str | os.PathLike[str], provenance: di
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        save_checkpoint(tmp, 0, config_yaml=_config_yaml(model), model_state=gather_model_state(model),
+        state = (streamed_state(model, unique_state_names(model)) if getattr(model, "lazy_state", None)
+                 else gather_model_state(model))
+        save_checkpoint(tmp, 0, config_yaml=_config_yaml(model), model_state=state,
                         tokenizer_json=_tokenizer_json(model),
                         extra_files={PROVENANCE: json.dumps(provenance, indent=1, sort_keys=True).encode()})
         if o.exists():  # empty, or an earlier convert output (checked above): move it aside, then swap

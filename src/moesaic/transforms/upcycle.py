@@ -41,6 +41,7 @@ from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.routing.base import RouterConfig
 from moesaic.transforms.convert import FilterFn, converter
 from moesaic.transforms.upcycle_init import drop_reinit_, router_from_data_
+from moesaic.transforms.upcycle_stream import streamed_layer
 
 
 @dataclasses.dataclass
@@ -61,12 +62,15 @@ class UpcycleConfig(Section):
     layers: list[int] | None = None
     non_expert: Literal["first", "average"] = "first"
     attention: Literal["keep", "moa"] = "keep"
+    stream: bool = False  # expert stacks made only while the checkpoint is written (upcycle_stream.py)
 
     def validate(self, path: str) -> None:
         require(self.top_k <= self.num_experts, f"{path}.top_k", self.top_k,
                 f"must be <= num_experts ({self.num_experts})")
         require(self.router_init != "data" or bool(self.router_data), f"{path}.router_data", self.router_data,
                 "router_init: data needs a text file to sample tokens from")
+        require(not (self.stream and self.drop_fraction > 0), f"{path}.stream", self.stream,
+                "drop-upcycling's re-draws are not streamed: use stream: false with drop_fraction")
 
 
 def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
@@ -136,24 +140,29 @@ def _average_non_expert_(model: nn.Module, others: Sequence[nn.Module]) -> None:
 
 
 @torch.no_grad()
+def segment_state(ffns: Sequence[DenseFFN], i: int, granularity: int) -> dict[str, torch.Tensor]:
+    """Expert ``i = e * m + j``: segment j (neurons ``[j F/m, (j+1) F/m)``) of ``ffns[e % n]``, its down
+    projection scaled by m (m = 1: a plain copy)."""
+    m = granularity
+    e, j = divmod(i, m)
+    src = ffns[e % len(ffns)]
+    Fm = src.d_ff // m
+    seg = slice(j * Fm, (j + 1) * Fm)
+    up = src.up_proj.weight[seg]
+    w_up_HD = torch.cat([src.gate_proj.weight[seg], up]) if src.gated else up
+    state = {"w_up_EHD": w_up_HD, "w_down_EDF": src.down_proj.weight[:, seg] * m}
+    if src.bias:  # the weights of the chosen experts sum to one: b_down is not scaled
+        b_up = src.up_proj.bias[seg]
+        state["b_up_EH"] = torch.cat([src.gate_proj.bias[seg], b_up]) if src.gated else b_up
+        state["b_down_ED"] = src.down_proj.bias
+    return state
+
+
+@torch.no_grad()
 def fill_experts_(layer: MoELayer, ffns: Sequence[DenseFFN], granularity: int) -> None:
-    """Expert ``e * m + j`` = segment j (neurons ``[j F/m, (j+1) F/m)``) of ``ffns[e % n]``; the down
-    projection of a segment is scaled by m (m = 1: plain copies)."""
-    experts = layer.experts
-    m, E = granularity, experts.num_experts // granularity
-    Fm = ffns[0].d_ff // m
-    for e in range(E):
-        src = ffns[e % len(ffns)]
-        for j in range(m):
-            seg = slice(j * Fm, (j + 1) * Fm)
-            up = src.up_proj.weight[seg]
-            w_up_HD = torch.cat([src.gate_proj.weight[seg], up]) if src.gated else up
-            state = {"w_up_EHD": w_up_HD, "w_down_EDF": src.down_proj.weight[:, seg] * m}
-            if src.bias:  # the weights of the chosen experts sum to one: b_down is not scaled
-                b_up = src.up_proj.bias[seg]
-                state["b_up_EH"] = torch.cat([src.gate_proj.bias[seg], b_up]) if src.gated else b_up
-                state["b_down_ED"] = src.down_proj.bias
-            experts.load_expert_state(e * m + j, state)
+    """Every expert of ``layer`` from :func:`segment_state`."""
+    for i in range(layer.experts.num_experts):
+        layer.experts.load_expert_state(i, segment_state(ffns, i, granularity))
 
 
 def _new_config(mcfg: TransformerConfig, chosen: list[tuple[int, str, DenseFFN]], moe: MoEConfig
@@ -201,9 +210,14 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
         torch.manual_seed(cfg.seed)
         for c, (i, path, ffn) in enumerate(chosen):
             ref = ffn.down_proj.weight
-            layer = moe.build(ffn.d_model, causal=getattr(body, "causal", False)).to(device=ref.device,
-                                                                                     dtype=ref.dtype)
-            fill_experts_(layer, [ffn, *(o[c][2] for o in others)], cfg.granularity)
+            srcs = [ffn, *(o[c][2] for o in others)]
+            if cfg.stream:
+                layer = streamed_layer(model, moe, path, srcs, cfg.granularity, getattr(body, "causal", False),
+                                       segment_state)
+            else:
+                layer = moe.build(ffn.d_model, causal=getattr(body, "causal", False)).to(device=ref.device,
+                                                                                         dtype=ref.dtype)
+                fill_experts_(layer, srcs, cfg.granularity)
             if cfg.router_init == "zero":
                 nn.init.zeros_(layer.router.weight)
             elif cfg.router_init == "data":

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.activations import ACTIVATIONS, Activation
-from moesaic.core.config import rule
+from moesaic.core.config import require, rule
 from moesaic.core.types import DispatchPlan
+from moesaic.moe.experts.backends import BACKENDS
 from moesaic.moe.experts.base import EXPERTS, Experts, ExpertsConfig
 from moesaic.moe.experts.stacked_ffn import add_stacked_ffn, init_stacked_ffn
 
@@ -29,6 +30,12 @@ class BiasedMLPExpertsConfig(ExpertsConfig):
     activation: Activation = "gelu"
     gated: bool = False
     init_std: float | None = rule(None, gt=0.0)
+    #: Accepted for the experts interface; this kind has one implementation, the per-expert loop.
+    backend: str = "auto"
+
+    def validate(self, path: str) -> None:
+        require(self.backend == "auto" or self.backend in BACKENDS, f"{path}.backend", self.backend,
+                f"must be auto or one of {', '.join(BACKENDS.names())}")
 
 
 @EXPERTS.register("biased_mlp")
@@ -55,7 +62,9 @@ class BiasedMLPExperts(Experts):
         a_NF = act(h_NH[:, :self.d_ff]) * h_NH[:, self.d_ff:] if self.gated else act(h_NH)
         return torch.addmm(self.b_down_ED[e], a_NF, self.w_down_EDF[e].t())
 
-    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
+        """``plan.combine`` of every expert on its rows; ``backend`` is accepted and ignored (one implementation:
+        the readable loop, which every backend of the stacked FFN experts is checked against)."""
         x_ND = plan.gather(x_TD)
         outs, start = [], 0
         for e, n in enumerate(plan.counts_E.tolist()):
