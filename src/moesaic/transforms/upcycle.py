@@ -19,7 +19,7 @@
   Branch-Train-MiX average them (``non_expert: average``). BAM's attention upcycling (into a mixture of
   attention) is not implemented: ``attention: moa`` is refused with a typed error.
 * FFNs with biases (BERT-family encoders, ``bert_encoder`` / Hugging Face BERT, DistilBERT, MiniLM) become
-  ``biased_mlp`` experts; the copies keep both biases, so step 0 is exact as well.
+  ``mlp_bias`` experts; the copies keep both biases, so step 0 is exact as well.
 """
 
 from __future__ import annotations
@@ -74,10 +74,9 @@ class UpcycleConfig(Section):
 
 
 def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
-    experts = ExpertsConfig.for_kind("biased_mlp" if ffn.bias else "glu" if ffn.gated else "mlp")
+    # BERT-family FFNs have biases: mlp_bias experts (moesaic.moe.experts.biased)
+    experts = ExpertsConfig.for_kind("mlp_bias" if ffn.bias else "glu" if ffn.gated else "mlp")
     experts.activation = ffn.activation  # type: ignore[attr-defined]
-    if ffn.bias:  # BERT-family FFNs: experts with biases (moesaic.moe.experts.biased_mlp)
-        experts.gated = ffn.gated  # type: ignore[attr-defined]
     router = RouterConfig.for_kind("topk")
     router.normalization, router.aux_loss_coef = cfg.normalization, cfg.aux_loss_coef  # type: ignore[attr-defined]
     router.init_std = cfg.router_std
@@ -152,8 +151,7 @@ def segment_state(ffns: Sequence[DenseFFN], i: int, granularity: int) -> dict[st
     w_up_HD = torch.cat([src.gate_proj.weight[seg], up]) if src.gated else up
     state = {"w_up_EHD": w_up_HD, "w_down_EDF": src.down_proj.weight[:, seg] * m}
     if src.bias:  # the weights of the chosen experts sum to one: b_down is not scaled
-        b_up = src.up_proj.bias[seg]
-        state["b_up_EH"] = torch.cat([src.gate_proj.bias[seg], b_up]) if src.gated else b_up
+        state["b_up_EF"] = src.up_proj.bias[seg]
         state["b_down_ED"] = src.down_proj.bias
     return state
 
@@ -198,6 +196,8 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
     others = [dense_ffns(o, filter_fn, cfg.layers)[1] for o in extra]
     mcfg: Any = body.cfg
     for _, path, ffn in chosen:
+        if ffn.bias and ffn.gated:
+            raise ConversionError(f"{path}: a gated FFN with biases has no experts kind (mlp_bias experts are plain)")
         if ffn.d_ff % cfg.granularity:
             raise ConversionError(f"{path}: granularity {cfg.granularity} does not divide d_ff ({ffn.d_ff})")
     moe = _moe_config(cfg, chosen[0][2])
