@@ -1,7 +1,7 @@
 """Streaming upcycling (``--set stream=true``): a sharded Hugging Face Llama (``save_pretrained`` with a small
 ``max_shard_size``) upcycled into a model about 25 times its size; the peak resident memory of the converting
-process grows by less than half the converted model's size (the non-streamed conversion grows by more than
-its size), and the streamed checkpoint is bit-identical to the one built in memory."""
+process grows by less than half the converted model's size, and the streamed checkpoint is bit-identical to the one
+built in memory (routers aside)."""
 
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ def test_streamed_upcycle_of_a_sharded_model_stays_under_its_size(tmp_path) -> N
     streamed = _grow_mib(tmp_path / "sharded", tmp_path / "streamed", "--set", "stream=true")
     out_mib = (tmp_path / "streamed" / "step-00000000" / "model.safetensors").stat().st_size / 2**20
     assert out_mib > 20 * dense_mib  # 32 copies of the FFNs
-    in_memory = _grow_mib(tmp_path / "sharded", tmp_path / "in_memory")
-    print(f"dense {dense_mib:.1f} MiB, upcycled {out_mib:.1f} MiB; peak RSS growth: streamed {streamed:.1f} MiB, "
-          f"in memory {in_memory:.1f} MiB")
-    assert streamed < 0.5 * out_mib < in_memory
+    print(f"dense {dense_mib:.1f} MiB, upcycled {out_mib:.1f} MiB; peak RSS growth streamed {streamed:.1f} MiB")
+    assert streamed < 0.5 * out_mib
+    assert main(["convert", "upcycle", str(tmp_path / "sharded"), str(tmp_path / "in_memory"),
+                 "--set", "num_experts=32"]) == 0
     a = st.load_file(str(tmp_path / "streamed" / "step-00000000" / "model.safetensors"))
     b = st.load_file(str(tmp_path / "in_memory" / "step-00000000" / "model.safetensors"))
     routers = {k for k in a if "router" in k}  # drawn in another order; everything else is bitwise
