@@ -136,3 +136,15 @@ def test_yaml_safety(tmp_path):
         load_yaml(tmp_path / "list.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_yaml(tmp_path / "empty.yaml") == {}
+
+
+def test_adamw_eps_below_the_float32_safe_floor_is_refused():
+    """The config fuzzer's finding: ``train.eps: 5e-324`` passed the checker and diverged at step 2 (a gradient
+    whose square underflows makes m / (sqrt(v) + eps) explode); it is now a ConfigError naming the field."""
+    from moesaic.train.config import TrainConfig
+
+    for bad in (5e-324, 1e-20, 0.0):
+        with pytest.raises(ConfigError) as e:
+            validate_tree(TrainConfig(eps=bad), "train")
+        assert e.value.path == "train.eps" and ">= 1e-16" in str(e.value)
+    validate_tree(TrainConfig(eps=1e-16), "train")

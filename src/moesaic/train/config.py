@@ -30,7 +30,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = rule(0.1, ge=0.0, le=1.0, doc="final lr of the cosine schedule / lr")
     beta1: float = rule(0.9, ge=0.0, lt=1.0)
     beta2: float = rule(0.95, ge=0.0, lt=1.0)
-    eps: float = rule(1e-8, gt=0.0)
+    eps: float = rule(1e-8, ge=1e-16, doc="AdamW epsilon; below 1e-16 it no longer keeps an update finite when a "
+                      "tiny gradient's square underflows in float32 (found by the config fuzzer: 5e-324 diverged)")
     grad_clip: float = rule(1.0, ge=0.0, doc="max global grad norm; 0 disables clipping")
     dtype: Literal["float32", "float64"] = "float32"
     autocast: Literal["none", "bf16"] = "none"
