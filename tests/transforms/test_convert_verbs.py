@@ -64,6 +64,23 @@ def test_moefy_bert_with_learned_router_from_text(tmp_path) -> None:
         assert emb.shape == (1, 16) and torch.isfinite(emb).all()
 
 
+def test_moefy_with_recovery_distillation_through_the_cli(tmp_path) -> None:
+    hf_bert(tmp_path / "bert")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    dense = moesaic.load(tmp_path / "bert")
+    common = ["--set", "num_experts=4", "--set", "router=avgk", "--set", "active_fraction=0.25",
+              "--set", f"data={tmp_path / 'calib.txt'}"]
+    plain = _convert("moefy", str(tmp_path / "bert"), str(tmp_path / "plain"), *common)
+    rec = _convert("moefy", str(tmp_path / "bert"), str(tmp_path / "rec"), *common, "--set", "recover_steps=30",
+                   "--set", "recover_lr=3e-3", "--set", "recover_batch=1")
+    with torch.no_grad():
+        want = dense(IDS).last_hidden_state.mean(1)
+        gap = {n: (1 - torch.cosine_similarity(m(IDS).last_hidden_state.mean(1), want)).mean().item()
+               for n, m in (("plain", plain), ("rec", rec))}
+    assert gap["rec"] < gap["plain"], gap
+    assert torch.equal(rec.layers[0].mlp.scorer.centres_ED, plain.layers[0].mlp.scorer.centres_ED)
+
+
 def test_prune_and_merge_equal_the_python_transforms(tmp_path) -> None:
     moe_checkpoint(tmp_path / "moe", shared=1)
     (tmp_path / "calib.txt").write_text(TEXT)
@@ -109,6 +126,7 @@ def test_refusals_are_one_line_and_leave_no_output(tmp_path, capsys) -> None:
         (["moefy", bert, "--set", "activation=silu"], "requires silu"),
         (["moefy", llama, "--set", "num_experts=5"], "divisible"),
         (["moefy", llama, "--set", "router=mlp"], "data=TEXT_FILE"),
+        (["moefy", llama, "--set", "recover_steps=3"], "recover_steps > 0 needs calibration text"),
         (["moefy", bert, "--set", "router=mlp", "--set", "data=/no/such/file.txt"], "no such text file"),
         (["prune", llama, "--set", "by=random"], "no MoE layer"),
         (["prune", moe, "--set", "by=usage"], "data=TEXT_FILE"),

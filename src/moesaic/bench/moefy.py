@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mlp-steps", type=int, default=400)
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="also measure each router after recovery distillation of this many steps (0: skip)")
+    p.add_argument("--recover-fractions", default=None, help="active fractions to recover at (default: --fractions)")
+    p.add_argument("--recover-lr", type=float, default=1e-4)
+    p.add_argument("--recover-batch", type=int, default=32)
     p.add_argument("--json", default=None, help="write the rows here as JSON")
 
 
@@ -73,6 +78,34 @@ def _capture_ffn_inputs(model: nn.Module, run: Any) -> list[Tensor]:
         for h in hooks:
             h.remove()
     return xs
+
+
+def _recovered_rows(args: argparse.Namespace, dense: nn.Module, folder: str, fit: list[str], ev: list[str],
+                    ref: Tensor) -> list[dict[str, Any]]:
+    """Each split x router x recover fraction: MoEfy at that fraction, distil the dense model into it on the
+    fit passages (``recover_steps``), then the held-out cosine (docs/convert.md, "Recovery distillation")."""
+    from moesaic.interop.embed import embed
+    from moesaic.transforms.moefy import MoefyConfig, moefy_
+
+    fracs = [float(f) for f in (args.recover_fractions or args.fractions).split(",")]
+    rows: list[dict[str, Any]] = []
+    for split in args.splits.split(","):
+        for router in args.routers.split(","):
+            for frac in fracs:
+                t0 = time.perf_counter()
+                model = copy.deepcopy(dense)
+                cfg = MoefyConfig(num_experts=args.num_experts, router=router, split=split, active_fraction=frac,
+                                  mlp_steps=args.mlp_steps, recover_steps=args.recover_steps,
+                                  recover_lr=args.recover_lr, recover_batch=args.recover_batch)
+                moefy_(model, cfg, calibrate=lambda m: embed(m, folder, fit, batch_size=64))
+                got = embed(model, folder, ev)
+                cos = (got * ref).sum(-1) / (got.norm(dim=-1) * ref.norm(dim=-1))
+                row = {"split": split, "router": router, "active": frac, "recover_steps": args.recover_steps,
+                       "mean_cos": cos.mean().item(), "min_cos": cos.min().item(),
+                       "fit_s": round(time.perf_counter() - t0, 1)}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,13 +158,18 @@ def run(args: argparse.Namespace) -> int:
                    "min_cos": cos.min().item(), "fit_s": round(fit_s, 1)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.recover_steps:
+        rows += _recovered_rows(args, dense, folder, fit, ev, ref)
     tok = sum(int(x[..., 0].numel()) for x in xs[:1])
     print(f"\n| split | router | {' | '.join(f'cos @ {f:.0%}' for f in fracs)} |")
     print("|---|---|" + "---|" * len(fracs))
     for split in args.splits.split(","):
         for router in args.routers.split(","):
-            vals = [r["mean_cos"] for r in rows if r["split"] == split and r["router"] == router]
-            print(f"| {split} | {router} | {' | '.join(f'{v:.4f}' for v in vals)} |")
+            for steps in sorted({r.get("recover_steps", 0) for r in rows}):
+                by = {r["active"]: r["mean_cos"] for r in rows if r["split"] == split and r["router"] == router
+                      and r.get("recover_steps", 0) == steps}
+                name = f"{router} + {steps} recovery steps" if steps else router
+                print(f"| {split} | {name} | {' | '.join(f'{by[f]:.4f}' if f in by else '-' for f in fracs)} |")
     print(f"\nFFN time, 6 layers, batch {args.batch} sentences ({tok} token positions), "
           f"{torch.get_num_threads()} threads, {args.time_fraction:.0%} active:")
     print("| ffn | ms (median) | vs dense |\n|---|---|---|")

@@ -80,8 +80,9 @@ def moefy_verb(model: nn.Module, cfg: MoefyVerbConfig, filter_fn: FilterFn | Non
                extra: Sequence[nn.Module] = ()) -> nn.Module:
     """MoEfication / EMoE (Zhang et al. 2022; Qiu et al. 2023): dense FFN neurons -> experts."""
     calibrate = None
-    if cfg.router == "mlp" or cfg.split == "coactivation":
-        _needs_data(cfg, "moefy", f"router: {cfg.router}" if cfg.router == "mlp" else "split: coactivation")
+    if cfg.router == "mlp" or cfg.split == "coactivation" or cfg.recover_steps:
+        _needs_data(cfg, "moefy", f"router: {cfg.router}" if cfg.router == "mlp" else
+                    "split: coactivation" if cfg.split == "coactivation" else "recover_steps > 0")
         calibrate = text_calibration(model, cfg.data, cfg.data_tokens, "moefy")
     moefy_(model, cfg, filter_fn, calibrate=calibrate)
     return model

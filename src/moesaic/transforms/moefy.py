@@ -12,12 +12,15 @@ expert's neurons). The routers (``router``):
 * ``oracle``: the exact expert output norms (an upper bound; it costs the dense FFN).
 
 ``split: coactivation`` groups neurons by a co-activation graph of calibration tokens (needs
-``calibrate``). With every expert active (``active_fraction: 1``) the result equals the dense FFN up to
+``calibrate``). ``recover_steps > 0`` then distils the dense model into the split one on the calibration
+inputs at the configured active fraction (:mod:`moesaic.transforms.moefy_recover`; needs ``calibrate``).
+Without recovery and with every expert active (``active_fraction: 1``) the result equals the dense FFN up to
 summation order (tests check float64). Docs: docs/convert.md, "moefy".
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Literal
@@ -29,6 +32,7 @@ from moesaic.core.config import ConfigError, Section, rule
 from moesaic.core.errors import ConversionError
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.moefied import LinearScorer, MLPScorer, MoEfiedFFN
+from moesaic.transforms.moefy_recover import capture_calls, recover_
 from moesaic.transforms.neuron_split import balanced_kmeans, coactivation_split, key_vectors
 
 RouterKind = Literal["centroid", "avgk", "mlp", "oracle"]
@@ -49,6 +53,9 @@ class MoefyConfig(Section):
     mlp_steps: int = rule(400, ge=1)
     mlp_lr: float = rule(3e-3, gt=0.0)
     max_calib_tokens: int = rule(20000, ge=1)
+    recover_steps: int = rule(0, ge=0)  # recovery distillation after the split (moefy_recover); 0 = none
+    recover_lr: float = rule(1e-4, gt=0.0)
+    recover_batch: int = rule(32, ge=1)
     seed: int = 0
 
     def top_k(self) -> int:
@@ -172,10 +179,14 @@ def moefy_(model: nn.Module, cfg: MoefyConfig | None = None, filter_fn: FilterFn
     for name, ffn in ffns:
         _check_kind(name, ffn, cfg)
     needs_calib = cfg.router == "mlp" or cfg.split == "coactivation"
-    if needs_calib and calibrate is None:
-        field = "router" if cfg.router == "mlp" else "split"
+    if (needs_calib or cfg.recover_steps) and calibrate is None:
+        field = "router" if cfg.router == "mlp" else "split" if needs_calib else "recover_steps"
         raise ConfigError(field, getattr(cfg, field), "needs calibration data (calibrate=...)")
     xs = _calibration_inputs(model, ffns, calibrate, cfg.max_calib_tokens) if calibrate and needs_calib else {}
+    teacher, calls = None, []
+    if cfg.recover_steps and calibrate is not None:
+        calls = capture_calls(model, calibrate)
+        teacher = copy.deepcopy(model)
     new: dict[str, MoEfiedFFN] = {}
     for name, ffn in ffns:
         if cfg.split == "coactivation":
@@ -193,6 +204,9 @@ def moefy_(model: nn.Module, cfg: MoefyConfig | None = None, filter_fn: FilterFn
     for name, moe in new.items():
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, moe)
+    if teacher is not None:
+        recover_(model, teacher, calls, steps=cfg.recover_steps, lr=cfg.recover_lr, batch=cfg.recover_batch,
+                 seed=cfg.seed)
     return new
 
 
