@@ -128,3 +128,23 @@ def test_backends_registry_is_the_project_registry():
 
     assert isinstance(BACKENDS, Registry)
     assert {"loop", "grouped_mm", "bmm", "active", "fused"} <= set(BACKENDS.names())
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (16, 9)])
+def test_active_decode_rows_equal_grouped_mm_bitwise(E, k):
+    """Decode (no autograd, <= LOOP_ROWS rows on the CPU): ``active`` loops over the active experts; the same
+    matmuls on the same rows as grouped_mm, so equal bit for bit, and within fp32 rounding of float64."""
+    from moesaic.moe.experts.backends.active import LOOP_ROWS
+
+    torch.manual_seed(E + k)
+    w_up, w_down = (w.detach() for w in _weights(E, 64, 32))
+    counts = torch.zeros(E, dtype=torch.long)
+    counts[torch.randperm(E)[:k]] = 1
+    x = torch.randn(k, 64)
+    ffn = StackedFFN(w_up, w_down, "silu", True)
+    with torch.no_grad():
+        got = BACKENDS.get("active").rows(x, counts, ffn)
+        ref64 = BACKENDS.get("loop").rows(x.double(), counts, StackedFFN(w_up.double(), w_down.double(), "silu", True))
+        if grouped_mm_usable(x.device, torch.float32) and k <= LOOP_ROWS:
+            assert torch.equal(got, BACKENDS.get("grouped_mm").rows(x, counts, ffn))
+    torch.testing.assert_close(got.double(), ref64, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,14 @@ Where ``torch._grouped_mm`` works (probed once per device type and dtype, see ``
 experts run as one grouped matmul per projection: empty groups are skipped by the kernel, and one call
 instead of 2k per layer matters at decode, where every matmul is tiny and a thread pool's start-up and
 barrier dominate (k = 8 experts on 2 threads of a busy machine: docs/benchmarks.md, "Decode"). Elsewhere
-(float64, unaligned widths, no grouped_mm) it is the readable loop over the active experts."""
+(float64, unaligned widths, no grouped_mm) it is the readable loop over the active experts.
+
+On the CPU, without autograd and with at most :data:`LOOP_ROWS` rows (one decode token's k choices), the loop
+runs even where grouped_mm works: the CPU ``_grouped_mm`` is a loop of per-group matmuls that makes views of
+every group, empty ones included (1,480 op calls for E=64, k=8 against 243 for the loop), and at these sizes
+that overhead is the cost. Same matmuls on the same rows, so the result is bitwise equal (measured interleaved,
+idle, 2 threads: 430 -> 319 us for E=8 k=2 F=1024, 603 -> 364 us for E=64 k=8 F=256; with 64-256 rows
+grouped_mm is 10-20 % faster and keeps them). docs/benchmarks.md, "Decode: the weight-reading floor"."""
 
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ from moesaic.moe.experts.backends import BACKENDS, Backend
 from moesaic.moe.experts.backends.grouped_mm import GroupedMMBackend
 from moesaic.moe.experts.backends.loop import per_expert
 from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act, grouped_mm_aligned, grouped_mm_usable
+
+#: Rows (token-choices) up to which the CPU decode path loops over the active experts instead of grouped_mm.
+LOOP_ROWS = 8
 
 
 def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor:
@@ -41,6 +51,8 @@ class ActiveBackend(Backend):
         if x_ND.shape[0] == 0:
             y_ND = x_ND.new_empty(0, ffn.w_down_EDF.shape[1], dtype=dt)
             return y_ND + 0 * (ffn.w_up_EHD.sum() + ffn.w_down_EDF.sum()).to(dt)  # keep the weights in the graph
+        if x_ND.device.type == "cpu" and not torch.is_grad_enabled() and x_ND.shape[0] <= LOOP_ROWS:
+            return per_active_expert(x_ND, counts_E, ffn)
         # torch.compile: grouped_mm's meta kernel accepts bf16 only (torch 2.13), so compiled code loops
         if (not torch.compiler.is_compiling() and grouped_mm_usable(x_ND.device, dt)
                 and grouped_mm_aligned(x_ND, ffn.w_up_EHD, ffn.w_down_EDF, dtype=dt)):
