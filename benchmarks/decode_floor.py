@@ -56,6 +56,49 @@ def floor_step(hf: torch.nn.Module, k: int) -> Callable[[torch.Tensor], torch.Te
     return step
 
 
+def run_shape(name: str, sh: dict[str, int], ids: torch.Tensor, args: argparse.Namespace) -> dict[str, object]:
+    """One shape: the three implementations interleaved (shuffled per round), medians, tokens/s."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import moesaic
+    from moesaic.interop.hf import from_hf
+
+    P, N = ids.shape[1], args.new_tokens
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False,
+                        router_jitter_noise=0.0, **sh)
+    cfg._experts_implementation = "grouped_mm"
+    hf = MixtralForCausalLM(cfg).eval()
+    ms = from_hf(hf).eval()
+    step = floor_step(hf, sh["num_experts_per_tok"])
+    x = torch.randn(1, 512)
+
+    def floor() -> None:
+        for _ in range(N):
+            step(x)
+
+    fns = {"transformers": lambda: hf.generate(ids, max_new_tokens=N, do_sample=False, min_new_tokens=N),
+           "moesaic": lambda: moesaic.generate(ms, ids, N), "floor": floor}
+    with torch.inference_mode():
+        same = bool((fns["transformers"]()[0, P:] == fns["moesaic"]()[0, -N:]).all())
+        floor()
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        order = list(fns)
+        for r in range(args.repeats):
+            random.Random(r).shuffle(order)
+            for n in order:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+    tps = {n: N / statistics.median(v) for n, v in times.items()}
+    row = {"shape": name, "threads": torch.get_num_threads(), "same_tokens": same,
+           **{f"{n}_tok_s": round(v, 1) for n, v in tps.items()},
+           "moesaic_vs_transformers": round(tps["moesaic"] / tps["transformers"], 3),
+           "floor_vs_transformers": round(tps["floor"] / tps["transformers"], 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -64,49 +107,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    import moesaic
-    from moesaic.interop.hf import from_hf
-
-    V, P, N = 4096, 32, args.new_tokens
-    common = dict(vocab_size=V, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                  max_position_embeddings=256, tie_word_embeddings=False, router_jitter_noise=0.0)
     torch.manual_seed(0)
-    ids = torch.randint(0, V, (1, P))
-    rows = []
-    for name, sh in SHAPES.items():
-        cfg = MixtralConfig(**common, **sh)
-        cfg._experts_implementation = "grouped_mm"
-        hf = MixtralForCausalLM(cfg).eval()
-        ms = from_hf(hf).eval()
-        step = floor_step(hf, sh["num_experts_per_tok"])
-        x = torch.randn(1, 512)
-
-        def floor() -> None:
-            for _ in range(N):
-                step(x)
-
-        fns = {"transformers": lambda: hf.generate(ids, max_new_tokens=N, do_sample=False, min_new_tokens=N),
-               "moesaic": lambda: moesaic.generate(ms, ids, N), "floor": floor}
-        with torch.inference_mode():
-            same = bool((fns["transformers"]()[0, P:] == fns["moesaic"]()[0, -N:]).all())
-            floor()
-            times: dict[str, list[float]] = {n: [] for n in fns}
-            order = list(fns)
-            for r in range(args.repeats):
-                random.Random(r).shuffle(order)
-                for n in order:
-                    t0 = time.perf_counter()
-                    fns[n]()
-                    times[n].append(time.perf_counter() - t0)
-        tps = {n: N / statistics.median(v) for n, v in times.items()}
-        row = {"shape": name, "threads": torch.get_num_threads(), "same_tokens": same,
-               **{f"{n}_tok_s": round(v, 1) for n, v in tps.items()},
-               "moesaic_vs_transformers": round(tps["moesaic"] / tps["transformers"], 3),
-               "floor_vs_transformers": round(tps["floor"] / tps["transformers"], 3)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    ids = torch.randint(0, 4096, (1, 32))
+    rows = [run_shape(name, sh, ids, args) for name, sh in SHAPES.items()]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
