@@ -99,3 +99,19 @@ def test_quantize_experts_flag(ckpt, capsys):
     assert main(["eval", str(ckpt), "--quantize-experts", "int4", "--quant-group", "8"]) == 0
     assert main(["eval", str(ckpt), "--quantize-experts", "plan", "--quant-hot", "2"]) == 2
     assert "--quant-hot = 2.0: must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_quantize_experts_ternary_flag(ckpt, capsys):
+    assert main(["eval", str(ckpt), "--quantize-experts", "ternary", "--quant-group", "0",
+                 "--ternary-code-bits", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "'mode': 'ternary'" in out and "'ternary_experts': 8" in out and "bits_per_weight" in out
+    assert main(["generate", str(ckpt), *GEN, "--quantize-experts", "ternary", "--quant-group", "8"]) == 0
+    rows = _rows(capsys)
+    assert len(rows) == 2 and rows[0]["quantized"]["bits_per_weight"] < 8  # fp32 scales per 8 weights: 4 of them
+    assert main(["generate", str(ckpt), "--prompt", "KING", "--quantize-experts", "ternary",
+                 "--ternary-threshold", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quant.ternary_threshold = -1.0" in err[0], err
+    assert main(["eval", str(ckpt), "--quantize-experts", "int8", "--quant-group", "0"]) == 2
+    assert "ternary experts only" in capsys.readouterr().err

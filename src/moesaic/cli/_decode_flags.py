@@ -1,6 +1,6 @@
 """The MoE decoding-strategy flags shared by ``moesaic generate`` and ``moesaic eval`` (docs/inference.md):
 ``--top-k`` (dynamic k), ``--scmoe`` (self-contrast), ``--drop N`` (LLM-Drop), ``--early-exit T``,
-``--pregate-route`` (Pre-gated MoE routing), ``--quantize-experts int8|int4|plan``."""
+``--pregate-route`` (Pre-gated MoE routing), ``--quantize-experts int8|int4|plan|ternary``."""
 
 from __future__ import annotations
 
@@ -31,10 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pregate-route", action="store_true",
                    help="Pre-gated MoE: route each MoE layer but the first by its router on the previous MoE "
                         "layer's input (changes outputs; exact prefetch hints)")
-    g.add_argument("--quantize-experts", choices=["none", "int8", "int4", "plan"], default="none",
-                   help="weight-only group-wise experts (dequantized per active expert): int8, int4, or plan "
-                        "(hot experts int8, cold int4, never-used pruned, from routing on calibration windows)")
-    g.add_argument("--quant-group", type=int, default=64, help="input columns per quantization scale")
+    g.add_argument("--quantize-experts", choices=["none", "int8", "int4", "plan", "ternary"], default="none",
+                   help="weight-only group-wise experts (dequantized per active expert): int8, int4, plan "
+                        "(hot experts int8, cold int4, never-used pruned, from routing on calibration windows), "
+                        "or ternary (QMoE-style, dictionary-coded, decoded per active expert)")
+    g.add_argument("--quant-group", type=int, default=64,
+                   help="input columns per quantization scale (ternary: 0 = one scale per row)")
+    g.add_argument("--ternary-threshold", type=float, default=0.7, metavar="T",
+                   help="ternary: weights with |w| <= T * mean|w| of their group become 0 (TWN rule)")
+    g.add_argument("--ternary-code-bits", type=int, default=16, choices=[8, 16],
+                   help="ternary: dictionary codeword bits")
     g.add_argument("--quant-hot", type=float, default=0.5, metavar="F",
                    help="plan: fraction of the used experts kept in int8")
     g.add_argument("--quant-calib-windows", type=int, default=32, metavar="N",
@@ -87,7 +93,8 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
         if not 0.0 <= args.quant_hot <= 1.0:
             raise ConfigError("--quant-hot", args.quant_hot, "must be in [0, 1]")
         qcfg = QuantConfig(bits=4 if mode == "int4" else 8, group_size=args.quant_group, plan=mode == "plan",
-                           hot_fraction=args.quant_hot)
+                           hot_fraction=args.quant_hot, ternary=mode == "ternary",
+                           ternary_threshold=args.ternary_threshold, code_bits=args.ternary_code_bits)
         usage = (expert_usage(model, _calibration(args, model, args.quant_calib_windows, "--quant-calib-windows"))
                  if mode == "plan" else None)
         q = quantize_experts_(model, qcfg, usage)
@@ -95,6 +102,14 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
         info["quantized"] = {"mode": mode, "group_size": args.quant_group, "int8_experts": bits.count(8),
                              "int4_experts": bits.count(4), "pruned_experts": bits.count(0),
                              "expert_bytes": sum(x.nbytes() for x in q.values())}
+        if mode == "ternary":
+            from moesaic.inference.quant_ternary import TernaryExperts
+
+            tq = [x for x in q.values() if isinstance(x, TernaryExperts)]
+            n = sum(x.num_weights() for x in tq)
+            info["quantized"].update(ternary_experts=bits.count(2),
+                                     bits_per_weight=8 * info["quantized"]["expert_bytes"] / n,
+                                     zero_fraction=sum(x.zero_fraction() * x.num_weights() for x in tq) / n)
     if getattr(args, "pregate_route", False):
         from moesaic.inference.offload.pregate_route import route_by_pregate_
 

@@ -1,4 +1,5 @@
-"""Weight-only compressed experts: ``quantize_experts_(model, QuantConfig(bits=8 | 4, group_size=64))``.
+"""Weight-only compressed experts: ``quantize_experts_(model, QuantConfig(bits=8 | 4, group_size=64))``
+(``QuantConfig(ternary=True)``: dictionary-coded ternary experts, :mod:`moesaic.inference.quant_ternary`).
 
 A transform (docs/design.md: components are swapped): every MoE layer's stacked FFN experts become
 :class:`QuantizedExperts`, which hold each expert's two 3-D tensors in one of three forms, per expert:
@@ -42,16 +43,27 @@ from moesaic.moe.layer import MoELayer
 @dataclasses.dataclass
 class QuantConfig(Section):
     """``bits``: 8 (int8) or 4 (int4) for every expert; ``group_size``: input columns sharing one scale (must
-    divide D and F; even for int4). ``plan``: bits per expert from routing counts instead (hot int8, cold
-    int4, unused pruned; ``hot_fraction`` of the used experts are hot), see :mod:`moesaic.inference.quant_plan`."""
+    divide D and F; even for int4; 0 = a whole row, ternary only). ``plan``: bits per expert from routing
+    counts instead (hot int8, cold int4, unused pruned; ``hot_fraction`` of the used experts are hot), see
+    :mod:`moesaic.inference.quant_plan`. ``ternary``: every expert ternary by the TWN rule with threshold
+    ``ternary_threshold * mean|w|`` per group, dictionary-coded with ``code_bits``-bit codewords
+    (:mod:`moesaic.inference.quant_ternary`)."""
 
     bits: int = 8
-    group_size: int = rule(64, ge=1)
+    group_size: int = rule(64, ge=0)
     plan: bool = False
     hot_fraction: float = rule(0.5, ge=0.0, le=1.0)
+    ternary: bool = False
+    ternary_threshold: float = rule(0.7, gt=0.0)
+    code_bits: int = 16
 
     def validate(self, path: str) -> None:
         require(self.bits in (8, 4), f"{path}.bits", self.bits, "must be 8 (int8) or 4 (int4)")
+        require(self.group_size > 0 or self.ternary, f"{path}.group_size", self.group_size,
+                "must be >= 1 (0, a whole row per scale, is for ternary experts only)")
+        require(not (self.ternary and self.plan), f"{path}.ternary", self.ternary, "cannot be combined with plan")
+        require(self.code_bits in (8, 16), f"{path}.code_bits", self.code_bits,
+                "must be 8 or 16 (byte or 16-bit codewords)")
         require(not ((self.bits == 4 or self.plan) and self.group_size % 2), f"{path}.group_size", self.group_size,
                 "must be even for int4 (two codes per byte)")
 
@@ -191,6 +203,7 @@ def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
     (:func:`moesaic.inference.quant_plan.expert_usage`). :class:`ConfigError` (nothing swapped) for a group
     size that does not divide D or F, experts that are not stacked FFN experts, or a plan without counts."""
     from moesaic.inference.quant_plan import usage_plan
+    from moesaic.inference.quant_ternary import TernaryExperts
 
     cfg = validate_tree(cfg or QuantConfig(), "quant")
     layers = [(n or "moe", m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -199,7 +212,7 @@ def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
         if not isinstance(ex, FFNExperts) or type(ex).forward is not FFNExperts.forward:
             raise ConfigError(f"{name}.experts", type(ex).__name__, "only stacked FFN experts can be quantized")
         for w in (ex.w_up_EHD, ex.w_down_EDF):
-            if w.shape[-1] % cfg.group_size:
+            if cfg.group_size and w.shape[-1] % cfg.group_size:
                 raise ConfigError("quant.group_size", cfg.group_size,
                                   f"must divide the input width {w.shape[-1]} of {name}")
         if cfg.plan and (usage is None or name not in usage):
@@ -209,7 +222,8 @@ def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
         assert isinstance(layer.experts, FFNExperts)
         bits = usage_plan(usage[name], cfg.hot_fraction) if cfg.plan and usage is not None else \
             [cfg.bits] * layer.experts.num_experts
-        new = QuantizedExperts(layer.experts, cfg.group_size, bits)
+        new = TernaryExperts(layer.experts, cfg.group_size, cfg.ternary_threshold, cfg.code_bits) if cfg.ternary \
+            else QuantizedExperts(layer.experts, cfg.group_size, bits)
         layer.experts = new
         out[name] = new
     return out
