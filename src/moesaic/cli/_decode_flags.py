@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ternary: weights with |w| <= T * mean|w| of their group become 0 (TWN rule)")
     g.add_argument("--ternary-code-bits", type=int, default=16, choices=[8, 16],
                    help="ternary: dictionary codeword bits")
+    g.add_argument("--ternary-gptq", action="store_true",
+                   help="ternary: choose the values by GPTQ on calibration activations (--quant-calib-windows)")
     g.add_argument("--quant-hot", type=float, default=0.5, metavar="F",
                    help="plan: fraction of the used experts kept in int8")
     g.add_argument("--quant-calib-windows", type=int, default=32, metavar="N",
@@ -94,10 +96,17 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
             raise ConfigError("--quant-hot", args.quant_hot, "must be in [0, 1]")
         qcfg = QuantConfig(bits=4 if mode == "int4" else 8, group_size=args.quant_group, plan=mode == "plan",
                            hot_fraction=args.quant_hot, ternary=mode == "ternary",
-                           ternary_threshold=args.ternary_threshold, code_bits=args.ternary_code_bits)
-        usage = (expert_usage(model, _calibration(args, model, args.quant_calib_windows, "--quant-calib-windows"))
-                 if mode == "plan" else None)
-        q = quantize_experts_(model, qcfg, usage)
+                           ternary_threshold=args.ternary_threshold, code_bits=args.ternary_code_bits,
+                           gptq=bool(getattr(args, "ternary_gptq", False)))
+        calib = (_calibration(args, model, args.quant_calib_windows, "--quant-calib-windows")
+                 if mode == "plan" or qcfg.gptq else None)
+        usage = expert_usage(model, calib) if mode == "plan" and calib is not None else None
+        hess = None
+        if qcfg.gptq and calib is not None and mode == "ternary":
+            from moesaic.inference.quant_gptq import expert_hessians
+
+            hess = expert_hessians(model, calib)
+        q = quantize_experts_(model, qcfg, usage, hess)
         bits = [b for x in q.values() for b in x.bits_E]
         info["quantized"] = {"mode": mode, "group_size": args.quant_group, "int8_experts": bits.count(8),
                              "int4_experts": bits.count(4), "pruned_experts": bits.count(0),
@@ -107,7 +116,7 @@ def apply(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, dict[s
 
             tq = [x for x in q.values() if isinstance(x, TernaryExperts)]
             n = sum(x.num_weights() for x in tq)
-            info["quantized"].update(ternary_experts=bits.count(2),
+            info["quantized"].update(ternary_experts=bits.count(2), gptq=qcfg.gptq,
                                      bits_per_weight=8 * info["quantized"]["expert_bytes"] / n,
                                      zero_fraction=sum(x.zero_fraction() * x.num_weights() for x in tq) / n)
     if getattr(args, "pregate_route", False):

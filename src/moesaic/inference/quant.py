@@ -47,7 +47,8 @@ class QuantConfig(Section):
     counts instead (hot int8, cold int4, unused pruned; ``hot_fraction`` of the used experts are hot), see
     :mod:`moesaic.inference.quant_plan`. ``ternary``: every expert ternary by the TWN rule with threshold
     ``ternary_threshold * mean|w|`` per group, dictionary-coded with ``code_bits``-bit codewords
-    (:mod:`moesaic.inference.quant_ternary`)."""
+    (:mod:`moesaic.inference.quant_ternary`); with ``gptq`` the values are chosen by GPTQ on calibration
+    activations (:mod:`moesaic.inference.quant_gptq`)."""
 
     bits: int = 8
     group_size: int = rule(64, ge=0)
@@ -56,12 +57,14 @@ class QuantConfig(Section):
     ternary: bool = False
     ternary_threshold: float = rule(0.7, gt=0.0)
     code_bits: int = 16
+    gptq: bool = False
 
     def validate(self, path: str) -> None:
         require(self.bits in (8, 4), f"{path}.bits", self.bits, "must be 8 (int8) or 4 (int4)")
         require(self.group_size > 0 or self.ternary, f"{path}.group_size", self.group_size,
                 "must be >= 1 (0, a whole row per scale, is for ternary experts only)")
         require(not (self.ternary and self.plan), f"{path}.ternary", self.ternary, "cannot be combined with plan")
+        require(not self.gptq or self.ternary, f"{path}.gptq", self.gptq, "is for ternary experts only")
         require(self.code_bits in (8, 16), f"{path}.code_bits", self.code_bits,
                 "must be 8 or 16 (byte or 16-bit codewords)")
         require(not ((self.bits == 4 or self.plan) and self.group_size % 2), f"{path}.group_size", self.group_size,
@@ -196,12 +199,14 @@ class QuantizedExperts(Experts):
                 f"group_size={self.group_size}")
 
 
-def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
-                      usage: dict[str, Tensor] | None = None) -> dict[str, QuantizedExperts]:
+def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None, usage: dict[str, Tensor] | None = None,
+                      hessians: dict[str, dict[str, Tensor]] | None = None) -> dict[str, QuantizedExperts]:
     """Swap every MoE layer's stacked FFN experts for :class:`QuantizedExperts`; returns them by layer path.
     With ``cfg.plan``, ``usage`` gives the routing counts per layer path
-    (:func:`moesaic.inference.quant_plan.expert_usage`). :class:`ConfigError` (nothing swapped) for a group
-    size that does not divide D or F, experts that are not stacked FFN experts, or a plan without counts."""
+    (:func:`moesaic.inference.quant_plan.expert_usage`); with ``cfg.gptq``, ``hessians`` the calibration
+    second moments per layer path (:func:`moesaic.inference.quant_gptq.expert_hessians`). :class:`ConfigError`
+    (nothing swapped) for a group size that does not divide D or F, experts that are not stacked FFN
+    experts, or a plan without counts or GPTQ without Hessians."""
     from moesaic.inference.quant_plan import usage_plan
     from moesaic.inference.quant_ternary import TernaryExperts
 
@@ -217,13 +222,28 @@ def quantize_experts_(model: nn.Module, cfg: QuantConfig | None = None,
                                   f"must divide the input width {w.shape[-1]} of {name}")
         if cfg.plan and (usage is None or name not in usage):
             raise ConfigError("quant.plan", True, f"needs routing counts for {name} (expert_usage on calibration data)")
+        if cfg.gptq and (hessians is None or name not in hessians):
+            raise ConfigError("quant.gptq", True, f"needs calibration Hessians for {name} (expert_hessians)")
     out = {}
     for name, layer in layers:
         assert isinstance(layer.experts, FFNExperts)
         bits = usage_plan(usage[name], cfg.hot_fraction) if cfg.plan and usage is not None else \
             [cfg.bits] * layer.experts.num_experts
-        new = TernaryExperts(layer.experts, cfg.group_size, cfg.ternary_threshold, cfg.code_bits) if cfg.ternary \
-            else QuantizedExperts(layer.experts, cfg.group_size, bits)
+        values = _gptq_values(layer.experts, cfg, hessians[name]) if cfg.gptq and hessians is not None else None
+        new = TernaryExperts(layer.experts, cfg.group_size, cfg.ternary_threshold, cfg.code_bits, values) \
+            if cfg.ternary else QuantizedExperts(layer.experts, cfg.group_size, bits)
         layer.experts = new
         out[name] = new
+    return out
+
+
+def _gptq_values(ex: FFNExperts, cfg: QuantConfig, H: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every expert's ternary values and scales by GPTQ (:func:`moesaic.inference.quant_gptq.gptq_ternary`)."""
+    from moesaic.inference.quant_gptq import gptq_ternary
+
+    out = {}
+    for name, proj in _PROJ.items():
+        w = getattr(ex, name)
+        per = [gptq_ternary(w[e], H[proj][e], cfg.group_size, cfg.ternary_threshold) for e in range(ex.num_experts)]
+        out[proj] = (torch.stack([t for t, _ in per]), torch.stack([s for _, s in per]))
     return out

@@ -7,7 +7,8 @@ the many zeros cost less than ``log2 3`` bits each. Here each group of ``group_s
 row) of each 3-D expert tensor gets the data-free rule of Ternary Weight Networks (Li, Zhang & Liu 2016,
 eq. 11-12): threshold ``delta = t * mean|w|`` (``t = 0.7``), values ``sign(w)`` where ``|w| > delta`` else 0,
 scale = mean ``|w|`` over the kept weights (the least-squares scale for that support). QMoE chooses the
-ternary values data-aware with GPTQ; that variant is not built here.
+ternary values data-aware with GPTQ: ``QuantConfig(ternary=True, gptq=True)`` with calibration Hessians
+(:mod:`moesaic.inference.quant_gptq`).
 
 Storage per MoE layer: one dictionary (rebuilt from the layer's three symbol counts), each expert tensor's
 codewords (its own stream, so an expert decodes alone), and fp32 scales. The forward decodes only the experts
@@ -54,11 +55,14 @@ class TernaryExperts(QuantizedExperts):
     ``o3_p`` ``[E + 1]`` where expert e's codewords start, ``s3_p`` ``[E, O, G]`` scales; ``counts3`` the
     layer's symbol counts (zeros, +1s, -1s) from which :attr:`code` (the dictionary) is rebuilt."""
 
-    def __init__(self, ex: FFNExperts, group_size: int, threshold: float = 0.7, code_bits: int = 16):
+    def __init__(self, ex: FFNExperts, group_size: int, threshold: float = 0.7, code_bits: int = 16,
+                 values: dict[str, tuple[Tensor, Tensor]] | None = None):
         super().__init__(ex, group_size, [2] * ex.num_experts)
         self.threshold, self.code_bits = threshold, code_bits
         self.shape = {"up": tuple(ex.w_up_EHD.shape[1:]), "down": tuple(ex.w_down_EDF.shape[1:])}
-        tern = {proj: ternarize_groups(getattr(ex, name), group_size, threshold) for name, proj in _PROJ.items()}
+        # ``values``: ternary values and scales chosen elsewhere (GPTQ, :mod:`moesaic.inference.quant_gptq`)
+        tern = values or {proj: ternarize_groups(getattr(ex, name), group_size, threshold)
+                          for name, proj in _PROJ.items()}
         counts = sum(torch.bincount(TunstallCode.symbols(t).flatten().long(), minlength=3) for t, _ in tern.values())
         assert isinstance(counts, Tensor)
         self.register_buffer("counts3", counts)

@@ -80,6 +80,9 @@ class TunstallCode:
             rows.append(seq[::-1] + [0] * (L - len(seq)))
         self.table_CL = torch.tensor(rows, dtype=torch.int8)
         self.len_C = torch.tensor([depth[n] for n in leaf], dtype=torch.long)
+        # the decode-on-use path: each codeword's values and which of its L columns are real
+        self.values_CL = _VALUES[self.table_CL.long()]
+        self.keep_CL = torch.arange(L) < self.len_C[:, None]
         self.dtype = torch.uint8 if code_bits == 8 else torch.int16
 
     @property
@@ -121,8 +124,13 @@ class TunstallCode:
         return out[:n]
 
     def decode_values(self, codes: Tensor, n: int) -> Tensor:
-        """The first ``n`` ternary values (int8 in {-1, 0, 1}) of ``codes``."""
-        return _VALUES[self.decode(codes, n).to(torch.long)]
+        """The first ``n`` ternary values (int8 in {-1, 0, 1}) of ``codes``: :meth:`decode` mapped to values,
+        by one gather of the codewords' value rows and one compaction."""
+        c = codes.reshape(-1).to(torch.long) & (2 ** self.code_bits - 1)
+        out = torch.masked_select(self.values_CL.index_select(0, c), self.keep_CL.index_select(0, c))
+        if out.numel() < n:
+            raise ValueError(f"codewords decode to {out.numel()} symbols, fewer than the {n} asked for")
+        return out[:n]
 
     @staticmethod
     def symbols(t: Tensor) -> Tensor:
