@@ -32,7 +32,8 @@ from moesaic.train.task import eval_batch_size, evaluate, select_task
 
 MODES = {"fp32": None, "int8": QuantConfig(bits=8, group_size=64), "int4 g64": QuantConfig(bits=4, group_size=64),
          "int4 g32": QuantConfig(bits=4, group_size=32), "plan (hot 50 % int8)": QuantConfig(plan=True),
-         "ternary g64": QuantConfig(ternary=True, group_size=64), "ternary row": QuantConfig(ternary=True, group_size=0),
+         "ternary g64": QuantConfig(ternary=True, group_size=64),
+         "ternary row": QuantConfig(ternary=True, group_size=0),
          "ternary g64 GPTQ": QuantConfig(ternary=True, group_size=64, gptq=True),
          "ternary row GPTQ": QuantConfig(ternary=True, group_size=0, gptq=True)}
 

@@ -115,3 +115,9 @@ def test_quantize_experts_ternary_flag(ckpt, capsys):
     assert len(err) == 1 and "quant.ternary_threshold = -1.0" in err[0], err
     assert main(["eval", str(ckpt), "--quantize-experts", "int8", "--quant-group", "0"]) == 2
     assert "ternary experts only" in capsys.readouterr().err
+    assert main(["eval", str(ckpt), "--quantize-experts", "ternary", "--ternary-gptq", "--quant-group", "8",
+                 "--quant-calib-windows", "4"]) == 0
+    assert "'gptq': True" in capsys.readouterr().out
+    assert main(["eval", str(ckpt), "--quantize-experts", "int4", "--ternary-gptq", "--quant-group", "8",
+                 "--quant-calib-windows", "4"]) == 2
+    assert "quant.gptq = True: is for ternary experts only" in capsys.readouterr().err
