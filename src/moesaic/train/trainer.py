@@ -219,7 +219,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _objective(self, mb: dict[str, torch.Tensor], aux: AuxFn) -> LossPieces:
-        pieces: LossPieces = self.objective(self.forward_model, mb, self.task, ObjectiveContext(aux, self._autocast))
+        ctx = ObjectiveContext(aux, self._autocast, self.step)
+        pieces: LossPieces = self.objective(self.forward_model, mb, self.task, ctx)
         return pieces
 
     def accumulate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -57,11 +57,13 @@ class LossPieces:
 
 @dataclasses.dataclass
 class ObjectiveContext:
-    """What the trainer lends an objective for one micro-batch: ``aux(model)`` after each forward, and the
-    autocast context of ``train.autocast`` to run forwards under."""
+    """What the trainer lends an objective for one micro-batch: ``aux(model)`` after each forward, the
+    autocast context of ``train.autocast`` to run forwards under, and the number of optimizer steps taken
+    before this one (``step``; restored on resume), for objectives that alternate between steps (AdvMoE)."""
 
     aux: Callable[[nn.Module], Tensor]
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    step: int = 0
 
 
 class Objective:
