@@ -119,3 +119,50 @@ def test_hugging_face_folder_teacher(tiny_data, data_cache, tmp_path):
     batch = _batch(vocab)
     r = t.accumulate(batch)
     assert r["loss"] > 0
+
+
+def test_teacher_mixture_equals_brute_force():
+    """Several teachers (Meta-DMoE): ``mean`` averages the tempered distributions; ``posterior`` weighs teacher d
+    at position t by p(d | labels before t) with a uniform prior (float64, position by position)."""
+    from moesaic.train.objectives.distill import teacher_log_mixture
+
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(2, 5, 7, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
+    labels = torch.randint(7, (2, 5), generator=g)
+    labels[1, 1] = IGNORE_INDEX
+    T = 1.7
+    mean = teacher_log_mixture(zs, labels, T, "mean").exp()
+    post = teacher_log_mixture(zs, labels, T, "posterior").exp()
+    for b in range(2):
+        for t in range(5):
+            p_d = [(z[b, t] / T).softmax(-1) for z in zs]
+            torch.testing.assert_close(mean[b, t], sum(p_d) / 3, atol=1e-12, rtol=0)
+            lik = torch.tensor([float(torch.prod(torch.stack(
+                [z[b, s].softmax(-1)[labels[b, s]] for s in range(t) if labels[b, s] != IGNORE_INDEX]
+                or [torch.ones((), dtype=torch.float64)]))) for z in zs], dtype=torch.float64)
+            w = lik / lik.sum()
+            torch.testing.assert_close(post[b, t], sum(w[d] * p_d[d] for d in range(3)), atol=1e-12, rtol=0)
+    assert torch.equal(teacher_log_mixture(zs[:1], labels, T, "posterior"), (zs[0] / T).log_softmax(-1))
+
+
+def test_several_teachers_distill_and_check(tiny_data, data_cache, teacher_dir, tmp_path):
+    obj = {"kind": "distill", "teachers": [str(teacher_dir), str(teacher_dir)], "aggregation": "posterior",
+           "alpha": 0.3, "temperature": 2.0}
+    t = _trainer(tiny_data, tmp_path / "kd", obj)
+    assert len(t.objective.teachers) == 2
+    batch = _batch(t.data.vocab_size)
+    r = t.accumulate(batch)
+    got = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    t.opt.zero_grad(set_to_none=True)
+    one = _trainer(tiny_data, tmp_path / "kd1", {**obj, "teachers": [], "teacher": str(teacher_dir)})
+    one.model.load_state_dict(t.model.state_dict())
+    r1 = one.accumulate(batch)  # two copies of one teacher mix to that teacher, whatever the weights
+    assert r["loss"] == r1["loss"]
+    for n, p in one.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=0, msg=n)
+    with pytest.raises(ConfigError, match="not both"):
+        _trainer(tiny_data, tmp_path / "kd2", {**obj, "teacher": str(teacher_dir)})
+    with pytest.raises(MissingTeacherError) as e:
+        _trainer(tiny_data, tmp_path / "kd3", {**obj, "teachers": [str(teacher_dir), str(tmp_path / "nowhere")]})
+    assert e.value.path == "train.objective.teachers.1"

@@ -63,11 +63,14 @@ class ShakespeareConfig(PlayTextConfig):
     seq_len: int = rule(128, ge=2)
     val_plays: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "twelfth_night", "julius_caesar"])
     train_plays: list[str] | None = None  # None: every other play
+    #: plays the tokenizer is trained on (None: the training plays); runs on different plays that must share one
+    #: vocabulary (per-domain distillation teachers and their student, docs/zoo.md "Meta-DMoE") name the same list
+    tokenizer_plays: list[str] | None = None
     eval_windows: int = rule(64, ge=1, doc="validation windows of seq_len tokens used by eval")
 
     def validate(self, path: str) -> None:
         known = play_files()
-        for field in ("val_plays", "train_plays"):
+        for field in ("val_plays", "train_plays", "tokenizer_plays"):
             for i, p in enumerate(getattr(self, field) or []):
                 require(p in known, f"{path}.{field}.{i}", p, f"unknown play; known: {', '.join(known)}")
         require(bool(self.val_plays), f"{path}.val_plays", self.val_plays, "must name at least one play")
@@ -98,23 +101,29 @@ def _encode(tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
-def tokenize_plays(train: list[str], val: list[str], tokenizer: str, vocab_size: int, cache_dir: str | None
-                   ) -> tuple[TextTokenizer, np.ndarray, np.ndarray, Path]:
-    """The tokenizer (``bpe`` trained on the ``train`` plays with ``vocab_size`` ids, or ``char``) and the
-    token streams of the ``train`` and ``val`` plays (each play followed by ``eos_id``, in list order), from
-    the cache or computed and cached. Returns ``(tokenizer, train_ids, val_ids, cache folder)``."""
+def tokenize_plays(train: list[str], val: list[str], tokenizer: str, vocab_size: int, cache_dir: str | None,
+                   tokenizer_plays: list[str] | None = None) -> tuple[TextTokenizer, np.ndarray, np.ndarray, Path]:
+    """The tokenizer (``bpe`` trained on the ``tokenizer_plays``, default the ``train`` plays, with
+    ``vocab_size`` ids, or ``char``) and the token streams of the ``train`` and ``val`` plays (each play followed
+    by ``eos_id``, in list order), from the cache or computed and cached. Returns ``(tokenizer, train_ids,
+    val_ids, cache folder)``."""
     files = play_files()
-    key = hashlib.sha256(json.dumps({
+    spec: dict[str, Any] = {
         "v": 1, "tok": tokenizer, "V": vocab_size if tokenizer == "bpe" else 0,
         "train": [(p, files[p].stat().st_size) for p in train],
-        "val": [(p, files[p].stat().st_size) for p in val]}).encode()).hexdigest()[:16]
+        "val": [(p, files[p].stat().st_size) for p in val]}
+    if tokenizer_plays is not None:  # absent otherwise: earlier caches keep their keys
+        spec["tokenizer_plays"] = [(p, files[p].stat().st_size) for p in tokenizer_plays]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     d = cache_root(cache_dir) / key
     tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
     if tok_path.is_file() and tr_path.is_file() and va_path.is_file():
         return TextTokenizer.load(tok_path), np.load(tr_path), np.load(va_path), d
     train_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in train]
     val_texts = [files[p].read_text(encoding="utf-8", errors="replace") for p in val]
-    tok = (BPETokenizer.train(train_texts, vocab_size) if tokenizer == "bpe" else CharTokenizer.train(train_texts))
+    tok_texts = train_texts if tokenizer_plays is None else [files[p].read_text(encoding="utf-8", errors="replace")
+                                                             for p in tokenizer_plays]
+    tok = (BPETokenizer.train(tok_texts, vocab_size) if tokenizer == "bpe" else CharTokenizer.train(tok_texts))
     tr, va = _encode(tok, train_texts), _encode(tok, val_texts)
     d.mkdir(parents=True, exist_ok=True)
     for path, arr in ((tr_path, tr), (va_path, va)):
@@ -139,7 +148,7 @@ class ShakespeareData(Dataset):
         train = list(cfg.train_plays) if cfg.train_plays is not None else [p for p in files if p not in val]
         self.train_plays, self.val_plays = train, val
         self.tokenizer, tr, va, self.cache_dir = tokenize_plays(train, val, cfg.tokenizer, cfg.vocab_size,
-                                                                cfg.cache_dir)
+                                                                cfg.cache_dir, cfg.tokenizer_plays)
         self.train_ids = torch.from_numpy(tr.astype(np.int64))
         self.val_ids = torch.from_numpy(va.astype(np.int64))
 
