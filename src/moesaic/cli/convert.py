@@ -71,7 +71,7 @@ def convert_verb(args: argparse.Namespace) -> int:
     verb.check_inputs(len(inputs))
     cfg = verb.parse_config(args.overrides)
     check_out_folder(out)  # before the (possibly long) load: a refused OUT costs nothing
-    model = verb(load_inputs(inputs), cfg)
+    model = verb(load_inputs(inputs, lazy=bool(getattr(cfg, "stream", False))), cfg)  # stream: read when written
     step = save_converted(model, out, {"verb": verb.name, "inputs": [str(Path(p).resolve()) for p in inputs],
                                        "config": to_dict(cfg)})
     print(f"{verb.name}: {', '.join(inputs)} -> {step}")

@@ -19,6 +19,7 @@ names, per architecture, the feature it lacks. See ``docs/hf.md``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -109,18 +110,22 @@ def _pick_layout(arch: Arch, hf_cfg: Any, reader: Any, expert_layout: str | None
 
 
 def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout: str | None = None,
-            dtype: torch.dtype | None = None) -> DecoderLM | BertEncoder:
+            dtype: torch.dtype | None = None, lazy: bool = False) -> DecoderLM | BertEncoder:
     """A moesaic ``decoder_lm`` with the weights and outputs of a Hugging Face causal LM (a folder with
     ``config.json`` and safetensors, or a loaded ``PreTrainedModel``); for a BERT-family encoder
     (``bert``, ``distilbert``) a ``bert_encoder`` whose output has ``.last_hidden_state``. Returns it in
     eval mode and float32 unless ``dtype`` is given; ``model.hf_info`` records the source, architecture
-    and layout."""
+    and layout. With ``lazy`` (a folder only) the model is built on the meta device and its weights stay in
+    the files: ``model.lazy_state`` reads each tensor when asked (streamed conversion, docs/convert.md);
+    every name and shape is checked all the same."""
     tf = _transformers()
     if isinstance(path_or_model, nn.Module):
         hf_cfg = getattr(path_or_model, "config", None)
         if hf_cfg is None:
             raise ConversionError(f"{type(path_or_model).__name__} has no .config: not a transformers model")
         arch = _arch_for(getattr(hf_cfg, "model_type", None))
+        if lazy:
+            raise ConversionError("from_hf(lazy=True) reads a folder, not a loaded model")
         reader: Any = DictReader(path_or_model.state_dict(keep_vars=True), type(path_or_model).__name__)
         source = None
     else:
@@ -142,7 +147,7 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
     from moesaic.interop.hf_encoder import EncoderArch, import_encoder
 
     if isinstance(arch, EncoderArch):
-        return import_encoder(arch, hf_cfg, reader, source, dtype)
+        return import_encoder(arch, hf_cfg, reader, source, dtype, lazy)
     from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 
     quant = getattr(hf_cfg, "quantization_config", None)
@@ -155,10 +160,13 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
         cfg = validate_tree(parse(DecoderLMConfig, data, "model"), "model")
     except ConfigError as e:
         raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    model = DecoderLM(cfg)
+    with torch.device("meta") if lazy else contextlib.nullcontext():
+        model = DecoderLM(cfg)
+    if lazy and dtype is not None:
+        model = model.to(dtype)
     layout = _pick_layout(arch, hf_cfg, reader, expert_layout)
     import_weights(model, reader, layout)
-    if dtype is not None:
+    if dtype is not None and not lazy:
         model = model.to(dtype)
     model.hf_info = {"arch": arch.name, "layout": layout.name, "source": source,
                      **{k: getattr(hf_cfg, k, None) for k in _GEN_FIELDS}}

@@ -13,6 +13,7 @@ are compared with the weights so that a wrong config is reported by field name. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,6 +70,9 @@ class PrefixView:
     def get(self, key: str) -> Tensor:
         return self.reader.get(self.names[key])
 
+    def read(self, key: str) -> Tensor:
+        return getattr(self.reader, "read", self.reader.get)(self.names[key])
+
     def shape(self, key: str) -> tuple[int, ...]:
         if hasattr(self.reader, "shape"):
             return tuple(self.reader.shape(self.names[key]))
@@ -98,8 +102,9 @@ def _check_shapes(arch: EncoderArch, hf_cfg: Any, view: PrefixView) -> None:
 
 
 def import_encoder(arch: EncoderArch, hf_cfg: Any, reader: Any, source: str | None,
-                   dtype: torch.dtype | None = None) -> BertEncoder:
-    """A ``bert_encoder`` with the weights of the checkpoint behind ``reader`` (eval mode)."""
+                   dtype: torch.dtype | None = None, lazy: bool = False) -> BertEncoder:
+    """A ``bert_encoder`` with the weights of the checkpoint behind ``reader`` (eval mode); with ``lazy``
+    built on the meta device, its weights read when needed (``model.lazy_state``, as in ``from_hf``)."""
     assert arch.encoder_layout is not None
     view = PrefixView(reader, arch.prefix)
     _check_shapes(arch, hf_cfg, view)
@@ -110,11 +115,14 @@ def import_encoder(arch: EncoderArch, hf_cfg: Any, reader: Any, source: str | No
         cfg = validate_tree(parse(BertEncoderConfig, data, "model"), "model")
     except ConfigError as e:
         raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    model = BertEncoder(cfg)
+    with torch.device("meta") if lazy else contextlib.nullcontext():
+        model = BertEncoder(cfg)
+    if lazy and dtype is not None:
+        model = model.to(dtype)
     layout = arch.encoder_layout(hf_cfg, pooler)
     layout.ignore_hf.extend((h, "task head, not part of the encoder") for h in arch.heads)
     import_weights(model, cast(WeightReader, view), layout)  # the reader interface; cast: no Protocol
-    if dtype is not None:
+    if dtype is not None and not lazy:
         model = model.to(dtype)
     ignored = [k for k in view.keys() if any(re.search(h, k) for h in arch.heads)]
     model.hf_info = {"arch": arch.name, "layout": layout.name, "source": source, "ignored": ignored,

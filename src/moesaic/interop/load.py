@@ -26,19 +26,24 @@ def is_hf_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def load_any(path: str | os.PathLike[str], *, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> nn.Module:
+             dtype: torch.dtype | None = None, lazy: bool = False) -> nn.Module:
     """The model in ``path`` (moesaic checkpoint or Hugging Face folder), in eval mode, with ``.tokenizer``
-    (a :class:`~moesaic.train.tokenizer.TextTokenizer`, or None when the folder has none)."""
+    (a :class:`~moesaic.train.tokenizer.TextTokenizer`, or None when the folder has none). With ``lazy`` the
+    model is a skeleton on the meta device whose weights stay on disk until asked for (``model.lazy_state``:
+    :mod:`moesaic.train.lazy_load`); it can be converted and saved (streamed), not run."""
     from moesaic.interop.hf import from_hf
     from moesaic.train.checkpoint import load_model
+    from moesaic.train.lazy_load import load_checkpoint_lazily
     from moesaic.train.tokenizer import TextTokenizer
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint or Hugging Face folder not found: {p}")
+    if lazy and device is not None:
+        raise ConversionError("load_any(lazy=True) keeps the weights on disk: no device to move them to")
     if not is_hf_folder(p):
-        return load_model(p, device=device, dtype=dtype)
-    model: Any = from_hf(p, dtype=dtype)
+        return load_checkpoint_lazily(p, dtype) if lazy else load_model(p, device=device, dtype=dtype)
+    model: Any = from_hf(p, dtype=dtype, lazy=lazy)
     if device is not None:
         model.to(device)
     model.tokenizer = None

@@ -16,6 +16,7 @@ the keys. :func:`export_weights` is the inverse and applies the same bookkeeping
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 
 from moesaic.core.errors import ConversionError
 from moesaic.interop.safetensors_io import WeightReader, short_list
+from moesaic.train.lazy_load import lazy_state
+from moesaic.train.stream_safetensors import LazyTensor
 
 #: Metadata tag that moesaic writes into every safetensors file it exports and checks on import: matrices
 #: are stored ``[out, in]`` like ``nn.Linear`` (stacked experts ``[E, out, in]``). A square matrix stored
@@ -142,8 +145,22 @@ def _raise(title: str, problems: dict[str, list[str]]) -> None:
         raise ConversionError(f"{title}: " + "; ".join(parts))
 
 
+def _shape(reader: WeightReader, key: str) -> tuple[int, ...]:
+    return tuple(reader.shape(key)) if hasattr(reader, "shape") else tuple(reader.get(key).shape)
+
+
+def _read_rule(reader: WeightReader, r: Rule, dtype: torch.dtype) -> Tensor:
+    """The moesaic tensor of rule ``r``, its source tensors read now (each file opened for this read only)."""
+    read = getattr(reader, "read", reader.get)
+    return r.op.to_ms([read(k) for k in r.hf_keys]).to(dtype)
+
+
 def import_weights(model: nn.Module, reader: WeightReader, layout: Layout) -> None:
-    """Write the checkpoint into ``model`` through ``layout``; raise one ConversionError listing every problem."""
+    """Write the checkpoint into ``model`` through ``layout``; raise one ConversionError listing every problem.
+
+    A model built on the meta device is filled lazily: each target tensor becomes a
+    :class:`~moesaic.train.stream_safetensors.LazyTensor` in ``model.lazy_state`` that reads its source
+    tensors when it is made (the same checks run first, on shapes only; docs/convert.md, "Streaming")."""
     state, canon = _targets(model)
     used: Counter[str] = Counter()
     written: Counter[str] = Counter()
@@ -161,19 +178,24 @@ def import_weights(model: nn.Module, reader: WeightReader, layout: Layout) -> No
         if bad_tag:
             tagged += [f"{k} ({LAYOUT_TAG}={reader.file_metadata(k)[LAYOUT_TAG]})" for k in bad_tag]
             continue
-        tensors = [reader.get(k) for k in r.hf_keys]
+        target = state[r.moesaic_key]
+        tensors = ([torch.empty(_shape(reader, k), device="meta") for k in r.hf_keys] if target.is_meta
+                   else [reader.get(k) for k in r.hf_keys])
         if len({t.shape for t in tensors}) > 1 and not isinstance(r.op, Copy):
             shapes.append(f"{r.moesaic_key} <- {', '.join(f'{k} {list(t.shape)}' for k, t in zip(r.hf_keys, tensors))}")
             continue
         value = r.op.to_ms(tensors)
-        target = state[r.moesaic_key]
         if tuple(value.shape) != tuple(target.shape):
             src = r.hf_keys[0] if len(r.hf_keys) == 1 else f"{r.hf_keys[0]} (+{len(r.hf_keys) - 1})"
             shapes.append(f"{src} {list(tensors[0].shape)} -> {r.moesaic_key} got {list(value.shape)}, "
                           f"expected {list(target.shape)}")
             continue
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype))
+        if target.is_meta:  # a model built on the meta device: read the tensors when they are needed
+            lazy_state(model)[canon[r.moesaic_key]] = LazyTensor(tuple(target.shape), target.dtype,
+                                                                 functools.partial(_read_rule, reader, r, target.dtype))
+        else:
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
         written[canon[r.moesaic_key]] += 1
     unused = [k for k in reader.keys() if not used[k] and not layout.ignored(k)]
     reused = [k for k, c in used.items() if c > 1]

@@ -97,6 +97,12 @@ class WeightReader:
     def get(self, key: str) -> Tensor:
         return self._handle(self.key_file[key]).get_tensor(key)
 
+    def read(self, key: str) -> Tensor:
+        """The tensor ``key``, its shard opened for this read only (streamed conversion keeps no file mapped)."""
+        from moesaic.train.lazy_load import read_tensor
+
+        return read_tensor(self.folder / self.key_file[key], key)
+
     def file_metadata(self, key: str) -> dict[str, str]:
         return self.metadata.get(self.key_file[key], {})
 

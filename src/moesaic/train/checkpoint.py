@@ -194,10 +194,10 @@ def read_manifest(ckpt: str | Path) -> dict[str, Any]:
         p = d / name
         if "/" in name or not p.is_file():
             raise CheckpointCorruptError(f"{d}: missing file {name}")
-        data = p.read_bytes()
-        if len(data) != meta.get("size"):
-            raise CheckpointCorruptError(f"{p}: size {len(data)} != {meta.get('size')} (truncated or extended)")
-        if _sha256(data) != meta.get("sha256"):
+        size, sha = file_digest(p)  # in chunks: a converted model may be larger than memory
+        if size != meta.get("size"):
+            raise CheckpointCorruptError(f"{p}: size {size} != {meta.get('size')} (truncated or extended)")
+        if sha != meta.get("sha256"):
             raise CheckpointCorruptError(f"{p}: sha256 mismatch (corrupt or swapped file)")
     return manifest
 
@@ -206,15 +206,17 @@ def _read(d: Path, name: str) -> bytes:
     return (d / name).read_bytes()
 
 
-def load_files(ckpt: str | Path, training: bool = False) -> dict[str, Any]:
-    """Verify and read a checkpoint: ``config_yaml``, ``model_state``, and with ``training`` the optimizer,
-    trainer and RNG state."""
+def load_files(ckpt: str | Path, training: bool = False, weights: bool = True) -> dict[str, Any]:
+    """Verify and read a checkpoint: ``config_yaml``, ``model_state`` (not with ``weights=False``: the
+    streamed reader opens the file itself, :mod:`moesaic.train.lazy_load`), and with ``training`` the
+    optimizer, trainer and RNG state."""
     d = resolve(ckpt)
     manifest = read_manifest(d)
     out: dict[str, Any] = {"dir": d, "manifest": manifest, "step": manifest["step"],
                            "config_yaml": _read(d, "config.yaml").decode("utf-8", errors="replace")}
     try:
-        out["model_state"] = st_load(_read(d, "model.safetensors"))
+        if weights:
+            out["model_state"] = st_load(_read(d, "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - a hash-valid but unparsable file (hand-made manifest)
         raise CheckpointCorruptError(f"{d}/model.safetensors: unreadable ({e})") from None
     if "tokenizer.json" in manifest["files"]:
@@ -318,17 +320,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
     """``moesaic.load(dir)``: build the model from ``config.yaml`` and load ``model.safetensors`` (hashes
     checked). Returns the model in eval mode; ``model.tokenizer`` holds the tokenizer when saved and
     ``model.label_names`` a classifier's class names (from its dataset; None otherwise)."""
-    from moesaic.core.config import loads_yaml
-    from moesaic.core.errors import ConfigError
-    from moesaic.train.datasets.base import DATASETS
-    from moesaic.train.run_config import load_run_config
-    from moesaic.train.tokenizer import TextTokenizer
-
     files = load_files(checkpoint_dir)
-    try:
-        cfg = load_run_config(data=loads_yaml(files["config_yaml"], "config.yaml") or {})
-    except ConfigError as e:
-        raise CheckpointMismatchError(f"{files['dir']}/config.yaml does not fit this moesaic: {e}") from None
+    cfg = run_config_of(files)
     model = cfg.model.build()
     first = next(iter(files["model_state"].values()), None)
     want = dtype or (first.dtype if first is not None and first.is_floating_point() else None)
@@ -337,14 +330,35 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
     load_model_state(model, files["model_state"], str(files["dir"]))
     if device is not None:
         model.to(device)
+    attach_files(model, cfg, files)
+    return model
+
+
+def run_config_of(files: dict[str, Any]) -> Any:
+    """The run config of checkpoint files read by :func:`load_files`."""
+    from moesaic.core.config import loads_yaml
+    from moesaic.core.errors import ConfigError
+    from moesaic.train.run_config import load_run_config
+
+    try:
+        return load_run_config(data=loads_yaml(files["config_yaml"], "config.yaml") or {})
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{files['dir']}/config.yaml does not fit this moesaic: {e}") from None
+
+
+def attach_files(model: nn.Module, cfg: Any, files: dict[str, Any]) -> None:
+    """Eval mode, ``run_config``, ``label_names`` (a classifier's class names, from its dataset) and
+    ``tokenizer`` (None when the checkpoint has none) on a loaded model."""
+    from moesaic.train.datasets.base import DATASETS
+    from moesaic.train.tokenizer import TextTokenizer
+
     model.eval()
     model.run_config = cfg
     data_cls = DATASETS.get(cfg.data.kind) if cfg.data.kind in DATASETS else None
-    model.label_names = getattr(data_cls, "label_names", None)  # classifiers: class names, by label id
+    model.label_names = getattr(data_cls, "label_names", None)
     model.tokenizer = None
     if "tokenizer_json" in files:
         try:
             model.tokenizer = TextTokenizer.from_json(files["tokenizer_json"])
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorruptError(f"{files['dir']}/tokenizer.json: unreadable ({e})") from None
-    return model

@@ -26,9 +26,20 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
 
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F32``, ``BF16``, ...)."""
+    if name not in _NAMES:
+        raise ConversionError(f"safetensors dtype {name!r} is not supported here ({', '.join(sorted(_NAMES))})")
+    return _NAMES[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
+    """A tensor of known shape and dtype, made by ``make()`` only when it is needed."""
+
     shape: tuple[int, ...]
     dtype: torch.dtype
     make: Callable[[], Tensor]
@@ -71,11 +82,13 @@ def write_lazy(f: BinaryIO, state: LazyState) -> None:
         del t
 
 
-def file_digest(path: Path, chunk: int = 1 << 24) -> tuple[int, str]:
-    """(size, sha256 hex) of a file, read in chunks."""
+def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in chunks into one buffer."""
     h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            n += len(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(view):
+            h.update(view[:k])
+            n += k
     return n, h.hexdigest()

@@ -26,16 +26,17 @@ PROVENANCE = "convert.json"
 _OURS = frozenset({"LATEST", "step-00000000"})
 
 
-def load_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[nn.Module]:
+def load_inputs(paths: Sequence[str | os.PathLike[str]], lazy: bool = False) -> list[nn.Module]:
     """Every input (a moesaic checkpoint or a Hugging Face folder) through :func:`moesaic.load`, in train
-    mode; a missing path raises :class:`CheckpointError` naming it."""
+    mode; a missing path raises :class:`CheckpointError` naming it. With ``lazy`` (a verb's ``stream:
+    true``) each is a meta skeleton whose tensors stay on disk until the output is written."""
     from moesaic.interop.load import load_any
 
     models = []
     for p in paths:
         if not Path(p).exists():
             raise CheckpointError(f"input not found: {p} (give a moesaic checkpoint or a Hugging Face folder)")
-        models.append(load_any(p).train())
+        models.append(load_any(p, lazy=lazy).train())
     return models
 
 
@@ -71,7 +72,6 @@ def _tokenizer_json(model: nn.Module) -> str | None:
 def save_converted(model: nn.Module, out: str | os.PathLike[str], provenance: dict[str, Any]) -> Path:
     """Write ``model`` as the moesaic checkpoint ``OUT/step-00000000`` (``OUT/LATEST`` names it), atomically:
     built under a temporary sibling and renamed into place. Returns the step folder."""
-    from moesaic.distributed.expert_state import unique_state_names
     from moesaic.train.checkpoint import gather_model_state, save_checkpoint
     from moesaic.transforms.upcycle_stream import streamed_state
 
@@ -82,8 +82,7 @@ def save_converted(model: nn.Module, out: str | os.PathLike[str], provenance: di
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        state = (streamed_state(model, unique_state_names(model)) if getattr(model, "lazy_state", None)
-                 else gather_model_state(model))
+        state = streamed_state(model) if getattr(model, "lazy_state", None) else gather_model_state(model)
         save_checkpoint(tmp, 0, config_yaml=_config_yaml(model), model_state=state,
                         tokenizer_json=_tokenizer_json(model),
                         extra_files={PROVENANCE: json.dumps(provenance, indent=1, sort_keys=True).encode()})

@@ -39,9 +39,10 @@ from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.experts.base import ExpertsConfig
 from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.routing.base import RouterConfig
+from moesaic.train.lazy_load import lazy_state, saved_names
 from moesaic.transforms.convert import FilterFn, converter
-from moesaic.transforms.upcycle_init import drop_reinit_, router_from_data_
-from moesaic.transforms.upcycle_stream import streamed_layer
+from moesaic.transforms.upcycle_init import drop_expert_, drop_reinit_, router_from_data_
+from moesaic.transforms.upcycle_stream import Drop, Source, average_lazily_, streamed_layer
 
 
 @dataclasses.dataclass
@@ -62,15 +63,15 @@ class UpcycleConfig(Section):
     layers: list[int] | None = None
     non_expert: Literal["first", "average"] = "first"
     attention: Literal["keep", "moa"] = "keep"
-    stream: bool = False  # expert stacks made only while the checkpoint is written (upcycle_stream.py)
+    stream: bool = False  # inputs read and expert stacks made only while the checkpoint is written (upcycle_stream.py)
 
     def validate(self, path: str) -> None:
         require(self.top_k <= self.num_experts, f"{path}.top_k", self.top_k,
                 f"must be <= num_experts ({self.num_experts})")
         require(self.router_init != "data" or bool(self.router_data), f"{path}.router_data", self.router_data,
                 "router_init: data needs a text file to sample tokens from")
-        require(not (self.stream and self.drop_fraction > 0), f"{path}.stream", self.stream,
-                "drop-upcycling's re-draws are not streamed: use stream: false with drop_fraction")
+        require(not (self.stream and self.router_init == "data"), f"{path}.stream", self.stream,
+                "router_init: data runs the model on a text sample, which needs it in memory: use stream: false")
 
 
 def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
@@ -130,11 +131,16 @@ def _check_same(model: nn.Module, others: Sequence[nn.Module]) -> None:
 
 @torch.no_grad()
 def _average_non_expert_(model: nn.Module, others: Sequence[nn.Module]) -> None:
-    """BAM / Branch-Train-MiX: the non-FFN parameters become the mean over the inputs."""
+    """BAM / Branch-Train-MiX: the non-FFN parameters become the mean over the inputs (tied tensors once;
+    a streamed input's when they are written)."""
+    keep = saved_names(model)
+    names = [n for n, t in model.state_dict().items() if n in keep and ".mlp." not in n and t.is_floating_point()]
+    if any(model.state_dict()[n].is_meta for n in names):
+        average_lazily_(model, others, names)
+        return
     states = [o.state_dict() for o in others]
-    for name, t in model.state_dict().items():
-        if ".mlp." in name or not t.is_floating_point():
-            continue
+    for name in names:
+        t = model.state_dict()[name]
         t.copy_(torch.stack([t, *(s[name].to(t.dtype) for s in states)]).mean(0))
 
 
@@ -205,25 +211,37 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
     # layers are saved as module_swaps (moesaic.transforms.convert_structure).
     new_cfg = validate_tree(_new_config(mcfg, chosen, moe), "model") if isinstance(mcfg, TransformerConfig) else mcfg
     router_inputs = router_from_data_(model, cfg, [p for _, p, _ in chosen]) if cfg.router_init == "data" else {}
+    # One generator, layer by layer: the drop-upcycling re-draws, then the random router rows. A streamed
+    # layer keeps the generator state and re-draws when written; here it is advanced alike (on zeros).
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for c, (i, path, ffn) in enumerate(chosen):
             ref = ffn.down_proj.weight
             srcs = [ffn, *(o[c][2] for o in others)]
+            causal = getattr(body, "causal", False)
             if cfg.stream:
-                layer = streamed_layer(model, moe, path, srcs, cfg.granularity, getattr(body, "causal", False),
-                                       segment_state)
+                sources = [Source(f, p, lazy_state(m)) for f, p, m in
+                           [(ffn, path, model), *((o[c][2], o[c][1], x) for o, x in zip(others, extra))]]
+                drop = Drop(round(cfg.drop_fraction * moe.expert_d_ff), gen.get_state()) if cfg.drop_fraction else None
+                layer = streamed_layer(model, moe, sources, cfg.granularity, causal, segment_state, drop)
             else:
-                layer = moe.build(ffn.d_model, causal=getattr(body, "causal", False)).to(device=ref.device,
-                                                                                         dtype=ref.dtype)
+                layer = moe.build(ffn.d_model, causal=causal).to(device=ref.device, dtype=ref.dtype)
                 fill_experts_(layer, srcs, cfg.granularity)
+            if cfg.drop_fraction > 0:
+                if cfg.stream:
+                    for _ in range(layer.num_experts):
+                        drop_expert_(torch.zeros(layer.experts.w_up_EHD.shape[1:]),  # type: ignore[index]
+                                     torch.zeros(layer.experts.w_down_EDF.shape[1:]),  # type: ignore[index]
+                                     drop.n, gen)  # type: ignore[union-attr]
+                else:
+                    drop_reinit_(layer.experts, cfg.drop_fraction, gen)
             if cfg.router_init == "zero":
                 nn.init.zeros_(layer.router.weight)
             elif cfg.router_init == "data":
                 layer.router.weight.data.copy_(router_inputs[path].to(ref.dtype))
-            if cfg.drop_fraction > 0:
-                drop_reinit_(layer.experts, cfg.drop_fraction, gen)
+            else:
+                layer.router.weight.data.copy_(torch.randn(layer.router.weight.shape, generator=gen) * cfg.router_std)
             body.layers[i].mlp = layer
     if cfg.non_expert == "average" and extra:
         _average_non_expert_(model, extra)

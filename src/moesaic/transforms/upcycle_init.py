@@ -15,25 +15,31 @@ from moesaic.moe.experts.base import Experts
 
 
 @torch.no_grad()
+def drop_expert_(w_up_HD: Tensor, w_down_DF: Tensor, n: int, gen: torch.Generator) -> Tensor:
+    """Drop-upcycling of one expert in place: ``n`` of its F neurons (gate and up rows, down columns), drawn
+    by ``gen``, re-drawn from a normal with the mean and std of each matrix before the drop. Returns the
+    neuron indices. The draws depend on the shapes only, so replaying it on zeros advances ``gen`` alike."""
+    F = w_down_DF.shape[1]
+    idx = torch.randperm(F, generator=gen)[:n].sort().values
+    rows = torch.cat([idx, idx + F]) if w_up_HD.shape[0] == 2 * F else idx
+    for w, sel in ((w_up_HD, (rows, slice(None))), (w_down_DF, (slice(None), idx))):
+        mean, std = float(w.float().mean()), float(w.float().std())
+        shape = w[sel].shape
+        w[sel] = (torch.randn(shape, generator=gen) * std + mean).to(w.dtype)
+    return idx
+
+
+@torch.no_grad()
 def drop_reinit_(experts: Experts, fraction: float, gen: torch.Generator) -> dict[int, Tensor]:
     """Drop-upcycling (Nakamura et al. 2025): in every expert re-draw exactly ``round(fraction * F)``
     intermediate neurons (gate and up rows, down columns) from a normal with the mean and std of the
-    expert's matrix before the drop. Returns the re-drawn neuron indices per expert."""
+    expert's matrix before the drop (:func:`drop_expert_`, experts in order). Returns the re-drawn neuron
+    indices per expert."""
     w_up_EHD: Tensor = experts.w_up_EHD  # type: ignore[assignment]
     w_down_EDF: Tensor = experts.w_down_EDF  # type: ignore[assignment]
     E, D, F = w_down_EDF.shape
-    gated = w_up_EHD.shape[1] == 2 * F
     n = round(fraction * F)
-    dropped = {}
-    for e in range(E):
-        idx = torch.randperm(F, generator=gen)[:n].sort().values
-        rows = torch.cat([idx, idx + F]) if gated else idx
-        for w, sel in ((w_up_EHD[e], (rows, slice(None))), (w_down_EDF[e], (slice(None), idx))):
-            mean, std = float(w.float().mean()), float(w.float().std())
-            shape = w[sel].shape
-            w[sel] = (torch.randn(shape, generator=gen) * std + mean).to(w.dtype)
-        dropped[e] = idx
-    return dropped
+    return {e: drop_expert_(w_up_EHD[e], w_down_EDF[e], n, gen) for e in range(E)}
 
 
 @torch.no_grad()
