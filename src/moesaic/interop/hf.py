@@ -19,7 +19,6 @@ names, per architecture, the feature it lacks. See ``docs/hf.md``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -160,7 +159,10 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
         cfg = validate_tree(parse(DecoderLMConfig, data, "model"), "model")
     except ConfigError as e:
         raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    with torch.device("meta") if lazy else contextlib.nullcontext():
+    if lazy:
+        with torch.device("meta"):
+            model = DecoderLM(cfg)
+    else:
         model = DecoderLM(cfg)
     if lazy and dtype is not None:
         model = model.to(dtype)

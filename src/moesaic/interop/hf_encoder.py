@@ -13,7 +13,6 @@ are compared with the weights so that a wrong config is reported by field name. 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -115,7 +114,10 @@ def import_encoder(arch: EncoderArch, hf_cfg: Any, reader: Any, source: str | No
         cfg = validate_tree(parse(BertEncoderConfig, data, "model"), "model")
     except ConfigError as e:
         raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    with torch.device("meta") if lazy else contextlib.nullcontext():
+    if lazy:
+        with torch.device("meta"):
+            model = BertEncoder(cfg)
+    else:
         model = BertEncoder(cfg)
     if lazy and dtype is not None:
         model = model.to(dtype)

@@ -41,8 +41,8 @@ from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.routing.base import RouterConfig
 from moesaic.train.lazy_load import lazy_state, saved_names
 from moesaic.transforms.convert import FilterFn, converter
-from moesaic.transforms.upcycle_init import drop_expert_, drop_reinit_, router_from_data_
-from moesaic.transforms.upcycle_stream import Drop, Source, average_lazily_, streamed_layer
+from moesaic.transforms.upcycle_init import drop_reinit_, router_from_data_
+from moesaic.transforms.upcycle_stream import Drop, Source, average_lazily_, replay_drop_, streamed_layer
 
 
 @dataclasses.dataclass
@@ -214,6 +214,7 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
     # One generator, layer by layer: the drop-upcycling re-draws, then the random router rows. A streamed
     # layer keeps the generator state and re-draws when written; here it is advanced alike (on zeros).
     gen = torch.Generator().manual_seed(cfg.seed)
+    n_drop = round(cfg.drop_fraction * moe.expert_d_ff)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for c, (i, path, ffn) in enumerate(chosen):
@@ -223,18 +224,14 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
             if cfg.stream:
                 sources = [Source(f, p, lazy_state(m)) for f, p, m in
                            [(ffn, path, model), *((o[c][2], o[c][1], x) for o, x in zip(others, extra))]]
-                drop = Drop(round(cfg.drop_fraction * moe.expert_d_ff), gen.get_state()) if cfg.drop_fraction else None
+                drop = Drop(n_drop, gen.get_state()) if cfg.drop_fraction > 0 else None
                 layer = streamed_layer(model, moe, sources, cfg.granularity, causal, segment_state, drop)
+                if drop is not None:
+                    replay_drop_(layer, n_drop, gen)
             else:
                 layer = moe.build(ffn.d_model, causal=causal).to(device=ref.device, dtype=ref.dtype)
                 fill_experts_(layer, srcs, cfg.granularity)
-            if cfg.drop_fraction > 0:
-                if cfg.stream:
-                    for _ in range(layer.num_experts):
-                        drop_expert_(torch.zeros(layer.experts.w_up_EHD.shape[1:]),  # type: ignore[index]
-                                     torch.zeros(layer.experts.w_down_EDF.shape[1:]),  # type: ignore[index]
-                                     drop.n, gen)  # type: ignore[union-attr]
-                else:
+                if cfg.drop_fraction > 0:
                     drop_reinit_(layer.experts, cfg.drop_fraction, gen)
             if cfg.router_init == "zero":
                 nn.init.zeros_(layer.router.weight)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +42,7 @@ class Source:
     state: LazyState
 
     def real(self) -> DenseFFN:
-        ffn: DenseFFN = materialise(self.ffn, self.path, self.state)  # type: ignore[assignment]
-        return ffn
+        return cast(DenseFFN, materialise(self.ffn, self.path, self.state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +89,15 @@ def streamed_layer(model: nn.Module, moe: MoEConfig, sources: Sequence[Source], 
         make = functools.partial(_stack, tuple(sources), segment, granularity, E, name, (shape, ref.dtype), drop)
         lazy[f"{sources[0].path}.experts.{name}"] = LazyTensor(shape, ref.dtype, make)
     return layer
+
+
+@torch.no_grad()
+def replay_drop_(layer: MoELayer, n: int, gen: torch.Generator) -> None:
+    """Advance ``gen`` past a streamed layer's drop-upcycling re-draws (replayed on zeros of one expert's
+    shapes: the draws depend on the shapes only), so the next layer draws what it draws in memory."""
+    p = dict(layer.experts.named_parameters())
+    for _ in range(layer.num_experts):
+        drop_expert_(torch.zeros(p["w_up_EHD"].shape[1:]), torch.zeros(p["w_down_EDF"].shape[1:]), n, gen)
 
 
 def _mean(makers: Sequence[Callable[[], Tensor]]) -> Tensor:
