@@ -346,7 +346,7 @@ def run_config_of(files: dict[str, Any]) -> Any:
         raise CheckpointMismatchError(f"{files['dir']}/config.yaml does not fit this moesaic: {e}") from None
 
 
-def attach_files(model: nn.Module, cfg: Any, files: dict[str, Any]) -> None:
+def attach_files(model: Any, cfg: Any, files: dict[str, Any]) -> None:
     """Eval mode, ``run_config``, ``label_names`` (a classifier's class names, from its dataset) and
     ``tokenizer`` (None when the checkpoint has none) on a loaded model."""
     from moesaic.train.datasets.base import DATASETS

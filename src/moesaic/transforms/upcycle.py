@@ -222,10 +222,10 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
             srcs = [ffn, *(o[c][2] for o in others)]
             causal = getattr(body, "causal", False)
             if cfg.stream:
-                sources = [Source(f, p, lazy_state(m)) for f, p, m in
-                           [(ffn, path, model), *((o[c][2], o[c][1], x) for o, x in zip(others, extra))]]
+                streamed = [Source(f, p, lazy_state(m)) for f, p, m in
+                            [(ffn, path, model), *((o[c][2], o[c][1], x) for o, x in zip(others, extra))]]
                 drop = Drop(n_drop, gen.get_state()) if cfg.drop_fraction > 0 else None
-                layer = streamed_layer(model, moe, sources, cfg.granularity, causal, segment_state, drop)
+                layer = streamed_layer(model, moe, streamed, cfg.granularity, causal, segment_state, drop)
                 if drop is not None:
                     replay_drop_(layer, n_drop, gen)
             else:

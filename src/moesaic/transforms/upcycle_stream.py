@@ -111,7 +111,7 @@ def average_lazily_(model: nn.Module, others: Sequence[nn.Module], names: Sequen
     lazy = lazy_state(model)
     for n in names:
         lt = lazy[n]
-        makers = (lt.make, *(functools.partial(value, o, n) for o in others))
+        makers: list[Callable[[], Tensor]] = [lt.make, *(functools.partial(value, o, n) for o in others)]
         lazy[n] = LazyTensor(lt.shape, lt.dtype, functools.partial(_mean, makers))
 
 
