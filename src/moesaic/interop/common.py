@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+import torch
+from torch import nn
+
+from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
 from moesaic.core.registry import Registry
 from moesaic.interop.mapping import Layout, Rule, StackExperts, StackGatedExperts, copy_rule
@@ -270,3 +274,21 @@ def moe_features(moe: Any, *, arch: str, score: str = "softmax", norms: tuple[st
     if not moe.mask_padding:
         pass  # only affects padding rows
     return [f"{arch} lacks {x}" for x in out]
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_from_hf_config(arch: str, cls: type[M], cfg_cls: type, data: dict[str, Any], *, lazy: bool,
+                         dtype: torch.dtype | None) -> M:
+    """The moesaic model ``cls`` of the mapped config ``data`` (ConversionError when it does not validate);
+    on the meta device when ``lazy`` (weights stay in their files until read), cast to ``dtype`` there."""
+    try:
+        cfg = validate_tree(parse(cfg_cls, data, "model"), "model")
+    except ConfigError as e:
+        raise ConversionError(f"{arch} config does not map to a valid moesaic model: {e}") from e
+    if not lazy:
+        return cls(cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model.to(dtype) if dtype is not None else model

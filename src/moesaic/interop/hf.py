@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
-from moesaic.interop.common import EXPERT_LAYOUTS, HF_ARCHITECTURES, Arch
+from moesaic.interop.common import EXPERT_LAYOUTS, HF_ARCHITECTURES, Arch, build_from_hf_config
 from moesaic.interop.export_folder import check_export_folder
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
@@ -155,17 +154,7 @@ def from_hf(path_or_model: str | os.PathLike[str] | nn.Module, *, expert_layout:
         raise ConversionError(f"{arch.name}: quantized checkpoint (quantization_config.quant_method = {method!r}) "
                               "is not supported; dequantize it to fp32/bf16 first")
     data = arch.to_moesaic(hf_cfg)
-    try:
-        cfg = validate_tree(parse(DecoderLMConfig, data, "model"), "model")
-    except ConfigError as e:
-        raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    if lazy:
-        with torch.device("meta"):
-            model = DecoderLM(cfg)
-    else:
-        model = DecoderLM(cfg)
-    if lazy and dtype is not None:
-        model = model.to(dtype)
+    model = build_from_hf_config(arch.name, DecoderLM, DecoderLMConfig, data, lazy=lazy, dtype=dtype)
     layout = _pick_layout(arch, hf_cfg, reader, expert_layout)
     import_weights(model, reader, layout)
     if dtype is not None and not lazy:

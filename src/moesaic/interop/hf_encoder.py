@@ -25,9 +25,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from moesaic.core.config import ConfigError, parse, validate_tree
 from moesaic.core.errors import ConversionError
-from moesaic.interop.common import Arch
+from moesaic.interop.common import Arch, build_from_hf_config
 from moesaic.interop.mapping import LAYOUT_TAG, LAYOUT_VALUE, Layout, export_weights, import_weights
 from moesaic.interop.safetensors_io import WeightReader, short_list, write_sharded
 from moesaic.models.bert import BertEncoder, BertEncoderConfig
@@ -110,17 +109,7 @@ def import_encoder(arch: EncoderArch, hf_cfg: Any, reader: Any, source: str | No
     pooler = bool(arch.pooler_keys) and all(k in view for k in arch.pooler_keys)
     data = arch.to_moesaic(hf_cfg)
     data["pooler"] = pooler
-    try:
-        cfg = validate_tree(parse(BertEncoderConfig, data, "model"), "model")
-    except ConfigError as e:
-        raise ConversionError(f"{arch.name} config does not map to a valid moesaic model: {e}") from e
-    if lazy:
-        with torch.device("meta"):
-            model = BertEncoder(cfg)
-    else:
-        model = BertEncoder(cfg)
-    if lazy and dtype is not None:
-        model = model.to(dtype)
+    model = build_from_hf_config(arch.name, BertEncoder, BertEncoderConfig, data, lazy=lazy, dtype=dtype)
     layout = arch.encoder_layout(hf_cfg, pooler)
     layout.ignore_hf.extend((h, "task head, not part of the encoder") for h in arch.heads)
     import_weights(model, cast(WeightReader, view), layout)  # the reader interface; cast: no Protocol
