@@ -133,8 +133,6 @@ def test_refusals_are_typed_and_name_the_reason() -> None:
         upcycle_(moe, UpcycleConfig())
     with pytest.raises(ConversionError, match="no FFN found"):
         upcycle_(torch.nn.Sequential(torch.nn.Linear(2, 2)), UpcycleConfig())
-    with pytest.raises(ConversionError, match="mixture-of-attention"):
-        upcycle_(clone(m), UpcycleConfig(attention="moa"))
     verb = CONVERTERS.get("upcycle")
     with pytest.raises(ConfigError, match="top_k"):
         verb.parse_config(["num_experts=2", "top_k=3"])

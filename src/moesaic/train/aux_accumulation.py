@@ -40,6 +40,13 @@ def batch_stat_losses(model: nn.Module) -> list[tuple[str, str, str]]:
     return [(n, k, loss) for n, k, loss, r in _losses(model) if r.needs_batch_totals()]
 
 
+def _may_emit(m: nn.Module) -> bool:
+    """Whether a module outside the MoE layers may hold aux losses: not when its router weighs every loss by 0
+    (BAM's soft-routed attention experts, docs/convert.md)."""
+    r = getattr(m, "router", None)
+    return not isinstance(r, Router) or any(c > 0 for c in r.loss_coefs().values())
+
+
 class AuxAccumulation:
     """Per trainer: whether steps need the pre-pass, and the aux function of each micro-batch's forwards."""
 
@@ -48,7 +55,8 @@ class AuxAccumulation:
         self.prepass = False
         if mode != "exact" or (grad_accum == 1 and group_size(group) == 1):
             return
-        others = [n for n, m in model.named_modules() if hasattr(m, "aux_losses") and not isinstance(m, MoELayer)]
+        others = [n for n, m in model.named_modules() if hasattr(m, "aux_losses") and not isinstance(m, MoELayer)
+                  and _may_emit(m)]
         if others:
             raise ConfigError(others[0], None, "holds aux losses outside an MoE layer, which exact aux accumulation "
                               "cannot split; set train.aux_accumulation: micro_batch", show_value=False)

@@ -16,8 +16,9 @@
   upcycling (Zhang et al. 2024, "CLIP-MoE: Towards Building Mixture of Experts for CLIP with Diversified
   Multiplet Upcycling") keeps the non-FFN weights of the first input (``non_expert: first``); BAM (Zhang et
   al. 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts") and
-  Branch-Train-MiX average them (``non_expert: average``). BAM's attention upcycling (into a mixture of
-  attention) is not implemented: ``attention: moa`` is refused with a typed error.
+  Branch-Train-MiX average them (``non_expert: average``). BAM's attention upcycling (``attention: moa``):
+  the attention of the chosen layers becomes a mixture of attention whose experts are the inputs' attentions
+  (:mod:`moesaic.transforms.upcycle_attention`).
 * FFNs with biases (BERT-family encoders, ``bert_encoder`` / Hugging Face BERT, DistilBERT, MiniLM) become
   ``mlp_bias`` experts; the copies keep both biases, so step 0 is exact as well.
 """
@@ -33,6 +34,7 @@ from torch import nn
 
 from moesaic.core.config import Section, require, rule, validate_tree
 from moesaic.core.errors import ConversionError
+from moesaic.models.attention_moa import MoAAttentionConfig
 from moesaic.models.transformer import LayerOverride, TransformerConfig
 from moesaic.moe.api import name_layers
 from moesaic.moe.dense_ffn import DenseFFN
@@ -41,6 +43,7 @@ from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.routing.base import RouterConfig
 from moesaic.train.lazy_load import lazy_state, saved_names
 from moesaic.transforms.convert import FilterFn, converter
+from moesaic.transforms.upcycle_attention import build_moa_layer, check_attention, moa_config
 from moesaic.transforms.upcycle_init import drop_reinit_, router_from_data_
 from moesaic.transforms.upcycle_stream import Drop, Source, average_lazily_, replay_drop_, streamed_layer
 
@@ -63,6 +66,12 @@ class UpcycleConfig(Section):
     layers: list[int] | None = None
     non_expert: Literal["first", "average"] = "first"
     attention: Literal["keep", "moa"] = "keep"
+    #: BAM (attention: moa): attention experts (null: one per input), active ones (null: all, soft routing),
+    #: shared keys/values (BAM's KV-sharing variant), router init (null: router_init's).
+    attention_experts: int | None = rule(None, ge=1)
+    attention_top_k: int | None = rule(None, ge=1)
+    attention_shared_kv: bool = False
+    attention_router_init: Literal["random", "zero"] | None = None
     stream: bool = False  # inputs read and expert stacks made only while the checkpoint is written (upcycle_stream.py)
 
     def validate(self, path: str) -> None:
@@ -72,6 +81,11 @@ class UpcycleConfig(Section):
                 "router_init: data needs a text file to sample tokens from")
         require(not (self.stream and self.router_init == "data"), f"{path}.stream", self.stream,
                 "router_init: data runs the model on a text sample, which needs it in memory: use stream: false")
+        require(not (self.stream and self.attention == "moa"), f"{path}.stream", self.stream,
+                "attention: moa is not streamed: use stream: false")
+        require(self.attention != "moa" or self.router_init != "data" or self.attention_router_init is not None,
+                f"{path}.attention_router_init", self.attention_router_init,
+                "router_init: data initialises FFN routers only: set attention_router_init (random or zero)")
 
 
 def _moe_config(cfg: UpcycleConfig, ffn: DenseFFN) -> MoEConfig:
@@ -169,18 +183,32 @@ def fill_experts_(layer: MoELayer, ffns: Sequence[DenseFFN], granularity: int) -
         layer.experts.load_expert_state(i, segment_state(ffns, i, granularity))
 
 
-def _new_config(mcfg: TransformerConfig, chosen: list[tuple[int, str, DenseFFN]], moe: MoEConfig
-                ) -> TransformerConfig:
-    """The model config with MoE at the chosen layers: ``moe`` model-wide when every layer is chosen and
-    nothing else differs per layer, else one ``layer_overrides`` entry for the chosen layers."""
+def _new_config(mcfg: TransformerConfig, chosen: list[tuple[int, str, DenseFFN]], moe: MoEConfig,
+                attn: MoAAttentionConfig | None = None) -> TransformerConfig:
+    """The model config with MoE (and ``attn``, BAM's mixture of attention) at the chosen layers: model-wide
+    when every layer is chosen and nothing else differs per layer, else one ``layer_overrides`` entry."""
     idx = [i for i, _, _ in chosen]
     same_width = all(f.d_ff == mcfg.d_ff for _, _, f in chosen)
     if mcfg.moe is None and not mcfg.layer_overrides and idx == list(range(mcfg.num_layers)) and same_width:
-        return dataclasses.replace(mcfg, moe=moe)
+        return dataclasses.replace(mcfg, moe=moe, attention=attn or mcfg.attention)
     if not same_width:
         raise ConversionError(f"layers {idx}: dense FFN widths differ per layer; upcycle those layers separately "
                               "(layers: [...])")
-    return dataclasses.replace(mcfg, layer_overrides=[*mcfg.layer_overrides, LayerOverride(layers=idx, moe=moe)])
+    ov = LayerOverride(layers=idx, moe=moe, attention=attn)
+    return dataclasses.replace(mcfg, layer_overrides=[*mcfg.layer_overrides, ov])
+
+
+def _moa_config(mcfg: Any, cfg: UpcycleConfig, n: int, idx: list[int]) -> MoAAttentionConfig:
+    """BAM: the ``moa`` config of the chosen layers, whose attention configs must agree."""
+    if not isinstance(mcfg, TransformerConfig):
+        raise ConversionError(f"{type(mcfg).__name__}: attention: moa needs a Transformer body (decoder_lm, "
+                              "encoder_classifier, Hugging Face Llama / Mistral / Qwen2); this model's attention "
+                              "cannot be upcycled")
+    specs = [mcfg.layer_spec(i)[0] for i in idx]
+    if any(s != specs[0] for s in specs):
+        raise ConversionError(f"layers {idx}: attention settings differ per layer; upcycle those layers separately "
+                              "(layers: [...])")
+    return moa_config(specs[0], cfg, n, idx)
 
 
 @converter("upcycle", UpcycleConfig, inputs=(1, None))
@@ -190,9 +218,6 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
 
     Also drop-upcycling, fine-grained segments, and multiplet / BAM experts from several inputs (module
     docstring). Returns ``model``, changed in place (its ``cfg`` describes the new layers)."""
-    if cfg.attention == "moa":
-        raise ConversionError("upcycle.attention = 'moa': upcycling attention into BAM's mixture-of-attention is "
-                              "not implemented (only the FFNs are upcycled, with attention: keep)")
     sources = [model, *extra]
     if cfg.num_experts % len(sources):
         raise ConversionError(f"upcycle.num_experts = {cfg.num_experts}: expert count not divisible by the number "
@@ -207,9 +232,15 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
         if ffn.d_ff % cfg.granularity:
             raise ConversionError(f"{path}: granularity {cfg.granularity} does not divide d_ff ({ffn.d_ff})")
     moe = _moe_config(cfg, chosen[0][2])
+    idx = [i for i, _, _ in chosen]
+    bodies = [body, *(dense_ffns(o, None, None)[0] for o in extra)]
+    moa = _moa_config(mcfg, cfg, len(sources), idx) if cfg.attention == "moa" else None
+    if moa is not None:
+        check_attention(bodies, idx)
     # A Transformer config says which layers are MoE; other bodies (BERT) keep their config and the converted
     # layers are saved as module_swaps (moesaic.transforms.convert_structure).
-    new_cfg = validate_tree(_new_config(mcfg, chosen, moe), "model") if isinstance(mcfg, TransformerConfig) else mcfg
+    new_cfg = (validate_tree(_new_config(mcfg, chosen, moe, moa), "model") if isinstance(mcfg, TransformerConfig)
+               else mcfg)
     router_inputs = router_from_data_(model, cfg, [p for _, p, _ in chosen]) if cfg.router_init == "data" else {}
     # One generator, layer by layer: the drop-upcycling re-draws, then the random router rows. A streamed
     # layer keeps the generator state and re-draws when written; here it is advanced alike (on zeros).
@@ -240,8 +271,15 @@ def upcycle_(model: nn.Module, cfg: UpcycleConfig, filter_fn: FilterFn | None = 
             else:
                 layer.router.weight.data.copy_(torch.randn(layer.router.weight.shape, generator=gen) * cfg.router_std)
             body.layers[i].mlp = layer
+        attn_layers = {i: build_moa_layer(moa, [b.layers[i].self_attn for b in bodies], mcfg.d_model, i,
+                                          causal=bool(getattr(body, "causal", False)), norm_eps=mcfg.rms_norm_eps,
+                                          router_init=cfg.attention_router_init or cfg.router_init,
+                                          average_kv=cfg.non_expert == "average")
+                       for i in idx} if moa is not None else {}
     if cfg.non_expert == "average" and extra:
         _average_non_expert_(model, extra)
+    for i, attn in attn_layers.items():  # after averaging: the experts are the seeds' own attentions
+        body.layers[i].self_attn = attn
     body.cfg = new_cfg
     if getattr(model, "cfg", None) is mcfg:
         model.cfg = new_cfg
