@@ -117,6 +117,12 @@ def test_multiplet_experts_come_from_each_input_and_bam_averages_the_rest() -> N
     avg = upcycle_(clone(a), UpcycleConfig(num_experts=4, non_expert="average"), extra=[clone(b)])
     want = (a.model.layers[0].self_attn.q_proj.weight + b.model.layers[0].self_attn.q_proj.weight) / 2
     torch.testing.assert_close(avg.model.layers[0].self_attn.q_proj.weight, want, rtol=0, atol=1e-15)
+    tied = dataclasses.replace(CFG, tie_word_embeddings=True)  # a tied LM head is averaged once, not twice
+    a, b = dense(0, cfg=tied), dense(1, cfg=tied)
+    want = (a.model.embed_tokens.weight + b.model.embed_tokens.weight) / 2
+    avg = upcycle_(clone(a), UpcycleConfig(num_experts=2, non_expert="average"), extra=[clone(b)])
+    assert avg.lm_head.weight is avg.model.embed_tokens.weight
+    torch.testing.assert_close(avg.model.embed_tokens.weight, want, rtol=0, atol=1e-15)
 
 
 def test_refusals_are_typed_and_name_the_reason() -> None:
