@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moesaic.inference.quant_plan import run_calibration
 from moesaic.moe.experts.kernels import glu_or_act
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.layer import MoELayer
@@ -87,13 +88,5 @@ def expert_hessians(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> d
                 start += n
 
         handles.append(ex.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_calibration(model, batches, handles)
     return out

@@ -18,6 +18,20 @@ from torch import Tensor, nn
 from moesaic.moe.layer import MoELayer
 
 
+def run_calibration(model: nn.Module, batches: Iterable[dict[str, Tensor]], handles: list[Any]) -> None:
+    """Run ``model`` in eval mode on every batch (keyword arguments), then restore its mode and remove the
+    hook ``handles`` that collect the statistics, also when a batch fails."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def usage_plan(counts_E: Tensor, hot_fraction: float = 0.5) -> list[int]:
     """Bits per expert from routing counts: the ``hot_fraction`` most used experts (at least one, if any was
     used) 8, the other used ones 4, experts with no tokens 0 (pruned)."""
@@ -44,13 +58,5 @@ def expert_usage(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict
             counts[name] += plan.counts_E.detach().to("cpu", torch.long)
 
         handles.append(layer.register_routing_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_calibration(model, batches, handles)
     return counts
