@@ -14,23 +14,9 @@ from moesaic.cli import main
 from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 from moesaic.moe.layer import MoELayer
 from moesaic.transforms.convert_io import save_converted
+from upcycle_fixtures import hf_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_llama(folder, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-                                   num_hidden_layers=2, intermediate_size=32, max_position_embeddings=64,
-                                   attention_bias=True, tie_word_embeddings=True)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    model.eval()
-    model.save_pretrained(str(folder))
-    return model
 
 
 def test_hf_llama_upcycled_by_the_cli_equals_the_dense_model(tmp_path, capsys) -> None:

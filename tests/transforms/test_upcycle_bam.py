@@ -23,6 +23,7 @@ from moesaic.models.decoder import DecoderLM, DecoderLMConfig
 from moesaic.moe.layer import MoELayer
 from moesaic.transforms.convert import CONVERTERS
 from moesaic.transforms.upcycle import UpcycleConfig, expert_counts, upcycle_
+from upcycle_fixtures import hf_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,21 +145,6 @@ def test_refusals_are_typed() -> None:
         verb.parse_config(["attention=moa", "stream=true"])
     with pytest.raises(ConfigError, match="attention_router_init"):
         verb.parse_config(["attention=moa", "router_init=data", "router_data=x.txt"])
-
-
-def hf_llama(folder, seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-                                   num_hidden_layers=2, intermediate_size=32, max_position_embeddings=64,
-                                   attention_bias=True, tie_word_embeddings=True)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    model.eval()
-    model.save_pretrained(str(folder))
-    return model
 
 
 def test_hf_llama_folders_through_the_cli(tmp_path, capsys) -> None:
