@@ -81,3 +81,17 @@ def test_recovery_needs_calibration_data_and_moefied_layers():
         recover_(m, copy.deepcopy(m), capture_calls(m, _calib), steps=1, lr=1e-3, batch=2)
     with pytest.raises(ConversionError, match="never called"):
         capture_calls(m, lambda mod: None)
+
+
+def test_calibration_runs_once_for_a_learned_router_with_recovery():
+    runs = []
+
+    def calib(m):
+        runs.append(1)
+        _calib(m)
+
+    m = bert()
+    moefy_(m, MoefyConfig(num_experts=4, active_fraction=0.5, router="mlp", mlp_steps=2, recover_steps=2),
+           calibrate=calib)
+    assert len(runs) == 1
+    assert all(isinstance(layer.mlp, MoEfiedFFN) and layer.mlp.scorer is not None for layer in m.layers)

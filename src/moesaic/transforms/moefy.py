@@ -182,11 +182,13 @@ def moefy_(model: nn.Module, cfg: MoefyConfig | None = None, filter_fn: FilterFn
     if (needs_calib or cfg.recover_steps) and calibrate is None:
         field = "router" if cfg.router == "mlp" else "split" if needs_calib else "recover_steps"
         raise ConfigError(field, getattr(cfg, field), "needs calibration data (calibrate=...)")
-    xs = _calibration_inputs(model, ffns, calibrate, cfg.max_calib_tokens) if calibrate and needs_calib else {}
     teacher, calls = None, []
     if cfg.recover_steps and calibrate is not None:
+        # Run the user's calibration once: its captured calls feed both the FFN inputs and the recovery.
         calls = capture_calls(model, calibrate)
         teacher = copy.deepcopy(model)
+        calibrate = lambda m: [m(*args, **kwargs) for args, kwargs in calls]  # noqa: E731
+    xs = _calibration_inputs(model, ffns, calibrate, cfg.max_calib_tokens) if calibrate and needs_calib else {}
     new: dict[str, MoEfiedFFN] = {}
     for name, ffn in ffns:
         if cfg.split == "coactivation":
