@@ -67,15 +67,22 @@ class RoutingDecision:
 
     # ------------------------------------------------------------------------------------ building
     @staticmethod
-    def from_topk(ids_TK: Tensor, w_TK: Tensor, num_experts: int, **kwargs: Any) -> RoutingDecision:
-        """From dense top-k ids and weights; ids < 0 mean "no expert" (variable k)."""
+    def from_topk(ids_TK: Tensor, w_TK: Tensor, num_experts: int, *, ids_nonnegative: bool = False,
+                  **kwargs: Any) -> RoutingDecision:
+        """From dense top-k ids and weights; ids < 0 mean "no expert" (variable k). A router whose ids are
+        never negative says so with ``ids_nonnegative`` and skips the check (one device sync per call)."""
         T, K = ids_TK.shape
-        token_idx_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
-        choice_N = torch.arange(K, device=ids_TK.device).repeat(T)
+        if T == 1:  # one decode token: two ops instead of four
+            token_idx_N = torch.zeros(K, dtype=torch.long, device=ids_TK.device)
+            choice_N = torch.arange(K, device=ids_TK.device)
+        else:
+            token_idx_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
+            choice_N = torch.arange(K, device=ids_TK.device).repeat(T)
         expert_idx_N = ids_TK.reshape(-1)
         weight_N = w_TK.reshape(-1)
         with torch.no_grad():
-            has_neg = bool((expert_idx_N < 0).any()) if expert_idx_N.numel() else False
+            has_neg = (bool((expert_idx_N < 0).any()) if expert_idx_N.numel() and not ids_nonnegative
+                       else False)
         if has_neg:
             keep = (expert_idx_N >= 0).nonzero().squeeze(1)
             token_idx_N, choice_N = token_idx_N[keep], choice_N[keep]

@@ -118,9 +118,7 @@ class MoELayer(nn.Module):
         self.shared_experts = (DenseFFN(d_model, sh.num * (sh.d_ff or F), sh.activation, sh.gated, sh.bias)
                                if sh.num > 0 else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if sh.num > 0 and sh.gate == "sigmoid" else None
-        self.aux_losses: dict[str, Tensor] = {}
-        self.aux_stats: dict[str, Any] = {}  # the last forward's unweighted statistic objects (exact shares)
-        self.last_stats: dict[str, Any] = {}
+        self._last = LastForward()  # the last forward's decision and plan (aux_losses, aux_stats, last_stats)
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
 
     @property
@@ -140,13 +138,11 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, mask_T if self.cfg.mask_padding else None)
 
-        coefs = self.router.loss_coefs()
-        aux_losses = {n: coefs[n] * v for n, v in decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
         if recomputing():  # activation checkpointing: the first forward did the bookkeeping (moe/recompute.py)
             return y_TD.reshape(x.shape)
-        self.aux_losses = aux_losses
-        self.aux_stats = dict(decision.aux_stats)
-        self._record(decision, plan)
+        self._last = LastForward(decision, plan, self.router.loss_coefs())
+        if torch.is_grad_enabled():  # in this forward's autograd context; under no_grad only when read
+            self._last.aux_losses()
         for hook in list(self._routing_hooks.values()):
             hook(self, decision, plan)
         return y_TD.reshape(x.shape)
@@ -165,7 +161,7 @@ class MoELayer(nn.Module):
             raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
                                     f"the input of shape {tuple(x.shape)} (one entry per token)")
         if len(lead) > 1:
-            if x.dim() == 3 and "seq_ids_T" not in ctx:
+            if x.dim() == 3 and "seq_ids_T" not in ctx and self.router.uses_seq_ids():
                 ctx["seq_ids_T"] = torch.arange(lead[0], device=x.device).repeat_interleave(lead[1])
             ctx = {k: (v.reshape(-1, *v.shape[len(lead):]) if isinstance(v, Tensor) and v.shape[:len(lead)] == lead
                        else v) for k, v in ctx.items()}
@@ -188,8 +184,53 @@ class MoELayer(nn.Module):
         self._routing_hooks[handle.id] = fn
         return handle
 
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        """The last forward's aux losses, weighted by the router's coefficients (summed over the model by
+        :func:`moesaic.collect_aux_losses`)."""
+        return self._last.aux_losses()
+
+    @aux_losses.setter
+    def aux_losses(self, value: dict[str, Tensor]) -> None:
+        self._last.aux = value
+
+    @property
+    def aux_stats(self) -> dict[str, Any]:
+        """The last forward's unweighted aux-loss statistic objects (exact shares of split batches)."""
+        return dict(self._last.decision.aux_stats) if self._last.decision is not None else {}
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """Detached routing statistics of the last forward, for logging: ``tokens_per_expert``, ``dropped``,
+        ``assignments``, ``tokens`` and (routers with probabilities) the mean routing ``entropy``."""
+        return self._last.stats()
+
+
+class LastForward:
+    """What an MoE layer keeps of its last forward. The weighted aux losses and the logging statistics are
+    built from it when first read, so a decode step that reads neither pays for neither."""
+
+    __slots__ = ("decision", "plan", "coefs", "aux", "_stats")
+
+    def __init__(self, decision: RoutingDecision | None = None, plan: DispatchPlan | None = None,
+                 coefs: dict[str, float] | None = None):
+        self.decision, self.plan, self.coefs = decision, plan, coefs or {}
+        self.aux: dict[str, Tensor] | None = None if decision is not None else {}
+        self._stats: dict[str, Any] | None = None if decision is not None else {}
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        if self.aux is None:
+            assert self.decision is not None
+            coefs = self.coefs
+            self.aux = {n: coefs[n] * v for n, v in self.decision.aux_losses.items() if coefs.get(n, 0.0) > 0}
+        return self.aux
+
     @torch.no_grad()
-    def _record(self, decision: RoutingDecision, plan: DispatchPlan) -> None:
+    def stats(self) -> dict[str, Any]:
+        if self._stats is not None:
+            return self._stats
+        decision, plan = self.decision, self.plan
+        assert decision is not None and plan is not None
         stats: dict[str, Any] = {"tokens_per_expert": plan.counts_E.detach(), "dropped": int(plan.dropped),
                                  "assignments": decision.num_assignments, "tokens": decision.valid_tokens}
         if decision.probs_TE is not None and decision.probs_TE.shape[0]:
@@ -199,4 +240,5 @@ class MoELayer(nn.Module):
             p = p / torch.where(s_T > 0, s_T, torch.ones_like(s_T))
             ent_T = -(p * p.clamp_min(1e-30).log()).sum(-1)
             stats["entropy"] = (ent_T * valid_T).sum() / valid_T.sum()  # tensor: no device sync
-        self.last_stats = stats
+        self._stats = stats
+        return stats

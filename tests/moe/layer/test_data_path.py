@@ -31,7 +31,8 @@ def test_input_width_is_checked_and_named():
 
 def test_token_shaped_context_is_flattened_and_the_rest_passed_as_is():
     seen: dict[str, object] = {}
-    layer = moesaic.moe_layer(D, F, E, 2)
+    # a router that reads sequence ids (DeepSeek-V3's sequence-wise balance loss) gets them built
+    layer = moesaic.moe_layer(D, F, E, 2, router={"kind": "topk", "balance_loss": "sequence"})
     original = layer.router.route
 
     def spy(x_TD: Tensor, **ctx: object) -> RoutingDecision:
@@ -45,6 +46,21 @@ def test_token_shaped_context_is_flattened_and_the_rest_passed_as_is():
     assert torch.equal(seen["extra_BSE"], scores_BSE.reshape(6, E))
     assert seen["domain"] is per_seq_B and seen["note"] == "x"
     assert torch.equal(seen["seq_ids_T"], torch.tensor([0, 0, 0, 1, 1, 1]))
+
+def test_sequence_ids_are_built_only_for_routers_that_read_them():
+    """Building ``seq_ids_T`` costs two ops per call; a router that never reads it does not get it."""
+    seen: dict[str, object] = {}
+    layer = moesaic.moe_layer(D, F, E, 2)
+    assert not layer.router.uses_seq_ids()
+    original = layer.router.route
+
+    def spy(x_TD: Tensor, **ctx: object) -> RoutingDecision:
+        seen.update(ctx)
+        return original(x_TD)
+
+    layer.router.route = spy  # type: ignore[method-assign]
+    layer(torch.randn(2, 3, D))
+    assert "seq_ids_T" not in seen
 
 
 def test_aux_losses_weighted_and_aux_stats_are_the_decisions():

@@ -46,8 +46,7 @@ class Dispatcher(nn.Module):
 def sort_plan(decision: RoutingDecision) -> DispatchPlan:
     """The dropless plan: assignments in a stable order by expert (MegaBlocks: Gale et al. 2023), so rows
     of one expert keep their token order and every run gives the same grouping."""
-    with torch.no_grad():
-        order_N = torch.argsort(decision.expert_idx_N, stable=True)
-        counts_E = torch.bincount(decision.expert_idx_N, minlength=decision.num_experts)
+    order_N = torch.argsort(decision.expert_idx_N, stable=True)  # integer ids: nothing to track for autograd
+    counts_E = torch.bincount(decision.expert_idx_N, minlength=decision.num_experts)
     return DispatchPlan(decision.token_idx_N[order_N], decision.weight_N[order_N], counts_E,
                         decision.num_tokens, decision.dropped)

@@ -139,10 +139,14 @@ class TopKRouter(Router):
             stats["device_balance"] = losses.DeviceBalance(probs_TE, counts_E, cfg.device_groups)
         if cfg.z_loss_coef > 0:
             stats["z"] = losses.z_loss(logits_TE)
-        return RoutingDecision.from_topk(ids_TK, w_TK, E, probs_TE=scores_TE, logits_TE=logits_TE, aux_stats=stats)
+        return RoutingDecision.from_topk(ids_TK, w_TK, E, ids_nonnegative=True, probs_TE=scores_TE,
+                                         logits_TE=logits_TE, aux_stats=stats)
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "device_balance": self.cfg.device_loss_coef}
+
+    def uses_seq_ids(self) -> bool:
+        return self.cfg.aux_loss_coef > 0 and self.cfg.balance_loss == "sequence"
 
     @torch.no_grad()
     def on_optimizer_step(self, step: int) -> None:
