@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
 from moesaic.moe.experts.grouped_glu import grouped_glu
 from moesaic.moe.experts.kernels import StackedFFN, grouped_mm_usable
@@ -148,3 +149,27 @@ def test_active_decode_rows_equal_grouped_mm_bitwise(E, k):
         if grouped_mm_usable(x.device, torch.float32) and k <= LOOP_ROWS:
             assert torch.equal(got, BACKENDS.get("grouped_mm").rows(x, counts, ffn))
     torch.testing.assert_close(got.double(), ref64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("E,k,dup", [(8, 2, False), (64, 8, False), (8, 3, True)])
+def test_active_one_token_equals_gather_rows_combine_bitwise(E, k, dup):
+    """A batch-1 decode step skips gather and combine (``active.one_token``): bitwise the generic path. A
+    token sent twice to one expert takes the generic path (its 2-row matmul may round differently)."""
+    from moesaic.moe.experts.backends.active import one_token
+
+    torch.manual_seed(E + k)
+    w_up, w_down = (w.detach() for w in _weights(E, 64, 32))
+    ffn = StackedFFN(w_up, w_down, "silu", True)
+    experts = torch.randperm(E)[:k]
+    if dup:
+        experts[1] = experts[0]
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts, minlength=E)
+    plan = DispatchPlan(torch.zeros(k, dtype=torch.long), torch.rand(k)[order], counts, 1)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        got = BACKENDS.get("active").run(x, plan, ffn)
+        assert torch.equal(got, plan.combine(BACKENDS.get("active").rows(plan.gather(x), counts, ffn)))
+        assert torch.equal(got, plan.combine(BACKENDS.get("loop").rows(plan.gather(x), counts, ffn)))
+        if not dup:
+            assert torch.equal(got, one_token(x, plan, ffn))

@@ -10,7 +10,7 @@ EvoMoE in ``dts.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -22,8 +22,15 @@ class AssignmentBalance(AuxStat):
     """Base of the losses built from the assignment counts ``f`` and the mean probabilities ``P`` of each
     expert. Statistics: ``counts_E`` (no gradient), ``psum_E`` (summed probabilities) and ``T`` (tokens)."""
 
-    def __init__(self, probs_TE: Tensor, counts_E: Tensor):
-        self.probs_TE, self.counts_E = probs_TE, counts_E
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor | Callable[[], Tensor]):
+        self.probs_TE = probs_TE
+        self._counts_E = counts_E  # or a function computing them when first needed (decoding never does)
+
+    @property
+    def counts_E(self) -> Tensor:
+        if callable(self._counts_E):
+            self._counts_E = self._counts_E()
+        return self._counts_E
 
     def stats(self) -> dict[str, Tensor]:
         p = self.probs_TE
@@ -41,7 +48,7 @@ class SwitchBalance(AssignmentBalance):
     ``balance_normalization: tokens``). Statistics: counts, summed probabilities, tokens.
     """
 
-    def __init__(self, probs_TE: Tensor, counts_E: Tensor, scale_by_assignments: bool = False):
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor | Callable[[], Tensor], scale_by_assignments: bool = False):
         super().__init__(probs_TE, counts_E)
         self.scale_by_assignments = scale_by_assignments
 
@@ -57,7 +64,7 @@ class DeviceBalance(AssignmentBalance):
     "DeepSeekMoE"), 1 at uniform routing. Experts form ``num_groups`` contiguous groups (devices);
     ``f_i = E * count_i / N``."""
 
-    def __init__(self, probs_TE: Tensor, counts_E: Tensor, num_groups: int):
+    def __init__(self, probs_TE: Tensor, counts_E: Tensor | Callable[[], Tensor], num_groups: int):
         super().__init__(probs_TE, counts_E)
         self.num_groups = num_groups
 

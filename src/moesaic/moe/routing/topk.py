@@ -120,9 +120,14 @@ class TopKRouter(Router):
         if cfg.routed_scaling_factor != 1.0:
             w_TK = w_TK * cfg.routed_scaling_factor
 
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
-        if cfg.expert_bias and self.training:
-            self.step_load += counts_E.to(self.step_load.dtype)
+        def count_E() -> Tensor:
+            return torch.bincount(ids_TK.reshape(-1), minlength=E)
+
+        counts_E: Tensor | Callable[[], Tensor] = count_E  # counted only if a statistic is read (decoding)
+        if self.training or torch.is_grad_enabled():
+            counts_E = count_E()
+            if cfg.expert_bias and self.training:
+                self.step_load += counts_E.to(self.step_load.dtype)
         stats: dict[str, AuxStat] = {}
         probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         if cfg.aux_loss_coef > 0 and cfg.balance_loss == "switch":

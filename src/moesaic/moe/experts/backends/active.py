@@ -16,8 +16,10 @@ grouped_mm is 10-20 % faster and keeps them). docs/benchmarks.md, "Decode: the w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from moesaic.core.types import DispatchPlan
 from moesaic.moe.experts.backends import BACKENDS, Backend
 from moesaic.moe.experts.backends.grouped_mm import GroupedMMBackend
 from moesaic.moe.experts.backends.loop import per_expert
@@ -35,15 +37,40 @@ def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            h_nF = glu_or_act(x_ND[start:start + n] @ ffn.w_up_EHD[e].t(), ffn.activation, ffn.gated)
-            outs.append(h_nF @ ffn.w_down_EDF[e].t())
+            h_nF = glu_or_act(F.linear(x_ND[start:start + n], ffn.w_up_EHD[e]), ffn.activation, ffn.gated)
+            outs.append(F.linear(h_nF, ffn.w_down_EDF[e]))
             start += n
     return torch.cat(outs, 0)
+
+
+def one_token(x_1D: Tensor, plan: DispatchPlan, ffn: StackedFFN, counts: list[int] | None = None) -> Tensor:
+    """``y_1D`` for a plan over one token that sends it to each expert at most once (a batch-1 decode step),
+    without gather and combine: each active expert runs on the token itself and its weighted output is
+    added in plan order, the order in which :meth:`DispatchPlan.combine` adds it, so the result is bitwise
+    that of ``plan.combine(rows(...))``."""
+    y_1D = x_1D.new_zeros(1, ffn.w_down_EDF.shape[1])
+    weights = iter(plan.weight_N.tolist())
+    for e, n in enumerate(plan.counts_E.tolist() if counts is None else counts):
+        if n:
+            y_e = F.linear(glu_or_act(F.linear(x_1D, ffn.w_up_EHD[e]), ffn.activation, ffn.gated),
+                           ffn.w_down_EDF[e])
+            y_1D.add_(y_e * next(weights))
+    return y_1D
 
 
 @BACKENDS.register("active")
 class ActiveBackend(Backend):
     """Decode path: the experts that have rows only (grouped matmul where usable, else a loop)."""
+
+    @classmethod
+    def run(cls, x_TD: Tensor, plan: DispatchPlan, ffn: StackedFFN) -> Tensor:
+        if (x_TD.shape[0] == 1 and plan.slots is None and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+                and x_TD.dtype == ffn.w_up_EHD.dtype == compute_dtype(x_TD, ffn.w_up_EHD)
+                and plan.weight_N.dtype == x_TD.dtype):
+            counts = plan.counts_E.tolist()
+            if 0 < max(counts) == 1:  # each expert once (a repeated expert would run a 2-row matmul)
+                return one_token(x_TD, plan, ffn, counts)
+        return super().run(x_TD, plan, ffn)
 
     @classmethod
     def rows(cls, x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor:
