@@ -156,7 +156,9 @@ class MoELayer(nn.Module):
                                     "in the last dimension ([T, d_model] or [B, S, d_model])")
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.d_model)
-        mask_T = mask.reshape(-1).to(torch.bool) if mask is not None else None
+        mask_T = mask.reshape(-1) if mask is not None else None
+        if mask_T is not None and mask_T.dtype != torch.bool:
+            mask_T = mask_T.to(torch.bool)
         if mask is not None and mask.numel() != x_TD.shape[0]:
             raise RoutingInputError(f"{self.layer_name}: padding mask of shape {tuple(mask.shape)} does not match "
                                     f"the input of shape {tuple(x.shape)} (one entry per token)")

@@ -9,6 +9,7 @@ bias, schedules). Padding is handled here once for every router: only valid rows
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -94,7 +95,7 @@ def check_finite(x_VD: Tensor, layer_name: str) -> None:
     A finite sum proves every entry finite (NaN and inf propagate through a sum), so only a non-finite sum
     (or an overflow) pays for the elementwise check.
     """
-    if not torch.isfinite(x_VD.sum()) and not torch.isfinite(x_VD).all():
+    if not math.isfinite(x_VD.sum().item()) and not torch.isfinite(x_VD).all():
         raise NonFiniteInputError(
             f"{layer_name}: router input holds NaN or inf "
             f"({int((~torch.isfinite(x_VD)).any(-1).sum())} of {x_VD.shape[0]} valid tokens)")
@@ -173,6 +174,8 @@ class Router(nn.Module):
         """Router logits ``[T, E]`` computed in fp32 (fp64 for fp64 input), outside autocast."""
         dt = router_dtype(x_TD)
         if not torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs more than the matmul
+            if x_TD.dtype == dt == self.weight.dtype:  # as it is (no cast calls: decoding)
+                return nn.functional.linear(x_TD, self.weight)
             return nn.functional.linear(x_TD.to(dt), self.weight.to(dt))
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return nn.functional.linear(x_TD.to(dt), self.weight.to(dt))
