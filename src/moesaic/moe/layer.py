@@ -138,11 +138,12 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, mask_T if self.cfg.mask_padding else None)
 
+        last = LastForward(decision, plan, self.router.loss_coefs())
+        if torch.is_grad_enabled():  # in this forward's autograd context (a recomputation saves the same
+            last.aux_losses()        # tensors for backward); under no_grad only when read
         if recomputing():  # activation checkpointing: the first forward did the bookkeeping (moe/recompute.py)
             return y_TD.reshape(x.shape)
-        self._last = LastForward(decision, plan, self.router.loss_coefs())
-        if torch.is_grad_enabled():  # in this forward's autograd context; under no_grad only when read
-            self._last.aux_losses()
+        self._last = last
         for hook in list(self._routing_hooks.values()):
             hook(self, decision, plan)
         return y_TD.reshape(x.shape)

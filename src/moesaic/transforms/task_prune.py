@@ -50,6 +50,9 @@ class TaskPrunedRouter(nn.Module):
     def loss_coefs(self) -> dict[str, float]:
         return self.router.loss_coefs()
 
+    def uses_seq_ids(self) -> bool:
+        return self.router.uses_seq_ids()
+
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
         ctx["task_id"] = self.task
         d = self.router(x_TD, mask_T, **ctx)
