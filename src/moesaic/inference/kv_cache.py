@@ -64,6 +64,9 @@ class CacheView:
     def __init__(self, store: StaticKVCache, rows: slice, col0: int, seq_len: int, layer_offset: int = 0):
         self.store, self.rows, self.col0, self._seq_len = store, rows, col0, seq_len
         self.layer_offset = layer_offset
+        #: Rows ``[0, store.rows)``: the buffers are used as they are (no row slice per layer and step).
+        self._all_rows = ((rows.start or 0) == 0 and rows.step in (None, 1)
+                          and (rows.stop is None or rows.stop >= store.rows))
 
     def sibling(self, layer_offset: int) -> CacheView:
         """The same rows and columns, layers numbered from ``layer_offset`` (a second pass's own cache)."""
@@ -82,9 +85,9 @@ class CacheView:
             raise IndexError(f"static KV cache full: {c0 + L + S} columns needed, {self.store.cols} allocated")
         out = []
         for buf, t in zip(self.store.buffers(layer_idx + self.layer_offset, tensors), tensors, strict=True):
-            rows = buf[self.rows]
-            rows[..., c0 + L:c0 + L + S, :] = t
-            out.append(rows[..., c0:c0 + L + S, :])
+            rows = buf if self._all_rows else buf[self.rows]
+            rows.narrow(-2, c0 + L, S).copy_(t)  # = rows[..., c0 + L:c0 + L + S, :] = t
+            out.append(rows.narrow(-2, c0, L + S))
         return tuple(out)
 
     def advance(self, n: int, mask_BS: Tensor | None = None) -> None:

@@ -21,7 +21,7 @@ from moesaic.core.registry import Registry
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
-from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.models.rope import RotaryAngles, RotaryEmbedding, rotate
 from moesaic.models.rope_scaling import RopeScalingConfig
 
 ATTENTIONS: Registry[type[nn.Module]] = Registry(
@@ -79,6 +79,8 @@ class MultiHeadAttention(nn.Module):
     """Multi-head / grouped-query attention with RoPE through scaled_dot_product_attention."""
 
     Config = MHAConfig
+    #: ``forward`` takes ``rope=`` (:class:`~moesaic.models.rope.RotaryAngles` shared by a forward's layers).
+    accepts_rope = True
 
     def __init__(self, cfg: MHAConfig, d_model: int, layer_idx: int = 0, *, causal: bool = True,
                  norm_eps: float = 1e-6):
@@ -99,19 +101,20 @@ class MultiHeadAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, rope: RotaryAngles | None = None) -> Tensor:
+        """``rope``: the angles of ``position_ids_BS`` shared by the layers of one forward (else computed here)."""
         B, S, _ = x_BSD.shape
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
         if self.cfg.qk_norm and self.cfg.qk_norm_scope == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.view(B, S, H, d), k.view(B, S, Hkv, d)
-        v = self.v_proj(x_BSD).view(B, S, Hkv, d)
+        q_BSHd, k_BSHd = q.view(B, S, H, d), k.view(B, S, Hkv, d)
+        v_BHSd = self.v_proj(x_BSD).view(B, S, Hkv, d).transpose(1, 2)
         if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BHSd, k_BHSd, v_BHSd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.rotary_emb(position_ids_BS, q_BHSd.dtype)
-        q_BHSd, k_BHSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BHSd, cos, sin)
+            q_BSHd, k_BSHd = self.q_norm(q_BSHd), self.k_norm(k_BSHd)
+        cos, ssin = (rope or RotaryAngles(position_ids_BS)).rotation(self.rotary_emb, q_BSHd.dtype)
+        q_BHSd = rotate(q_BSHd, cos, ssin).transpose(1, 2)  # = apply_rotary(q_BHSd, cos, sin), bit for bit
+        k_BHSd = rotate(k_BSHd, cos, ssin).transpose(1, 2)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(self.layer_idx, k_BHSd, v_BHSd)
         k_BHSd = repeat_kv(k_BHSd, H // Hkv)

@@ -23,7 +23,7 @@ from moesaic.core.config import require
 from moesaic.models.attention import ATTENTIONS, MHAConfig, repeat_kv
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
-from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.models.rope import RotaryAngles, RotaryEmbedding, apply_rotary
 from moesaic.moe.routing.base import RouterConfig
 
 
@@ -59,6 +59,8 @@ class MixtureOfAttentionHeads(nn.Module):
     """E attention experts (own q/o, shared or own k/v) routed per token; KV cache for generation."""
 
     Config = MoAAttentionConfig
+    #: ``forward`` takes ``rope=`` (:class:`~moesaic.models.rope.RotaryAngles` shared by a forward's layers).
+    accepts_rope = True
 
     def __init__(self, cfg: MoAAttentionConfig, d_model: int, layer_idx: int = 0, *, causal: bool = True,
                  norm_eps: float = 1e-6):
@@ -87,14 +89,14 @@ class MixtureOfAttentionHeads(nn.Module):
         return decision.dense().to(x_BSD.dtype).view(B, S, -1)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, rope: RotaryAngles | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         experts = cast(list[AttentionExpert], list(self.experts))
         kv: list[Any] = [self] if self.cfg.shared_kv else experts
         k_BHSd = torch.cat([m.k_proj(x_BSD).view(B, S, Hkv, d) for m in kv], 2).transpose(1, 2)
         v_BHSd = torch.cat([m.v_proj(x_BSD).view(B, S, Hkv, d) for m in kv], 2).transpose(1, 2)
-        cos, sin = self.rotary_emb(position_ids_BS, x_BSD.dtype)
+        cos, sin = (rope or RotaryAngles(position_ids_BS)).cos_sin(self.rotary_emb, x_BSD.dtype)
         k_BHSd = apply_rotary(k_BHSd, cos, sin)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(self.layer_idx, k_BHSd, v_BHSd)

@@ -19,7 +19,7 @@ from moesaic.core.config import require
 from moesaic.models.attention import ATTENTIONS, MHAConfig, MultiHeadAttention, repeat_kv
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
-from moesaic.models.rope import apply_rotary
+from moesaic.models.rope import RotaryAngles, apply_rotary
 from moesaic.moe.routing.base import RouterConfig
 
 
@@ -57,7 +57,7 @@ class SelectiveMultiHeadAttention(MultiHeadAttention):
         return decision.dense().to(x_BSD.dtype).view(B, S, -1)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, rope: RotaryAngles | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
@@ -68,7 +68,7 @@ class SelectiveMultiHeadAttention(MultiHeadAttention):
         if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHSd, k_BHSd, v_BHSd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.rotary_emb(position_ids_BS, q_BHSd.dtype)
+        cos, sin = (rope or RotaryAngles(position_ids_BS)).cos_sin(self.rotary_emb, q_BHSd.dtype)
         q_BHSd, k_BHSd = apply_rotary(q_BHSd, cos, sin), apply_rotary(k_BHSd, cos, sin)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(self.layer_idx, k_BHSd, v_BHSd)

@@ -25,7 +25,7 @@ from moesaic.core.config import require, rule
 from moesaic.models.attention import ATTENTIONS, AttentionConfig
 from moesaic.models.cache import KVCache
 from moesaic.models.norms import RMSNorm
-from moesaic.models.rope import RotaryEmbedding, apply_rotary
+from moesaic.models.rope import RotaryAngles, RotaryEmbedding, apply_rotary
 from moesaic.models.rope_scaling import softmax_scale_factor
 
 
@@ -62,6 +62,8 @@ class MultiHeadLatentAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2/V3): low-rank KV latent cache with decoupled RoPE."""
 
     Config = MLAConfig
+    #: ``forward`` takes ``rope=`` (:class:`~moesaic.models.rope.RotaryAngles` shared by a forward's layers).
+    accepts_rope = True
 
     def __init__(self, cfg: MLAConfig, d_model: int, layer_idx: int = 0, *, causal: bool = True,
                  norm_eps: float = 1e-6, **kw: Any):
@@ -86,24 +88,24 @@ class MultiHeadLatentAttention(nn.Module):
         return apply_rotary_interleaved(x, cos, sin) if self.cfg.rope_interleave else apply_rotary(x, cos, sin)
 
     def forward(self, x_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, rope: RotaryAngles | None = None) -> Tensor:
         cfg, H = self.cfg, self.num_heads
         B, S, _ = x_BSD.shape
-        nope, rope, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        nope, rdim, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         q = self.q_proj(x_BSD) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
         q_BHSq = q.view(B, S, H, self.qk_head_dim).transpose(1, 2)
-        q_nope, q_rot = q_BHSq.split([nope, rope], dim=-1)
-        c_BSC, k_rot_BSr = self.kv_a_proj_with_mqa(x_BSD).split([C, rope], dim=-1)
+        q_nope, q_rot = q_BHSq.split([nope, rdim], dim=-1)
+        c_BSC, k_rot_BSr = self.kv_a_proj_with_mqa(x_BSD).split([C, rdim], dim=-1)
         c_B1SC = self.kv_a_layernorm(c_BSC).view(B, 1, S, C)
-        k_rot_B1Sr = k_rot_BSr.reshape(B, 1, S, rope)
-        cos, sin = self.rotary_emb(position_ids_BS, q_BHSq.dtype)
+        k_rot_B1Sr = k_rot_BSr.reshape(B, 1, S, rdim)
+        cos, sin = (rope or RotaryAngles(position_ids_BS)).cos_sin(self.rotary_emb, q_BHSq.dtype)
         q_rot, k_rot_B1Sr = self._rope(q_rot, cos, sin), self._rope(k_rot_B1Sr, cos, sin)
         if cache is not None:  # the compressed latent is what MLA caches
             c_B1SC, k_rot_B1Sr = cache.update(self.layer_idx, c_B1SC, k_rot_B1Sr)
         K = c_B1SC.shape[2]
         kv_BHK = self.kv_b_proj(c_B1SC).view(B, K, H, nope + cfg.v_head_dim).transpose(1, 2)
         k_nope, v_BHKv = kv_BHK.split([nope, cfg.v_head_dim], dim=-1)
-        k_BHKq = torch.cat((k_nope, k_rot_B1Sr.expand(B, H, K, rope)), dim=-1)
+        k_BHKq = torch.cat((k_nope, k_rot_B1Sr.expand(B, H, K, rdim)), dim=-1)
         q_BHSq = torch.cat((q_nope, q_rot), dim=-1)
         is_causal = self.causal and mask_B1QK is None and K == S and S > 1
         o_BHSv = F.scaled_dot_product_attention(q_BHSq, k_BHKq, v_BHKv, attn_mask=mask_B1QK, is_causal=is_causal,

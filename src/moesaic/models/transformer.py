@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from moesaic.models.masks import (
     positions_from_seq_ids,
 )
 from moesaic.models.norms import RMSNorm
+from moesaic.models.rope import RotaryAngles
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.layer import MoEConfig, MoELayer
 from moesaic.moe.recompute import checkpointed
@@ -123,9 +125,17 @@ class TransformerLayer(nn.Module):
                                else DenseFFN(cfg.d_model, d_ff, cfg.activation, cfg.gated))
 
     def forward(self, h_BSD: Tensor, position_ids_BS: Tensor, mask_B1QK: Tensor | None, cache: KVCache | None,
-                token_mask_BS: Tensor | None, input_ids_BS: Tensor | None, **ctx: Any) -> Tensor:
-        """``ctx``: extra routing inputs for the MoE layer (``task_id`` for task gates, ``domain_id``)."""
-        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), position_ids_BS, mask_B1QK, cache)
+                token_mask_BS: Tensor | None, input_ids_BS: Tensor | None, rope: RotaryAngles | None = None,
+                **ctx: Any) -> Tensor:
+        """``ctx``: extra routing inputs for the MoE layer (``task_id`` for task gates, ``domain_id``). ``rope``:
+        the rotary angles of ``position_ids_BS`` shared by the layers of one forward, handed to attention kinds
+        that take them (``accepts_rope``); the others compute their own."""
+        x_BSD = self.input_layernorm(h_BSD)
+        if rope is not None and getattr(self.self_attn, "accepts_rope", False):
+            a_BSD = self.self_attn(x_BSD, position_ids_BS, mask_B1QK, cache, rope=rope)
+        else:
+            a_BSD = self.self_attn(x_BSD, position_ids_BS, mask_B1QK, cache)
+        h_BSD = h_BSD + a_BSD
         x_BSD = self.post_attention_layernorm(h_BSD)
         if isinstance(self.mlp, MoELayer):
             y_BSD = self.mlp(x_BSD, mask=token_mask_BS, token_ids=input_ids_BS, **ctx)
@@ -172,12 +182,13 @@ class TransformerBody(nn.Module):
         mask_B1QK = attention_mask_4d(attention_mask_BK, B, S, past + S, self.causal, input_ids_BS.device)
         token_mask_BS = attention_mask_BK[:, -S:].bool() if attention_mask_BK is not None else None
         h_BSD = self.embed_tokens(input_ids_BS)
+        rope = RotaryAngles(position_ids_BS)  # cos/sin computed once for all layers, not once per layer
         for layer, ckpt in zip(self.layers, self.checkpoint_blocks):
             if ckpt and cache is None and self.training:
-                h_BSD = checkpointed(layer, layer, h_BSD, position_ids_BS, mask_B1QK, None, token_mask_BS,
-                                     input_ids_BS)
+                h_BSD = checkpointed(layer, functools.partial(layer, rope=rope), h_BSD, position_ids_BS, mask_B1QK,
+                                     None, token_mask_BS, input_ids_BS)
             else:
-                h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, cache, token_mask_BS, input_ids_BS)
+                h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, cache, token_mask_BS, input_ids_BS, rope)
         if cache is not None:
             cache.advance(S, attention_mask_BK)
         return self.norm(h_BSD)
@@ -197,8 +208,10 @@ class TransformerBody(nn.Module):
             mask_B1QK = mask_B1QK & token_mask_BS[:, None, None, :]
             mask_B1QK = mask_B1QK | ~mask_B1QK.any(-1, keepdim=True)
         h_BSD = self.embed_tokens(input_ids_BS)
+        rope = RotaryAngles(position_ids_BS)
         for layer in self.layers:
-            h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, None, token_mask_BS, input_ids_BS, seq_ids_T=seq_ids_BS)
+            h_BSD = layer(h_BSD, position_ids_BS, mask_B1QK, None, token_mask_BS, input_ids_BS, rope,
+                          seq_ids_T=seq_ids_BS)
         return self.norm(h_BSD)
 
 
