@@ -30,9 +30,11 @@ from moesaic.core.errors import RoutingInputError
 from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
+from moesaic.moe.dispatch.sort import SortDispatcher
 from moesaic.moe.experts.base import ExpertsConfig
 from moesaic.moe.recompute import recomputing
-from moesaic.moe.routing.base import ROUTERS, RouterConfig
+from moesaic.moe.routing.base import ROUTERS, RouterConfig, check_finite
+from moesaic.moe.routing.topk import TopKRouter
 
 
 @dataclasses.dataclass
@@ -131,6 +133,11 @@ class MoELayer(nn.Module):
         self.router.layer_name = name
 
     def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
+        if (x.numel() == self.d_model and x.shape[-1] == self.d_model and not torch.is_grad_enabled()
+                and not self.training
+                and not self._routing_hooks and type(self.router) is TopKRouter
+                and type(self.dispatcher) is SortDispatcher and (mask is None or bool(mask))):
+            return self._one_token(x)
         x_TD, mask_T, ctx = self._flatten(x, mask, ctx)
         decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
         plan = self.dispatcher.plan(decision)
@@ -146,6 +153,26 @@ class MoELayer(nn.Module):
         self._last = last
         for hook in list(self._routing_hooks.values()):
             hook(self, decision, plan)
+        return y_TD.reshape(x.shape)
+
+    def _one_token(self, x: Tensor) -> Tensor:
+        """One token, no autograd, eval, top-k router and sort dispatcher (a batch-1 decode step): the same ops
+        as the path below on the same values, so the output is bitwise equal, without the per-call Python of
+        the general path (Router.forward's mask handling, the decision and its statistics, which are built
+        only if :attr:`last_stats` or :attr:`aux_losses` is read). The dispatch plan is ``sort_plan``'s."""
+        router = self.router
+        assert isinstance(router, TopKRouter)
+        x_TD = x.reshape(1, self.d_model)
+        check_finite(x_TD, router.layer_name)
+        chosen = router.choose(x_TD)
+        ids_N = chosen[2].reshape(-1)
+        plan = DispatchPlan(torch.zeros(ids_N.shape[0], dtype=torch.long, device=x.device),
+                            chosen[3].reshape(-1)[torch.argsort(ids_N, stable=True)],
+                            torch.bincount(ids_N, minlength=self.num_experts), 1)
+        y_TD: Tensor = self.experts(x_TD, plan)
+        if self.shared_experts is not None:
+            y_TD = self._add_shared(x_TD, y_TD, None)
+        self._last = LastForward(lambda: router.decision(*chosen, count_now=False), plan, router.loss_coefs)
         return y_TD.reshape(x.shape)
 
     def _flatten(self, x: Tensor, mask: Tensor | None, ctx: dict[str, Any]
@@ -213,13 +240,28 @@ class LastForward:
     """What an MoE layer keeps of its last forward. The weighted aux losses and the logging statistics are
     built from it when first read, so a decode step that reads neither pays for neither."""
 
-    __slots__ = ("decision", "plan", "coefs", "aux", "_stats")
+    __slots__ = ("_decision", "plan", "_coefs", "aux", "_stats")
 
-    def __init__(self, decision: RoutingDecision | None = None, plan: DispatchPlan | None = None,
-                 coefs: dict[str, float] | None = None):
-        self.decision, self.plan, self.coefs = decision, plan, coefs or {}
+    def __init__(self, decision: RoutingDecision | Callable[[], RoutingDecision] | None = None,
+                 plan: DispatchPlan | None = None,
+                 coefs: dict[str, float] | Callable[[], dict[str, float]] | None = None):
+        self._decision, self.plan, self._coefs = decision, plan, coefs or {}
         self.aux: dict[str, Tensor] | None = None if decision is not None else {}
         self._stats: dict[str, Any] | None = None if decision is not None else {}
+
+    @property
+    def decision(self) -> RoutingDecision | None:
+        """The decision (built on first access when the forward left a function for it)."""
+        if callable(self._decision):
+            self._decision = self._decision()
+        return self._decision
+
+    @property
+    def coefs(self) -> dict[str, float]:
+        """The router's loss coefficients (read when the losses are, for a decode step's lazy record)."""
+        if callable(self._coefs):
+            self._coefs = self._coefs()
+        return self._coefs
 
     def aux_losses(self) -> dict[str, Tensor]:
         if self.aux is None:

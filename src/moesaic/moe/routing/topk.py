@@ -106,8 +106,9 @@ class TopKRouter(Router):
             sel_TE = sel_TE.masked_fill(~allowed_TG.repeat_interleave(E // cfg.n_groups, dim=1), float("-inf"))
         return stable_topk(sel_TE.detach(), k)[1]
 
-    def route(self, x_TD: Tensor, seq_ids_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
-        cfg, E, k = self.cfg, self.num_experts, self.top_k
+    def choose(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(logits_TE, scores_TE, ids_TK, w_TK)``: the scores, the chosen experts and their weights."""
+        cfg, k = self.cfg, self.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
         ids_TK = self._select(scores_TE, k)
@@ -119,12 +120,19 @@ class TopKRouter(Router):
                 w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
         if cfg.routed_scaling_factor != 1.0:
             w_TK = w_TK * cfg.routed_scaling_factor
+        return logits_TE, scores_TE, ids_TK, w_TK
+
+    def decision(self, logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, w_TK: Tensor,
+                 seq_ids_T: Tensor | None = None, count_now: bool = True) -> RoutingDecision:
+        """The decision of a :meth:`choose` result, with the aux-loss statistics. ``count_now``: count the
+        load now (and into the aux-loss-free bias load when training); else only if a statistic is read."""
+        cfg, E, k = self.cfg, self.num_experts, self.top_k
 
         def count_E() -> Tensor:
             return torch.bincount(ids_TK.reshape(-1), minlength=E)
 
-        counts_E: Tensor | Callable[[], Tensor] = count_E  # counted only if a statistic is read (decoding)
-        if self.training or torch.is_grad_enabled():
+        counts_E: Tensor | Callable[[], Tensor] = count_E
+        if count_now:
             counts_E = count_E()
             if cfg.expert_bias and self.training:
                 self.step_load += counts_E.to(self.step_load.dtype)
@@ -137,8 +145,8 @@ class TopKRouter(Router):
             # routing choice equals it only without a bias and without a group limit.
             plain = not cfg.expert_bias and cfg.n_groups == 1
             f_ids_TK = ids_TK if plain else stable_topk(scores_TE.detach(), k)[1]
-            seq_T = seq_ids_T if seq_ids_T is not None else torch.zeros(x_TD.shape[0], dtype=torch.long,
-                                                                         device=x_TD.device)
+            seq_T = seq_ids_T if seq_ids_T is not None else torch.zeros(ids_TK.shape[0], dtype=torch.long,
+                                                                         device=ids_TK.device)
             stats["balance"] = losses.SequenceBalance(scores_TE, f_ids_TK, seq_T)
         if cfg.device_loss_coef > 0:
             stats["device_balance"] = losses.DeviceBalance(probs_TE, counts_E, cfg.device_groups)
@@ -146,6 +154,10 @@ class TopKRouter(Router):
             stats["z"] = losses.z_loss(logits_TE)
         return RoutingDecision.from_topk(ids_TK, w_TK, E, ids_nonnegative=True, probs_TE=scores_TE,
                                          logits_TE=logits_TE, aux_stats=stats)
+
+    def route(self, x_TD: Tensor, seq_ids_T: Tensor | None = None, **ctx: Any) -> RoutingDecision:
+        # decoding (no grad, eval) counts the load only if a statistic is read
+        return self.decision(*self.choose(x_TD), seq_ids_T, count_now=self.training or torch.is_grad_enabled())
 
     def loss_coefs(self) -> dict[str, float]:
         return {**super().loss_coefs(), "device_balance": self.cfg.device_loss_coef}
