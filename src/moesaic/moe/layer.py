@@ -17,6 +17,7 @@ and plan (docs/design.md, "The data path").
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
@@ -31,7 +32,9 @@ from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.dispatch.sort import SortDispatcher
+from moesaic.moe.experts.backends.active import token_experts
 from moesaic.moe.experts.base import ExpertsConfig
+from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.recompute import recomputing
 from moesaic.moe.routing.base import ROUTERS, RouterConfig, check_finite
 from moesaic.moe.routing.topk import TopKRouter
@@ -157,22 +160,40 @@ class MoELayer(nn.Module):
 
     def _one_token(self, x: Tensor) -> Tensor:
         """One token, no autograd, eval, top-k router and sort dispatcher (a batch-1 decode step): the same ops
-        as the path below on the same values, so the output is bitwise equal, without the per-call Python of
-        the general path (Router.forward's mask handling, the decision and its statistics, which are built
-        only if :attr:`last_stats` or :attr:`aux_losses` is read). The dispatch plan is ``sort_plan``'s."""
+        as the general path on the same values, so the output is bitwise equal, without its per-call Python
+        (Router.forward's mask handling; the decision, its statistics and the plan are built only if
+        :attr:`last_stats` or :attr:`aux_losses` is read). Plain FFN experts on the CPU run the active backend's
+        :func:`token_experts` on the chosen experts directly; other experts get ``sort_plan``'s plan."""
         router = self.router
         assert isinstance(router, TopKRouter)
         x_TD = x.reshape(1, self.d_model)
-        check_finite(x_TD, router.layer_name)
+        ffn = self.experts.one_token_ffn(x_TD, router.top_k) if isinstance(self.experts, FFNExperts) else None
+        # A NaN or inf in the input makes every logit non-finite and every softmax weight NaN: with the weights
+        # read on the host anyway, the input check runs only then (same error, two ops and a sync fewer).
+        late_check = ffn is not None and router.cfg.score_func == "softmax"
+        if not late_check:
+            check_finite(x_TD, router.layer_name)
         chosen = router.choose(x_TD)
-        ids_N = chosen[2].reshape(-1)
-        plan = DispatchPlan(torch.zeros(ids_N.shape[0], dtype=torch.long, device=x.device),
-                            chosen[3].reshape(-1)[torch.argsort(ids_N, stable=True)],
-                            torch.bincount(ids_N, minlength=self.num_experts), 1)
-        y_TD: Tensor = self.experts(x_TD, plan)
+        ids_N, w_N = chosen[2].reshape(-1), chosen[3].reshape(-1)
+
+        def plan() -> DispatchPlan:
+            return DispatchPlan(torch.zeros(ids_N.shape[0], dtype=torch.long, device=x.device),
+                                w_N[torch.argsort(ids_N, stable=True)],
+                                torch.bincount(ids_N, minlength=self.num_experts), 1)
+
+        if ffn is not None:  # top-k ids are distinct; the plan's order is increasing expert id
+            ids, ws = ids_N.tolist(), w_N.tolist()
+            if late_check and not all(map(math.isfinite, ws)):
+                check_finite(x_TD, router.layer_name)
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+            y_TD = token_experts(x_TD, ffn, [ids[i] for i in order], [ws[i] for i in order])
+            last_plan: DispatchPlan | Callable[[], DispatchPlan] = plan
+        else:
+            last_plan = plan()
+            y_TD = self.experts(x_TD, last_plan)
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, None)
-        self._last = LastForward(lambda: router.decision(*chosen, count_now=False), plan, router.loss_coefs)
+        self._last = LastForward(lambda: router.decision(*chosen, count_now=False), last_plan, router.loss_coefs)
         return y_TD.reshape(x.shape)
 
     def _flatten(self, x: Tensor, mask: Tensor | None, ctx: dict[str, Any]
@@ -240,12 +261,12 @@ class LastForward:
     """What an MoE layer keeps of its last forward. The weighted aux losses and the logging statistics are
     built from it when first read, so a decode step that reads neither pays for neither."""
 
-    __slots__ = ("_decision", "plan", "_coefs", "aux", "_stats")
+    __slots__ = ("_decision", "_plan", "_coefs", "aux", "_stats")
 
     def __init__(self, decision: RoutingDecision | Callable[[], RoutingDecision] | None = None,
-                 plan: DispatchPlan | None = None,
+                 plan: DispatchPlan | Callable[[], DispatchPlan] | None = None,
                  coefs: dict[str, float] | Callable[[], dict[str, float]] | None = None):
-        self._decision, self.plan, self._coefs = decision, plan, coefs or {}
+        self._decision, self._plan, self._coefs = decision, plan, coefs or {}
         self.aux: dict[str, Tensor] | None = None if decision is not None else {}
         self._stats: dict[str, Any] | None = None if decision is not None else {}
 
@@ -255,6 +276,12 @@ class LastForward:
         if callable(self._decision):
             self._decision = self._decision()
         return self._decision
+
+    @property
+    def plan(self) -> DispatchPlan | None:
+        if callable(self._plan):
+            self._plan = self._plan()
+        return self._plan
 
     @property
     def coefs(self) -> dict[str, float]:

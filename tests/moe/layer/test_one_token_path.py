@@ -56,8 +56,15 @@ def test_one_token_path_equals_the_general_path_bitwise(name, shared, shape):
 
 def test_one_token_path_keeps_the_checks():
     fast, _ = _pair(ROUTERS["mixtral"], 0)
-    with torch.no_grad(), pytest.raises(NonFiniteInputError, match="moe"):
-        fast(torch.full((1, D), float("nan")))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, D)
+        x[0, 3] = bad
+        with torch.no_grad(), pytest.raises(NonFiniteInputError, match="moe"):
+            fast(x)
+    slow = _pair(ROUTERS["mixtral"], 0)[1]
+    with torch.no_grad():  # a finite input whose logits overflow: no error, as in the general path
+        big = torch.full((1, D), 3e38)
+        torch.testing.assert_close(fast(big), slow(big), atol=0, rtol=0, equal_nan=True)
     with torch.no_grad(), pytest.raises(RoutingInputError, match="d_model"):
         fast(torch.randn(D // 2, 2))  # D values, but not one token of width D
 

@@ -75,6 +75,17 @@ class FFNExperts(Experts):
     def ffn(self) -> StackedFFN:
         return StackedFFN(self.w_up_EHD, self.w_down_EDF, self.cfg.activation, self.gated)
 
+    def one_token_ffn(self, x_TD: Tensor, num_rows: int) -> StackedFFN | None:
+        """The weights when this module would compute one token's ``num_rows`` distinct experts with the
+        ``active`` backend's :func:`~moesaic.moe.experts.backends.active.token_experts` (CPU, no autograd, the
+        weights' dtype): a decode step may then call it without building a plan. None otherwise (subclasses
+        with their own forward, other backends)."""
+        if (type(self).forward is not FFNExperts.forward or x_TD.device.type != "cpu" or torch.is_grad_enabled()
+                or resolve_backend(self.cfg.backend, num_rows, self.num_experts) != "active"
+                or x_TD.dtype != self.w_up_EHD.dtype or torch.is_autocast_enabled("cpu")):
+            return None
+        return self.ffn()
+
     def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
         """``y_TD`` for the plan; ``backend`` overrides the configured one for this call."""
         name = resolve_backend(backend or self.cfg.backend, plan.num_rows, self.num_experts)

@@ -89,7 +89,8 @@ class TopKRouter(Router):
         self.reduce_load: Callable[[Tensor], Tensor] = lambda t: t
 
     # ---------------------------------------------------------------------------------- selection
-    def _select(self, scores_TE: Tensor, k: int) -> Tensor:
+    def _select(self, scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The chosen ids and their selection scores (the scores themselves without a bias or groups)."""
         cfg = self.cfg
         sel_TE = scores_TE
         if cfg.expert_bias:
@@ -104,18 +105,19 @@ class TopKRouter(Router):
             _, keep_TG = stable_topk(group_TG, cfg.topk_groups)
             allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
             sel_TE = sel_TE.masked_fill(~allowed_TG.repeat_interleave(E // cfg.n_groups, dim=1), float("-inf"))
-        return stable_topk(sel_TE.detach(), k)[1]
+        return stable_topk(sel_TE.detach() if sel_TE.requires_grad else sel_TE, k)
 
     def choose(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(logits_TE, scores_TE, ids_TK, w_TK)``: the scores, the chosen experts and their weights."""
         cfg, k = self.cfg, self.top_k
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
-        ids_TK = self._select(scores_TE, k)
+        sel_TK, ids_TK = self._select(scores_TE, k)
         if cfg.normalization == "softmax_topk":
             w_TK = logits_TE.gather(1, ids_TK).softmax(-1)
-        else:
-            w_TK = scores_TE.gather(1, ids_TK)
+        else:  # the selected scores are these values (a copy), unless a bias or a group limit selected
+            plain = not cfg.expert_bias and cfg.n_groups == 1 and not scores_TE.requires_grad
+            w_TK = sel_TK if plain else scores_TE.gather(1, ids_TK)
             if cfg.normalization == "renorm":
                 w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
         if cfg.routed_scaling_factor != 1.0:

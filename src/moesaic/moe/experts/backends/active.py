@@ -45,16 +45,19 @@ def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor
 
 def one_token(x_1D: Tensor, plan: DispatchPlan, ffn: StackedFFN, counts: list[int] | None = None) -> Tensor:
     """``y_1D`` for a plan over one token that sends it to each expert at most once (a batch-1 decode step),
-    without gather and combine: each active expert runs on the token itself and its weighted output is
-    added in plan order, the order in which :meth:`DispatchPlan.combine` adds it, so the result is bitwise
-    that of ``plan.combine(rows(...))``."""
+    without gather and combine: :func:`token_experts` on the plan's experts and weights."""
+    experts = [e for e, n in enumerate(plan.counts_E.tolist() if counts is None else counts) if n]
+    return token_experts(x_1D, ffn, experts, plan.weight_N.tolist())
+
+
+def token_experts(x_1D: Tensor, ffn: StackedFFN, experts: list[int], weights: list[float]) -> Tensor:
+    """``sum_i weights[i] * FFN_{experts[i]}(x_1D)`` for one token, ``experts`` in increasing order and distinct:
+    each expert runs on the token itself and its weighted output is added in that order, the order in which
+    :meth:`DispatchPlan.combine` adds the rows of a plan, so the result is bitwise ``plan.combine(rows(...))``."""
     y_1D = x_1D.new_zeros(1, ffn.w_down_EDF.shape[1])
-    weights = iter(plan.weight_N.tolist())
-    for e, n in enumerate(plan.counts_E.tolist() if counts is None else counts):
-        if n:
-            y_e = F.linear(glu_or_act(F.linear(x_1D, ffn.w_up_EHD[e]), ffn.activation, ffn.gated),
-                           ffn.w_down_EDF[e])
-            y_1D.add_(y_e * next(weights))
+    for e, w in zip(experts, weights, strict=True):
+        y_e = F.linear(glu_or_act(F.linear(x_1D, ffn.w_up_EHD[e]), ffn.activation, ffn.gated), ffn.w_down_EDF[e])
+        y_1D.add_(y_e * w)
     return y_1D
 
 
