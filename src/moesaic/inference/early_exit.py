@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from moesaic.core.errors import ConfigError
 from moesaic.inference.wrapped_lm import WrappedLM, WrappedOutput
 from moesaic.models.masks import attention_mask_4d, positions_from_mask
+from moesaic.models.rope import RotaryAngles
 
 
 class EarlyExitLM(WrappedLM):
@@ -74,12 +75,13 @@ class EarlyExitLM(WrappedLM):
         exited_BS = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
         depth_BS = torch.full((B, S), len(body.layers), dtype=torch.float32, device=input_ids.device)
         last = len(body.layers) - 1
+        rope = RotaryAngles(position_ids)  # the rotary angles once for all layers, as in the body
         for i, layer in enumerate(body.layers):
             if bool(exited_BS.all()):  # every token left: only the cache of this layer, from the frozen state
                 if cache is not None:
                     layer.self_attn(layer.input_layernorm(h_BSD), position_ids, mask_B1QK, cache)
                 continue
-            new_BSD = layer(h_BSD, position_ids, mask_B1QK, cache, token_mask_BS, input_ids)
+            new_BSD = layer(h_BSD, position_ids, mask_B1QK, cache, token_mask_BS, input_ids, rope)
             prev_BSD, h_BSD = h_BSD, torch.where(exited_BS[..., None], h_BSD, new_BSD)
             if i + 1 >= self.min_layer and i < last:
                 now_BS = self._exits(h_BSD, prev_BSD) & ~exited_BS

@@ -231,8 +231,11 @@ class DecodeSession:
         idx = [i for i in range(n) if self.rows[i] is not None]
         feed = [[r.last if r is not None else 0] for r in self.rows[:n]]
         pos = [[r.length if r is not None else 0] for r in self.rows[:n]]
-        for i in idx:
-            self.mask_RC[i, L] = True
+        if len(idx) == n:
+            self.mask_RC[:n, L] = True  # every row live: one write
+        else:
+            for i in idx:
+                self.mask_RC[i, L] = True
         padded = len(idx) < n or any(r.start > 0 for r in live)
         mask = self.mask_RC[:n, :L + 1] if padded else None
         ids_R1 = torch.tensor(feed, dtype=torch.long, device=self.device)

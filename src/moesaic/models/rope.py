@@ -91,7 +91,7 @@ class RotaryAngles:
         out = self._memo.get(key)
         if out is None:
             cos, sin = self._fp32(emb)
-            out = self._memo[key] = (cos.to(dtype), sin.to(dtype))
+            out = self._memo[key] = (cos, sin) if cos.dtype == dtype else (cos.to(dtype), sin.to(dtype))
         return out
 
     def rotation(self, emb: RotaryEmbedding, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
