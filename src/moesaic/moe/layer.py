@@ -33,7 +33,7 @@ from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.dispatch.sort import SortDispatcher
 from moesaic.moe.experts.backends.active import token_experts
-from moesaic.moe.experts.base import ExpertsConfig
+from moesaic.moe.experts.base import Experts, ExpertsConfig
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.recompute import recomputing
 from moesaic.moe.routing.base import ROUTERS, RouterConfig, check_finite
@@ -136,10 +136,9 @@ class MoELayer(nn.Module):
         self.router.layer_name = name
 
     def forward(self, x: Tensor, mask: Tensor | None = None, **ctx: Any) -> Tensor:
-        if (x.numel() == self.d_model and x.shape[-1] == self.d_model and not torch.is_grad_enabled()
-                and not self.training
-                and not self._routing_hooks and type(self.router) is TopKRouter
-                and type(self.dispatcher) is SortDispatcher and (mask is None or bool(mask))):
+        if (not torch.is_grad_enabled() and x.numel() == self.d_model and x.shape[-1] == self.d_model
+                and not self.training and not self._routing_hooks and self._one_token_parts() is not None
+                and (mask is None or bool(mask))):
             return self._one_token(x)
         x_TD, mask_T, ctx = self._flatten(x, mask, ctx)
         decision = self.router(x_TD, mask_T if self.cfg.mask_padding else None, **ctx)
@@ -158,16 +157,32 @@ class MoELayer(nn.Module):
             hook(self, decision, plan)
         return y_TD.reshape(x.shape)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("router", "dispatcher", "experts"):  # a transform swapped a component
+            self.__dict__.pop("_parts", None)
+
+    def _one_token_parts(self) -> tuple[TopKRouter, Experts] | None:
+        """The router and experts when the one-token path applies to this layer's components (a top-k router
+        and the sort dispatcher), cached until a component is replaced."""
+        parts = self.__dict__.get("_parts", False)
+        if parts is False:
+            router, ok = self.router, type(self.dispatcher) is SortDispatcher
+            parts = (router, self.experts) if ok and type(router) is TopKRouter else None
+            self.__dict__["_parts"] = parts
+        return parts  # type: ignore[no-any-return]
+
     def _one_token(self, x: Tensor) -> Tensor:
         """One token, no autograd, eval, top-k router and sort dispatcher (a batch-1 decode step): the same ops
         as the general path on the same values, so the output is bitwise equal, without its per-call Python
         (Router.forward's mask handling; the decision, its statistics and the plan are built only if
         :attr:`last_stats` or :attr:`aux_losses` is read). Plain FFN experts on the CPU run the active backend's
         :func:`token_experts` on the chosen experts directly; other experts get ``sort_plan``'s plan."""
-        router = self.router
-        assert isinstance(router, TopKRouter)
+        parts = self._one_token_parts()
+        assert parts is not None
+        router, experts = parts
         x_TD = x.reshape(1, self.d_model)
-        ffn = self.experts.one_token_ffn(x_TD, router.top_k) if isinstance(self.experts, FFNExperts) else None
+        ffn = experts.one_token_ffn(x_TD, router.top_k) if isinstance(experts, FFNExperts) else None
         # A NaN or inf in the input makes every logit non-finite and every softmax weight NaN: with the weights
         # read on the host anyway, the input check runs only then (same error, two ops and a sync fewer).
         late_check = ffn is not None and router.cfg.score_func == "softmax"
@@ -190,10 +205,12 @@ class MoELayer(nn.Module):
             last_plan: DispatchPlan | Callable[[], DispatchPlan] = plan
         else:
             last_plan = plan()
-            y_TD = self.experts(x_TD, last_plan)
+            y_TD = experts(x_TD, last_plan)
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, None)
-        self._last = LastForward(lambda: router.decision(*chosen, count_now=False), last_plan, router.loss_coefs)
+        # a plain attribute: set without nn.Module.__setattr__'s parameter/module bookkeeping (per-token cost)
+        object.__setattr__(self, "_last", LastForward(lambda: router.decision(*chosen, count_now=False), last_plan,
+                                                      router.loss_coefs))
         return y_TD.reshape(x.shape)
 
     def _flatten(self, x: Tensor, mask: Tensor | None, ctx: dict[str, Any]
