@@ -231,7 +231,7 @@ class MoELayer(nn.Module):
             w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
         if cfg.routed_scaling_factor != 1.0:
             w_TK = w_TK * cfg.routed_scaling_factor
-        ids, ws = ids_TK.reshape(-1).tolist(), w_TK.reshape(-1).tolist()
+        ids, ws = ids_TK.tolist()[0], w_TK.tolist()[0]
         if not all(map(math.isfinite, ws)):  # NaN weights: a non-finite input (the error) or an overflow
             check_finite(x_TD, router.layer_name)
         w_up, w_down, act = ffn.w_up_EHD, ffn.w_down_EDF, ACTIVATIONS[ffn.activation]
