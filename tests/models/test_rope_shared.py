@@ -46,6 +46,9 @@ def test_angles_are_shared_by_equal_configs_only():
     assert angles.cos_sin(a, torch.float32)[0] is angles.cos_sin(b, torch.float32)[0]
     assert torch.equal(angles.cos_sin(c, torch.float32)[0], c(pos, torch.float32)[0])
     assert not torch.equal(angles.cos_sin(c, torch.float32)[0], a(pos, torch.float32)[0])
+    b.to(torch.bfloat16)  # inv_freq rounded to bf16: other angles, not shared with a's
+    assert torch.equal(angles.cos_sin(b, torch.float32)[0], b(pos, torch.float32)[0])
+    assert not torch.equal(angles.cos_sin(b, torch.float32)[0], a(pos, torch.float32)[0])
 
 
 def reference_mha(attn: MultiHeadAttention, x_BSD, pos_BS, mask_B1QK, cache):

@@ -53,8 +53,13 @@ class RotaryEmbedding(nn.Module):
         self.dim, self.theta = dim, theta
         inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)  # plain RoPE without scaling
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        #: Modules with equal keys compute equal angles (what :class:`RotaryAngles` shares between layers).
-        self.key = (dim, float(theta), repr(scaling), self.attention_factor)
+        self._scaling = repr(scaling)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Modules with equal keys compute equal angles (what :class:`RotaryAngles` shares between layers):
+        the configuration, and the dtype ``inv_freq`` was cast to (``model.to(torch.bfloat16)`` casts it)."""
+        return (self.dim, float(self.theta), self._scaling, self.attention_factor, self.inv_freq.dtype)
 
     def angles(self, position_ids_BS: Tensor) -> tuple[Tensor, Tensor]:
         """fp32 ``cos``, ``sin`` ``[B, S, dim]`` (YaRN's attention factor applied)."""
