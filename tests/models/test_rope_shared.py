@@ -132,3 +132,12 @@ def test_rmsnorm_equals_formula(dtype):
     h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert torch.equal(norm(x), want)
+
+
+def test_angles_stay_fp32_under_autocast():
+    emb = RotaryEmbedding(16, 1e4)
+    pos = torch.arange(300)[None]
+    want = emb.angles(pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = RotaryAngles(pos).cos_sin(emb, torch.float32)
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

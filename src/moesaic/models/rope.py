@@ -63,14 +63,20 @@ class RotaryEmbedding(nn.Module):
 
     def angles(self, position_ids_BS: Tensor) -> tuple[Tensor, Tensor]:
         """fp32 ``cos``, ``sin`` ``[B, S, dim]`` (YaRN's attention factor applied)."""
+        device = position_ids_BS.device.type
+        if torch.is_autocast_enabled(device):  # fp32 angles under autocast too
+            with torch.autocast(device_type=device, enabled=False):
+                return self._angles(position_ids_BS)
+        return self._angles(position_ids_BS)
+
+    def _angles(self, position_ids_BS: Tensor) -> tuple[Tensor, Tensor]:
         inv = self.inv_freq.to(position_ids_BS.device, torch.float32)  # fp32 like transformers, even in fp64
-        with torch.autocast(device_type=position_ids_BS.device.type, enabled=False):
-            freqs_BSh = position_ids_BS.float().unsqueeze(-1) * inv
-            emb_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
-            cos, sin = emb_BSd.cos(), emb_BSd.sin()
-            if self.attention_factor != 1.0:  # YaRN temperature (rope_scaling.py)
-                cos, sin = cos * self.attention_factor, sin * self.attention_factor
-            return cos, sin
+        freqs_BSh = position_ids_BS.float().unsqueeze(-1) * inv
+        emb_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
+        cos, sin = emb_BSd.cos(), emb_BSd.sin()
+        if self.attention_factor != 1.0:  # YaRN temperature (rope_scaling.py)
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos, sin
 
     def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = self.angles(position_ids_BS)
