@@ -23,11 +23,9 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from moesaic.core.activations import ACTIVATIONS
 from moesaic.core.config import Section, require, rule
 from moesaic.core.errors import RoutingInputError
 from moesaic.core.types import DispatchPlan, RoutingDecision
@@ -36,7 +34,6 @@ from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.dispatch.sort import SortDispatcher
 from moesaic.moe.experts.backends.active import token_experts
 from moesaic.moe.experts.base import Experts, ExpertsConfig
-from moesaic.moe.experts.kernels import StackedFFN
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.recompute import recomputing
 from moesaic.moe.routing.base import ROUTERS, RouterConfig, check_finite
@@ -186,8 +183,6 @@ class MoELayer(nn.Module):
         router, experts = parts
         x_TD = x.reshape(1, self.d_model)
         ffn = experts.one_token_ffn(x_TD, router.top_k) if isinstance(experts, FFNExperts) else None
-        if ffn is not None and router.plain_softmax_one(x_TD):
-            return self._one_token_plain(x, x_TD, router, ffn)
         # A NaN or inf in the input makes every logit non-finite and every softmax weight NaN: with the weights
         # read on the host anyway, the input check runs only then (same error, two ops and a sync fewer).
         late_check = ffn is not None and router.cfg.score_func == "softmax"
@@ -215,45 +210,6 @@ class MoELayer(nn.Module):
             y_TD = self._add_shared(x_TD, y_TD, None)
         # a plain attribute: set without nn.Module.__setattr__'s parameter/module bookkeeping (per-token cost)
         object.__setattr__(self, "_last", LastForward(lambda: router.decision(*chosen, count_now=False), last_plan,
-                                                      router.loss_coefs))
-        return y_TD.reshape(x.shape)
-
-    def _one_token_plain(self, x: Tensor, x_TD: Tensor, router: TopKRouter, ffn: StackedFFN) -> Tensor:
-        """:meth:`_one_token` for a plain softmax top-k router (no bias, no groups) and plain FFN experts, written
-        out in one function: the same ops in the same order as ``router.choose`` and ``token_experts`` (tested
-        bitwise against the general path); at decode, every call between two weight streams costs."""
-        logits_TE = F.linear(x_TD, router.weight)
-        scores_TE = logits_TE.softmax(-1)
-        srt_v, srt_i = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-        k, cfg = router.top_k, router.cfg
-        w_TK, ids_TK = srt_v[:, :k], srt_i[:, :k]
-        if cfg.normalization == "renorm":
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
-        if cfg.routed_scaling_factor != 1.0:
-            w_TK = w_TK * cfg.routed_scaling_factor
-        ids, ws = ids_TK.tolist()[0], w_TK.tolist()[0]
-        if not all(map(math.isfinite, ws)):  # NaN weights: a non-finite input (the error) or an overflow
-            check_finite(x_TD, router.layer_name)
-        w_up, w_down, act = ffn.w_up_EHD, ffn.w_down_EDF, ACTIVATIONS[ffn.activation]
-        y_TD = x_TD.new_zeros(1, w_down.shape[1])
-        for i in sorted(range(k), key=ids.__getitem__):  # increasing expert id: the plan's (and combine's) order
-            h = F.linear(x_TD, w_up[ids[i]])
-            if ffn.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = act(gate) * up
-            else:
-                h = act(h)
-            y_TD.add_(F.linear(h, w_down[ids[i]]) * ws[i])
-        if self.shared_experts is not None:
-            y_TD = self._add_shared(x_TD, y_TD, None)
-        chosen = (logits_TE, scores_TE, ids_TK, w_TK)
-        ids_N, w_N = ids_TK.reshape(-1), w_TK.reshape(-1)
-
-        def plan() -> DispatchPlan:
-            order_N, counts_E = torch.argsort(ids_N, stable=True), torch.bincount(ids_N, minlength=self.num_experts)
-            return DispatchPlan(torch.zeros(k, dtype=torch.long, device=x.device), w_N[order_N], counts_E, 1)
-
-        object.__setattr__(self, "_last", LastForward(lambda: router.decision(*chosen, count_now=False), plan,
                                                       router.loss_coefs))
         return y_TD.reshape(x.shape)
 

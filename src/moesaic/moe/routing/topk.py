@@ -30,7 +30,7 @@ from moesaic.core.config import LayerShape, require, rule
 from moesaic.core.types import RoutingDecision
 from moesaic.moe.routing import losses
 from moesaic.moe.routing.aux_stats import AuxStat
-from moesaic.moe.routing.base import ROUTERS, SORT_NUMEL, Router, RouterConfig, stable_topk
+from moesaic.moe.routing.base import ROUTERS, Router, RouterConfig, stable_topk
 
 
 @dataclasses.dataclass
@@ -123,15 +123,6 @@ class TopKRouter(Router):
         if cfg.routed_scaling_factor != 1.0:
             w_TK = w_TK * cfg.routed_scaling_factor
         return logits_TE, scores_TE, ids_TK, w_TK
-
-    def plain_softmax_one(self, x_TD: Tensor) -> bool:
-        """Whether :meth:`choose` of this one fp32 token is the plain path: softmax scores, no bias, no groups, weights
-        renormalised or not, one stable sort (``stable_topk`` of at most ``SORT_NUMEL`` scores), no autocast."""
-        cfg = self.cfg
-        return (x_TD.shape[0] == 1 and cfg.score_func == "softmax" and not cfg.expert_bias and cfg.n_groups == 1
-                and cfg.normalization != "softmax_topk" and self.num_experts <= SORT_NUMEL
-                and x_TD.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled(x_TD.device.type))
 
     def decision(self, logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, w_TK: Tensor,
                  seq_ids_T: Tensor | None = None, count_now: bool = True) -> RoutingDecision:
