@@ -19,7 +19,6 @@ and each continues ``--continue`` steps on every training play with the same dat
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -31,8 +30,8 @@ import torch
 
 from moesaic.core.config import to_dict
 from moesaic.distributed.expert_state import local_model_state
-from moesaic.examples.demo import count_params, dense_twin
-from moesaic.examples.upcycle_shakespeare import SMALL, flops_per_token, run, val_loss
+from moesaic.examples.demo import count_params
+from moesaic.examples.upcycle_shakespeare import experiment_args, flops_per_token, run, val_loss
 from moesaic.models.attention_moa import MixtureOfAttentionHeads
 from moesaic.train.checkpoint import load_model
 from moesaic.train.datasets.shakespeare import play_files
@@ -65,19 +64,11 @@ def branch_config(base: RunConfig, plays: list[str], tokenizer: Path, seed: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--out", default="runs/bam_shakespeare")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--base", type=int, default=150, help="dense steps on every training play")
-    ap.add_argument("--branch", type=int, default=75, help="steps of each genre seed")
-    ap.add_argument("--continue", dest="cont", type=int, default=150, help="steps of every continuation")
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    a, base = experiment_args(argv, __doc__.split("\n\n")[0], "runs/bam_shakespeare",
+                              [("--base", "base", 150, "dense steps on every training play"),
+                               ("--branch", "branch", 75, "steps of each genre seed"),
+                               ("--continue", "cont", 150, "steps of every continuation")])
     out = Path(a.out)
-    base = dense_twin(load_run_config(a.config, [*SMALL, *a.overrides]))
     val = set(cast(Any, base.data).val_plays)
     genres = plays_by_genre()
     halves = {"comedy": [p for p in genres["comedy"] if p not in val],

@@ -58,19 +58,29 @@ def val_loss(cfg: RunConfig, model: torch.nn.Module, out: Path) -> float:
     return float(t.evaluate()["val_loss"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def experiment_args(argv: list[str] | None, description: str, out: str,
+                    steps: list[tuple[str, str, int, str]]) -> tuple[argparse.Namespace, RunConfig]:
+    """The command line of the Shakespeare conversion experiments (config, output folder, seeds, the step
+    counts ``steps`` as ``(flag, dest, default, help)``, evaluation interval, config overrides) and their base
+    run: the config's dense twin at the experiment's small size, on one thread."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--out", default="runs/upcycle_shakespeare")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--pretrain", type=int, default=300, help="dense steps before upcycling (N)")
-    ap.add_argument("--continue", dest="cont", type=int, default=200, help="steps of both continuations (M)")
+    for flag, dest, default, help_ in steps:
+        ap.add_argument(flag, dest=dest, type=int, default=default, help=help_)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    return a, dense_twin(load_run_config(a.config, [*SMALL, *a.overrides]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, base = experiment_args(argv, __doc__.split("\n\n")[0], "runs/upcycle_shakespeare",
+                              [("--pretrain", "pretrain", 300, "dense steps before upcycling (N)"),
+                               ("--continue", "cont", 200, "steps of both continuations (M)")])
     out = Path(a.out)
-    base = dense_twin(load_run_config(a.config, [*SMALL, *a.overrides]))
     results: dict[str, Any] = {"pretrain_steps": a.pretrain, "continue_steps": a.cont, "seeds": a.seeds, "runs": {}}
     for seed in a.seeds:
         tr = dataclasses.replace(base.train, seed=seed, max_steps=a.pretrain, eval_every=a.pretrain)
