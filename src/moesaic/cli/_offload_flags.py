@@ -1,7 +1,7 @@
 """The offloaded-experts flags of ``moesaic generate`` (docs/inference.md, "Offloaded experts"):
 ``--offload-dir DIR`` (the disk tier: a store folder, written from the checkpoint on first use),
 ``--cache-experts N`` (slots per layer; alone it offloads to CPU RAM), ``--cache-policy``, ``--prefetch``,
-``--offload-verify``, ``--offload-stats``."""
+``--offload-verify``, ``--offload-copy``, ``--offload-stats``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="background prefetch: next layer's router on this layer's input, or last token's experts")
     g.add_argument("--offload-verify", default="read", metavar="read|open|none",
                    help="sha256 check of the store: each expert on first read (default), all files at open, or none")
+    g.add_argument("--offload-copy", action="store_true",
+                   help="copy experts into RAM slots instead of mapping the store's file pages (zero copy)")
     g.add_argument("--offload-stats", action="store_true", help="print per-layer cache telemetry (stderr)")
 
 
@@ -80,7 +82,8 @@ def apply(args: argparse.Namespace, model: nn.Module, run: Callable[[], object])
         if not d.exists():
             save_expert_store(expert_modules(model), d)
         store = DiskStore(d, verify=args.offload_verify)
-    cfg = OffloadConfig(cache_experts=args.cache_experts, policy=args.cache_policy, prefetch=args.prefetch)
+    cfg = OffloadConfig(cache_experts=args.cache_experts, policy=args.cache_policy, prefetch=args.prefetch,
+                        zero_copy=not args.offload_copy)
     return offload_experts_(model, store, cfg, trace=trace)
 
 

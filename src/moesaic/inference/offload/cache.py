@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from moesaic.core.errors import ConfigError
+from moesaic.inference.offload.mapped import MappedSlots
 from moesaic.inference.offload.policies import CachePolicy
 from moesaic.inference.offload.store import ExpertStore
 
@@ -81,15 +82,17 @@ class ExpertCache:
     """``capacity`` expert slots of one layer in front of a store (see the module docstring)."""
 
     def __init__(self, store: ExpertStore, layer: str, capacity: int, policy: CachePolicy,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", zero_copy: bool = True):
         spec = store.spec(layer)
         if capacity < 1:
             raise ConfigError(f"{layer}.cache_experts", capacity, "must be >= 1")
         self.store, self.layer, self.policy = store, layer, policy
         self.num_experts = spec.num_experts
         self.capacity = min(capacity, spec.num_experts)
-        self.buffers = {n: torch.empty((self.capacity, *shape), dtype=spec.dtype, device=device)
-                        for n, shape in spec.shapes.items()}
+        self.slots = store.new_slots(layer, self.capacity, device, zero_copy)
+        #: whether the slots map the store's file pages (zero copy) instead of holding copies
+        self.mapped = isinstance(self.slots, MappedSlots)
+        self.buffers: dict[str, Tensor] = self.slots.buffers if isinstance(self.slots, MappedSlots) else self.slots
         self.slot_of: dict[int, int] = {}
         self.expert_at: list[int | None] = [None] * self.capacity
         self.loading: set[int] = set()
@@ -194,9 +197,6 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ internals (cond held where noted)
 
-    def slot_views(self, slot: int) -> dict[str, Tensor]:
-        return {n: b[slot] for n, b in self.buffers.items()}
-
     def _assign(self, e: int, slot: int) -> None:  # cond held
         self.slot_of[e] = slot
         self.expert_at[slot] = e
@@ -233,7 +233,7 @@ class ExpertCache:
         """Read expert e into its slot (outside the lock); on failure the slot is freed and the error raised."""
         slot = self.slot_of[e]
         try:
-            n = self.store.read_into(self.layer, e, self.slot_views(slot))
+            n = self.store.load_slot(self.layer, e, self.slots, slot)
         except BaseException:
             with self.cond:
                 self.loading.discard(e)
@@ -250,5 +250,8 @@ class ExpertCache:
             self.cond.notify_all()
 
     def resident_bytes(self) -> int:
-        """Bytes of the slot buffers."""
+        """Bytes of the slot buffers held in the process's own memory; 0 for mapped slots, whose pages are the
+        store file's (:meth:`moesaic.inference.offload.disk.DiskStore.mapped_bytes` counts those)."""
+        if self.mapped:
+            return 0
         return sum(b.numel() * b.element_size() for b in self.buffers.values())

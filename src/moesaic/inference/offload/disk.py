@@ -35,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from moesaic.core.errors import CheckpointCorruptError, ConfigError, OutputWriteError
+from moesaic.inference.offload import mapped
+from moesaic.inference.offload.aligned import DTYPES as _DTYPES
+from moesaic.inference.offload.aligned import NAMES as _NAMES
+from moesaic.inference.offload.aligned import write_aligned
 from moesaic.inference.offload.store import ExpertStore, LayerSpec
 
 FORMAT = "moesaic-expert-store"
@@ -47,9 +50,6 @@ VERIFY = ("read", "open", "none")
 #: Bytes around an expert's range also released after a read: the kernel maps up to 64 KiB of cached pages
 #: around a read fault (``fault_around_bytes``).
 FAULT_AROUND = 256 << 10
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32}
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def _sha256_file(path: Path) -> str:
@@ -89,9 +89,7 @@ def save_expert_store(experts_by_layer: dict[str, Any], path: str | os.PathLike[
                 tensors.update({f"{e}.{n}": t for n, t in zip(names, parts, strict=True)})
                 hashes.append(_expert_hash(parts))
             fname = f"layer-{i:03d}.safetensors"
-            save_file(tensors, str(tmp / fname), metadata={"layer": layer})
-            with open(tmp / fname, "rb+") as f:
-                os.fsync(f.fileno())
+            write_aligned(tmp / fname, tensors, metadata={"layer": layer})
             first = ex.expert_state(0)
             layers.append({"name": layer, "file": fname, "bytes": (tmp / fname).stat().st_size,
                            "sha256": _sha256_file(tmp / fname), "num_experts": ex.num_experts,
@@ -188,13 +186,52 @@ class DiskStore(ExpertStore):
         self.verified: set[tuple[str, int]] = set()
         super().__init__(specs)
 
-    def read_into(self, layer: str, e: int, out: dict[str, Tensor]) -> int:
+    def _file_for(self, layer: str, e: int) -> _LayerFile:
+        """The layer's file, after checking the expert index and that the file still has its size."""
         spec, f = self.spec(layer), self.files[layer]
         if not 0 <= e < spec.num_experts:
             raise ConfigError(f"{layer}.expert", e, f"must be in [0, {spec.num_experts})")
         if os.fstat(f.fd).st_size != f.size:
             raise CheckpointCorruptError(f"{f.path}: changed size since it was opened ({os.fstat(f.fd).st_size} "
                                          f"bytes, manifest {f.size}); refusing to read expert {e} of {layer}")
+        return f
+
+    def _verified(self, layer: str, e: int, f: _LayerFile, h: Any) -> None:
+        if h.hexdigest() != self.entries[layer]["experts_sha256"][e]:
+            raise CheckpointCorruptError(f"{f.path}: expert {e} of {layer} does not match its sha256 in the "
+                                         "manifest; refusing to use it")
+        self.verified.add((layer, e))
+
+    def mappable(self, layer: str) -> bool:
+        """Whether cache slots can map this layer's experts (zero copy, :mod:`.mapped`): Linux, and every expert
+        tensor at a page-aligned offset with a whole number of pages (stores written by this version)."""
+        f = self.files[layer]
+        return mapped.supported() and all(mapped.aligned(a, b - a) for k, (a, b) in f.ranges.items()
+                                           if not k.startswith("__"))
+
+    def new_slots(self, layer: str, capacity: int, device: torch.device | str, zero_copy: bool = True) -> Any:
+        """Mapped slots when ``zero_copy``, the slots are on the CPU and the layer is :meth:`mappable`;
+        otherwise slots in RAM that reads copy into."""
+        if zero_copy and torch.device(device).type == "cpu" and self.mappable(layer):
+            spec = self.spec(layer)
+            return mapped.MappedSlots(spec.shapes, spec.dtype, capacity)
+        return super().new_slots(layer, capacity, device, zero_copy)
+
+    def load_slot(self, layer: str, e: int, slots: Any, slot: int) -> int:
+        """Map expert e's pages into a mapped slot (verified on first use like a read), or copy into a slot."""
+        if not isinstance(slots, mapped.MappedSlots):
+            return super().load_slot(layer, e, slots, slot)
+        f = self._file_for(layer, e)
+        n = slots.map(slot, f.fd, {name: f.ranges[f"{e}.{name}"][0] for name in slots.buffers})
+        if self.verify == "read" and (layer, e) not in self.verified:
+            h = hashlib.sha256()
+            for name in slots.buffers:
+                h.update(slots.slot_memory(slot, name))
+            self._verified(layer, e, f, h)
+        return n
+
+    def read_into(self, layer: str, e: int, out: dict[str, Tensor]) -> int:
+        spec, f = self.spec(layer), self._file_for(layer, e)
         check = self.verify == "read" and (layer, e) not in self.verified
         h = hashlib.sha256() if check else None
         n, lo, hi = 0, f.size, 0
@@ -206,10 +243,7 @@ class DiskStore(ExpertStore):
             dst.copy_(src.view(dst.shape))
             n, lo, hi = n + (b - a), min(lo, a), max(hi, b)
         if h is not None:
-            if h.hexdigest() != self.entries[layer]["experts_sha256"][e]:
-                raise CheckpointCorruptError(f"{f.path}: expert {e} of {layer} does not match its sha256 in the "
-                                             "manifest; refusing to use it")
-            self.verified.add((layer, e))
+            self._verified(layer, e, f, h)
         if self.release_pages and hi > lo:  # with a margin: a read fault also maps neighbours (fault-around)
             start = max(0, lo - FAULT_AROUND) // mmap.PAGESIZE * mmap.PAGESIZE
             f.map.madvise(mmap.MADV_DONTNEED, start, min(f.size, hi + FAULT_AROUND) - start)
@@ -221,6 +255,10 @@ class DiskStore(ExpertStore):
         for f in self.files.values():
             f.map.madvise(mmap.MADV_DONTNEED, 0, f.size)
             os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def page_cache_bytes(self) -> int:
+        """Bytes of this store's files in the kernel's page cache now (``mincore``; not the process's memory)."""
+        return sum(mapped.page_cache_bytes(f.fd, f.size) for f in self.files.values())
 
     def mapped_bytes(self) -> int:
         """Bytes of this store's files mapped into this process now (``Rss`` of the maps in /proc/self/smaps)."""

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 from moesaic.core.errors import ConfigError
+from moesaic.inference.offload.mapped import MappedSlots
+
+#: A cache's slots: one ``[capacity, *shape]`` buffer per tensor name, or slots mapping a disk store's pages.
+Slots = dict[str, Tensor] | MappedSlots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,17 @@ class ExpertStore:
     def read_into(self, layer: str, e: int, out: dict[str, Tensor]) -> int:
         """Copy expert e of ``layer`` into ``out`` (name -> tensor of the expert's shape); the bytes read."""
         raise NotImplementedError  # abstract: every tier implements it
+
+    def new_slots(self, layer: str, capacity: int, device: torch.device | str, zero_copy: bool = True) -> Slots:
+        """``capacity`` empty slots for ``layer``'s experts on ``device`` (a memory tier copies into them;
+        :class:`moesaic.inference.offload.disk.DiskStore` may map its file pages instead)."""
+        spec = self.spec(layer)
+        return {n: torch.empty((capacity, *shape), dtype=spec.dtype, device=device) for n, shape in spec.shapes.items()}
+
+    def load_slot(self, layer: str, e: int, slots: Slots, slot: int) -> int:
+        """Put expert e of ``layer`` into ``slot`` of ``slots`` (made by :meth:`new_slots`); the bytes read."""
+        assert isinstance(slots, dict), "mapped slots come from a disk store"
+        return self.read_into(layer, e, {n: b[slot] for n, b in slots.items()})
 
     def nbytes(self) -> int:
         """Bytes of all experts in the store."""

@@ -49,12 +49,15 @@ class OffloadConfig(Section):
 
     ``cache_experts``: slots per layer (>= the layer's k; more than E means all E); ``policy``: a registered
     cache policy (lru, lfu, lfru, oracle); ``prefetch``: none, pregate or prev; ``lfru_decay``: LFRU's score
-    decay per forward."""
+    decay per forward; ``zero_copy``: CPU slots of a disk store map the file's pages instead of copying them
+    (:mod:`moesaic.inference.offload.mapped`; where the store's layout or the platform does not allow it, the
+    slots copy)."""
 
     cache_experts: int = rule(2, ge=1)
     policy: str = "lru"
     prefetch: Literal["none", "pregate", "prev"] = "none"
     lfru_decay: float = rule(0.9, gt=0.0, le=1.0)
+    zero_copy: bool = True
 
     def validate(self, path: str) -> None:
         require(self.policy in CACHE_POLICIES, f"{path}.policy", self.policy,
@@ -112,7 +115,7 @@ class OffloadHandle:
             ex.cache.telemetry = LayerTelemetry()
 
     def cache_bytes(self) -> int:
-        """Bytes of all cache slots."""
+        """Bytes of all cache slots in the process's own memory (mapped slots: 0, see ``store.mapped_bytes()``)."""
         return sum(ex.cache.resident_bytes() for ex in self.layers.values())
 
     def close(self) -> None:
@@ -154,7 +157,7 @@ def offload_experts_(model: nn.Module, store: ExpertStore, cache: OffloadConfig 
                                                            "(record_expert_trace on the same inputs)")
         policy = build_policy(cfg.policy, ex.num_experts, trace[name] if trace is not None else None,
                               cfg.lfru_decay)
-        c = ExpertCache(store, name, cfg.cache_experts, policy, device)
+        c = ExpertCache(store, name, cfg.cache_experts, policy, device, cfg.zero_copy)
         built[name] = OffloadedExperts(ex.cfg, ex.d_model, ex.d_ff, ex.num_experts, c, ex.cfg.activation,
                                        ex.gated, ex.cfg.backend, i)
     for name, new in built.items():

@@ -1,0 +1,128 @@
+"""Zero-copy slots (docs/inference.md, "Offloaded experts"): the store writes every expert tensor at a
+page-aligned offset in a file that the safetensors library reads as usual; CPU cache slots then map the
+file's pages instead of copying them, and decoding gives the resident model's tokens and logits bit for bit
+for every cache size and prefetch mode, with no slot memory of the process's own; the file's size is
+checked before every mapping and each expert's sha256 on its first mapping."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moesaic.core.errors import CheckpointCorruptError
+from moesaic.inference.offload import (
+    DiskStore,
+    OffloadConfig,
+    expert_modules,
+    mapped,
+    offload_experts_,
+    save_expert_store,
+)
+from moesaic.inference.offload.aligned import write_aligned
+from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+from moesaic.moe.layer import MoEConfig
+from offload_fixtures import decode
+
+pytestmark = pytest.mark.skipif(not mapped.supported(), reason="mapped slots are Linux-only (the copy path runs "
+                                                                "elsewhere and is tested in test_offload.py)")
+
+
+def mappable_lm(seed: int = 0) -> DecoderLM:
+    """A tiny LM whose experts are whole pages: w_up [128, 32] and w_down [32, 64] in fp32 (16 and 8 KiB)."""
+    torch.manual_seed(seed)
+    cfg = DecoderLMConfig(vocab_size=40, d_model=32, num_layers=2, d_ff=64, max_seq_len=32,
+                          moe=MoEConfig(d_ff=64, num_experts=8, top_k=2))
+    cfg.attention.num_heads = 2
+    return DecoderLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def resident():
+    return decode(mappable_lm())
+
+
+def _files(store_dir):
+    return [store_dir / x["file"] for x in json.loads((store_dir / "manifest.json").read_text())["layers"]]
+
+
+def test_aligned_file_reads_with_safetensors_and_every_tensor_is_page_aligned(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(1024, generator=g).to(torch.bfloat16),
+               "c": torch.arange(7, dtype=torch.int32), "d": torch.randn(2, 3, generator=g).t()}
+    write_aligned(tmp_path / "x.safetensors", tensors, {"layer": "L"})
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"layer": "L"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+        assert all(k.startswith("__pad__.") for k in set(f.keys()) - set(tensors))
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert (8 + n) % mapped.PAGE == 0
+    assert all((8 + n + header[k]["data_offsets"][0]) % mapped.PAGE == 0 for k in tensors)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "pregate", "prev"])
+def test_mapped_slots_decode_bit_identically(prefetch, resident, tmp_path):
+    want_tokens, want_logits = resident
+    m = mappable_lm()
+    store = DiskStore(save_expert_store(expert_modules(m), tmp_path / "store"))
+    expert_bytes = store.spec("model.layers.0.mlp").expert_nbytes
+    for cap in (2, 5, 8):
+        m = mappable_lm()
+        h = offload_experts_(m, store, OffloadConfig(cache_experts=cap, prefetch=prefetch))
+        try:
+            tokens, logits = decode(m)
+        finally:
+            h.close()
+        assert tokens == want_tokens and torch.equal(logits, want_logits), (cap, prefetch)
+        caches = [ex.cache for ex in h.layers.values()]
+        assert all(c.mapped for c in caches) and h.cache_bytes() == 0
+        t = h.summary()["total"]
+        assert t["bytes_read"] == t["loads"] * expert_bytes and t["misses"] > 0
+        # the process holds at most the slots' pages of the file (each slot maps one expert)
+        assert 0 < store.mapped_bytes() <= len(caches) * cap * expert_bytes
+        del h, caches, m
+    store.close()
+
+
+def test_copy_slots_on_request_and_same_result(resident, tmp_path):
+    m = mappable_lm()
+    store = DiskStore(save_expert_store(expert_modules(m), tmp_path / "store"))
+    h = offload_experts_(m, store, OffloadConfig(cache_experts=3, zero_copy=False))
+    tokens, logits = decode(m)
+    assert not any(ex.cache.mapped for ex in h.layers.values()) and h.cache_bytes() > 0
+    assert tokens == resident[0] and torch.equal(logits, resident[1])
+
+
+def test_mapping_checks_size_and_hash(tmp_path):
+    m = mappable_lm()
+    d = save_expert_store(expert_modules(m), tmp_path / "store")
+    f = _files(d)[0]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40  # a byte of the last expert of layer 0
+    f.write_bytes(bytes(data))
+    store = DiskStore(d)
+    h = offload_experts_(m, store, OffloadConfig(cache_experts=8))
+    with pytest.raises(CheckpointCorruptError, match="expert 7 of model.layers.0.mlp does not match its sha256"):
+        for _ in range(4):
+            decode(m)
+    h.close()
+    full = f.stat().st_size
+    m2 = mappable_lm()
+    store2 = DiskStore(d, verify="none")
+    offload_experts_(m2, store2, OffloadConfig(cache_experts=2))
+    os.truncate(f, full - 100)  # truncated while open: the next mapping refuses, nothing is read
+    with pytest.raises(CheckpointCorruptError, match="changed size since it was opened"):
+        decode(m2)
+
+
+def test_page_cache_bytes_counts_what_was_read(tmp_path):
+    d = save_expert_store(expert_modules(mappable_lm()), tmp_path / "store")
+    store = DiskStore(d, verify="open")  # hashing the files reads every byte
+    total = sum(f.stat().st_size for f in _files(d))
+    assert store.page_cache_bytes() >= total - len(_files(d)) * mapped.PAGE  # a partial last page may round down
+    store.drop_page_cache()
+    assert 0 <= store.page_cache_bytes() <= total + len(_files(d)) * mapped.PAGE
