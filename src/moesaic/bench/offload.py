@@ -9,7 +9,10 @@ fraction x E, at least k), policy and prefetch mode the offloaded model, with th
 dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``) just before the prompt. Reported: prefill seconds, decode
 tokens/s (batch 1, greedy) and its ratio to resident, decode-only hit rate, MiB read, hint precision,
 prefetch accuracy, resident expert memory (cache slots + the store's mapped pages) as a share of all
-experts, the process's ``RssAnon``, and whether the tokens equal the resident run's. At 100 % every
+experts, the process's ``RssAnon``, the store's bytes in the kernel's page cache at the end of the run
+(``mincore``: memory the kernel spends besides the process's own), and whether the tokens equal the resident
+run's. ``--slots map copy`` compares slots that map the store file's pages (zero copy, the default) with
+slots that hold copies. At 100 % every
 policy behaves alike (nothing is evicted), so that fraction runs once per prefetch mode.
 """
 
@@ -41,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", type=int, nargs="+", default=[25, 50, 75, 100], help="resident %% of experts")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "lfru", "oracle"])
     p.add_argument("--prefetch", nargs="+", default=["none", "pregate"], help="prefetch modes to compare")
+    p.add_argument("--slots", nargs="+", default=["map"], choices=["map", "copy"],
+                   help="cache slots that map the store's pages (zero copy) or hold copies; several compare")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="interleave the resident model and every configuration in one process, ROUNDS times, "
+                        "and report medians and per-round ratios (instead of one sweep)")
     p.add_argument("--json", default=None, help="write every run's results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
@@ -72,10 +80,10 @@ def _row(cfg: dict[str, Any], r: dict[str, Any], base: dict[str, Any]) -> str:
     t = r["telemetry"]
     mem = (r["cache_bytes"] + r["mapped_bytes"]) / r["store_bytes"]
     same = "yes" if r["tokens"] == base["tokens"] else "NO"
-    return (f"| {cfg['policy']} | {cfg['prefetch']} | {cfg['fraction']} % ({cfg['cache']}) | {r['tok_s']:.2f} | "
-            f"{r['tok_s'] / base['tok_s']:.2f}x | {r['prefill_s']:.1f} | {t['hit_rate']:.3f} | "
+    return (f"| {cfg['policy']} | {cfg['prefetch']} | {cfg['slots']} | {cfg['fraction']} % ({cfg['cache']}) | "
+            f"{r['tok_s']:.2f} | {r['tok_s'] / base['tok_s']:.2f}x | {r['prefill_s']:.1f} | {t['hit_rate']:.3f} | "
             f"{t['bytes_read'] / 2**20:.0f} | {t['hint_precision']:.2f} | {t['prefetch_accuracy']:.2f} | "
-            f"{100 * mem:.1f} % | {r['rss_anon_kib'] / 1024:.0f} | {same} |")
+            f"{100 * mem:.1f} % | {r['rss_anon_kib'] / 1024:.0f} | {r['page_cache_bytes'] / 2**20:.0f} | {same} |")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,23 +121,54 @@ def run(args: argparse.Namespace) -> int:
         cache = max(args.top_k, round(args.experts * frac / 100))
         for pf in args.prefetch:
             for pol in (args.policies if frac < 100 else args.policies[:1]):
-                configs.append({"policy": pol, "prefetch": pf, "fraction": frac, "cache": cache})
+                for sl in args.slots:
+                    configs.append({"policy": pol, "prefetch": pf, "fraction": frac, "cache": cache, "slots": sl})
     first = next((i for i, c in enumerate(configs) if c["policy"] != "oracle"), None)
     if first is None:  # the oracle reads the trace of a first run: add one
         configs.insert(0, {"policy": "lru", "prefetch": "none", "fraction": args.fractions[0],
-                           "cache": max(args.top_k, round(args.experts * args.fractions[0] / 100))})
+                           "cache": max(args.top_k, round(args.experts * args.fractions[0] / 100)),
+                           "slots": args.slots[0]})
     else:
         configs.insert(0, configs.pop(first))
+    if args.paired > 0:
+        return _paired(args, base, [c for c in configs if c["fraction"] < 100 or c["policy"] == args.policies[0]])
     runs = _spawn(dataclasses.replace(base, task="sweep"), configs)
     resident = runs.pop()
     print(f"resident: decode {resident['tok_s']:.2f} tok/s, prefill {resident['prefill_s']:.1f} s, RssAnon "
           f"{resident['rss_anon_kib'] / 1024:.0f} MiB (load average {resident['load_average']:.1f})", flush=True)
-    print("| policy | prefetch | resident (cache/layer) | tok/s | vs resident | prefill s | hit rate | MiB read | "
-          "hint precision | prefetch accuracy | expert memory | RssAnon MiB | same tokens | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["fraction"], r["prefetch"], r["policy"])):
+    print("| policy | prefetch | slots | resident (cache/layer) | tok/s | vs resident | prefill s | hit rate | "
+          "MiB read | hint precision | prefetch accuracy | expert memory | RssAnon MiB | page cache MiB | "
+          "same tokens | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["fraction"], r["prefetch"], r["policy"], r["slots"])):
         cfg = {**r, "policy": r["policy"] if r["fraction"] < 100 else "any"}
         print(_row(cfg, r, resident) + f" {r['load_average']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps([*runs, resident], indent=1))
+    return 0
+
+
+def _paired(args: argparse.Namespace, base: Any, configs: list[dict[str, Any]]) -> int:
+    """``--paired``: resident and offloaded runs interleaved in one worker; a table of medians over rounds."""
+    import statistics
+
+    runs = _spawn(dataclasses.replace(base, task="paired", rounds=args.paired), configs)
+    resident = {r["round"]: r for r in runs if r["policy"] == "resident"}
+    tok_s = ", ".join(f"{r['tok_s']:.2f}" for r in resident.values())
+    print(f"paired, {args.paired} rounds: resident decode tok/s {tok_s}", flush=True)
+    print("| policy | prefetch | slots | resident (cache/layer) | tok/s (median) | vs resident, per round | median | "
+          "hit rate | MiB read | expert memory | page cache MiB | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        mine = [r for r in runs if r["policy"] != "resident" and all(r[k] == cfg[k] for k in cfg)]
+        ratios = [r["tok_s"] / resident[r["round"]]["tok_s"] for r in mine]
+        t, last = mine[-1]["telemetry"], mine[-1]
+        mem = (last["cache_bytes"] + last["mapped_bytes"]) / last["store_bytes"]
+        same = all(r["tokens"] == resident[r["round"]]["tokens"] for r in mine)
+        print(f"| {cfg['policy']} | {cfg['prefetch']} | {cfg['slots']} | {cfg['fraction']} % ({cfg['cache']}) | "
+              f"{statistics.median(r['tok_s'] for r in mine):.2f} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+              f"**{statistics.median(ratios):.2f}x** | {t['hit_rate']:.3f} | {t['bytes_read'] / 2**20:.0f} | "
+              f"{100 * mem:.1f} % | {last['page_cache_bytes'] / 2**20:.0f} | {'yes' if same else 'NO'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0

@@ -40,6 +40,7 @@ class Spec:
     prompt_len: int = 32
     new_tokens: int = 16
     threads: int = 1
+    rounds: int = 0
     task: str = "sweep"
 
 
@@ -124,7 +125,8 @@ def _offloaded(model: torch.nn.Module, s: Spec, store: Any, cfg: dict[str, Any],
     """One offloaded configuration: fresh caches, the store's page cache dropped, prefill, decode."""
     from moesaic.inference.offload import OffloadConfig, offload_experts_
 
-    oc = OffloadConfig(cache_experts=cfg["cache"], policy=cfg["policy"], prefetch=cfg["prefetch"])
+    oc = OffloadConfig(cache_experts=cfg["cache"], policy=cfg["policy"], prefetch=cfg["prefetch"],
+                       zero_copy=cfg.get("slots", "map") == "map")
     h = offload_experts_(model, store, oc, trace=trace, device="cpu")
     store.drop_page_cache()
     try:
@@ -133,7 +135,8 @@ def _offloaded(model: torch.nn.Module, s: Spec, store: Any, cfg: dict[str, Any],
         h.close()
     out["telemetry"] = _minus(h.summary()["total"], out.pop("snap"))
     out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"),
-               cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(), store_bytes=store.nbytes())
+               cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(), store_bytes=store.nbytes(),
+               page_cache_bytes=store.page_cache_bytes())
     return out
 
 
@@ -141,7 +144,7 @@ def work(s: Spec, configs: list[dict[str, Any]]) -> None:
     """``setup``: write the store. ``sweep``: every configuration in this process (the experts are put back
     between them; their uninitialised pages cost nothing), printing one JSON line each; the routing trace
     for the oracle is recorded on the first configuration (offloading never changes routing); last the
-    resident model, its experts read from the store."""
+    resident model, its experts read from the store. ``paired``: see :func:`_paired`."""
     from moesaic.inference.offload import DiskStore, expert_modules, record_expert_trace, save_expert_store
     from moesaic.inference.offload.transform import moe_layers
 
@@ -158,6 +161,9 @@ def work(s: Spec, configs: list[dict[str, Any]]) -> None:
     layers = dict(moe_layers(model))
     orig = {n: m.experts for n, m in layers.items()}
     store = DiskStore(root / "store", verify="none")
+    if s.task == "paired":
+        _paired(model, s, store, layers, orig, configs)
+        return
     trace: dict[str, list[frozenset[int]]] | None = None
     for cfg in configs:
         for n, m in layers.items():
@@ -174,12 +180,47 @@ def work(s: Spec, configs: list[dict[str, Any]]) -> None:
             out = _offloaded(model, s, store, cfg, trace)
         gc.collect()
         print(json.dumps({**cfg, **out, "load_average": os.getloadavg()[0]}), flush=True)
+    _load_resident(store, layers, orig)
+    print(json.dumps({"policy": "resident", **_resident(model, s), "load_average": os.getloadavg()[0]}), flush=True)
+
+
+def _load_resident(store: Any, layers: dict[str, Any], orig: dict[str, Any]) -> None:
+    """Put the stacked experts back into the model and read their weights from the store."""
     for n, m in layers.items():
         m.experts = orig[n]
         ex = orig[n]
         for e in range(ex.num_experts):
             store.read_into(n, e, {k: getattr(ex, k).data[e] for k in ex.stacked_names()})
+
+
+def _resident(model: torch.nn.Module, s: Spec) -> dict[str, Any]:
     res = decode(model, s)
     res.pop("snap")
     res.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"))
-    print(json.dumps({"policy": "resident", **res, "load_average": os.getloadavg()[0]}), flush=True)
+    return res
+
+
+def _paired(model: torch.nn.Module, s: Spec, store: Any, layers: dict[str, Any], orig: dict[str, Any],
+            configs: list[dict[str, Any]]) -> None:
+    """``paired``: the resident model and every configuration interleaved in one process, ``s.rounds`` times
+    (resident, then each configuration with fresh caches and the page cache dropped), one JSON line per run
+    with its round: each configuration's ratio is taken to the resident run of its own round, so a host
+    whose speed drifts during the sweep moves both sides of a ratio alike."""
+    from moesaic.inference.offload import record_expert_trace
+
+    _load_resident(store, layers, orig)
+    resident_experts = {n: m.experts for n, m in layers.items()}
+    trace = None
+    if any(c["policy"] == "oracle" for c in configs):  # an untimed resident run records the oracle's future
+        trace = record_expert_trace(model, lambda: decode(model, s))
+    for rnd in range(s.rounds):
+        for n, m in layers.items():
+            m.experts = resident_experts[n]
+        print(json.dumps({"policy": "resident", "round": rnd, **_resident(model, s),
+                          "load_average": os.getloadavg()[0]}), flush=True)
+        for cfg in configs:
+            for n, m in layers.items():
+                m.experts = resident_experts[n]
+            gc.collect()
+            out = _offloaded(model, s, store, cfg, trace)
+            print(json.dumps({**cfg, **out, "round": rnd, "load_average": os.getloadavg()[0]}), flush=True)
