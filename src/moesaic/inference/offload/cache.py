@@ -233,7 +233,7 @@ class ExpertCache:
         """Read expert e into its slot (outside the lock); on failure the slot is freed and the error raised."""
         slot = self.slot_of[e]
         try:
-            n = self.store.load_slot(self.layer, e, self.slots, slot)
+            n = self.store.load_slot(self.layer, e, self.slots, slot, ahead=prefetch)
         except BaseException:
             with self.cond:
                 self.loading.discard(e)

@@ -217,12 +217,15 @@ class DiskStore(ExpertStore):
             return mapped.MappedSlots(spec.shapes, spec.dtype, capacity)
         return super().new_slots(layer, capacity, device, zero_copy)
 
-    def load_slot(self, layer: str, e: int, slots: Any, slot: int) -> int:
-        """Map expert e's pages into a mapped slot (verified on first use like a read), or copy into a slot."""
+    def load_slot(self, layer: str, e: int, slots: Any, slot: int, ahead: bool = False) -> int:
+        """Map expert e's pages into a mapped slot (verified on first use like a read), or copy into a slot.
+        A mapping ahead of need (prefetch) starts the kernel's read of the pages and leaves faulting them in
+        to the forward that uses them: a wrong prediction then costs no page-table work, and the prefetch
+        thread takes almost no CPU from the compute threads."""
         if not isinstance(slots, mapped.MappedSlots):
-            return super().load_slot(layer, e, slots, slot)
+            return super().load_slot(layer, e, slots, slot, ahead)
         f = self._file_for(layer, e)
-        n = slots.map(slot, f.fd, {name: f.ranges[f"{e}.{name}"][0] for name in slots.buffers})
+        n = slots.map(slot, f.fd, {name: f.ranges[f"{e}.{name}"][0] for name in slots.buffers}, populate=not ahead)
         if self.verify == "read" and (layer, e) not in self.verified:
             h = hashlib.sha256()
             for name in slots.buffers:

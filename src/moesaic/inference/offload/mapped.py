@@ -113,9 +113,9 @@ class MappedSlots:
             self.buffers[name] = torch.frombuffer(raw, dtype=dtype, count=numel * capacity).view(capacity, *shape)
             self.slot_bytes[name], self.base[name] = nbytes, addr
 
-    def map(self, slot: int, fd: int, offsets: dict[str, int]) -> int:
-        """Map each tensor's file range (``offsets``: name -> page-aligned file offset) into ``slot`` and
-        fault its pages in; the bytes mapped."""
+    def map(self, slot: int, fd: int, offsets: dict[str, int], populate: bool = True) -> int:
+        """Map each tensor's file range (``offsets``: name -> page-aligned file offset) into ``slot``, start
+        the kernel's read of it, and (``populate``) fault its pages in now; the bytes mapped."""
         assert _LIBC is not None
         global _POPULATE_OK
         n = 0
@@ -125,7 +125,7 @@ class MappedSlots:
             _check(_LIBC.mmap(addr, nbytes, _PROT_RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd, off),
                    f"mapping {name} of slot {slot}")
             _LIBC.madvise(addr, nbytes, _MADV_WILLNEED)
-            if _POPULATE_OK and _LIBC.madvise(addr, nbytes, _MADV_POPULATE_READ) != 0:
+            if populate and _POPULATE_OK and _LIBC.madvise(addr, nbytes, _MADV_POPULATE_READ) != 0:
                 _POPULATE_OK = ctypes.get_errno() != 22  # EINVAL: an older kernel; pages fault in on use
             n += nbytes
         return n

@@ -76,8 +76,9 @@ class ExpertStore:
         spec = self.spec(layer)
         return {n: torch.empty((capacity, *shape), dtype=spec.dtype, device=device) for n, shape in spec.shapes.items()}
 
-    def load_slot(self, layer: str, e: int, slots: Slots, slot: int) -> int:
-        """Put expert e of ``layer`` into ``slot`` of ``slots`` (made by :meth:`new_slots`); the bytes read."""
+    def load_slot(self, layer: str, e: int, slots: Slots, slot: int, ahead: bool = False) -> int:
+        """Put expert e of ``layer`` into ``slot`` of ``slots`` (made by :meth:`new_slots`); the bytes read.
+        ``ahead``: a prefetch, loaded before it is needed (mapped slots then only start the read)."""
         assert isinstance(slots, dict), "mapped slots come from a disk store"
         return self.read_into(layer, e, {n: b[slot] for n, b in slots.items()})
 
