@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moesaic.core.errors import CheckpointCorruptError, ConfigError, OutputWriteError
+from moesaic.core.errors import CheckpointCorruptError, CheckpointError, ConfigError, OutputWriteError
 from moesaic.inference.offload import mapped
 from moesaic.inference.offload.aligned import DTYPES as _DTYPES
 from moesaic.inference.offload.aligned import NAMES as _NAMES
@@ -214,7 +214,10 @@ class DiskStore(ExpertStore):
         otherwise slots in RAM that reads copy into."""
         if zero_copy and torch.device(device).type == "cpu" and self.mappable(layer):
             spec = self.spec(layer)
-            return mapped.MappedSlots(spec.shapes, spec.dtype, capacity)
+            try:
+                return mapped.MappedSlots(spec.shapes, spec.dtype, capacity)
+            except OSError:  # no address space to reserve: slots that copy work the same, bit for bit
+                pass
         return super().new_slots(layer, capacity, device, zero_copy)
 
     def load_slot(self, layer: str, e: int, slots: Any, slot: int, ahead: bool = False) -> int:
@@ -225,7 +228,12 @@ class DiskStore(ExpertStore):
         if not isinstance(slots, mapped.MappedSlots):
             return super().load_slot(layer, e, slots, slot, ahead)
         f = self._file_for(layer, e)
-        n = slots.map(slot, f.fd, {name: f.ranges[f"{e}.{name}"][0] for name in slots.buffers}, populate=not ahead)
+        try:
+            n = slots.map(slot, f.fd, {name: f.ranges[f"{e}.{name}"][0] for name in slots.buffers},
+                          populate=not ahead)
+        except OSError as err:
+            raise CheckpointError(f"{f.path}: cannot map expert {e} of {layer} into a cache slot ({err}); "
+                                  "--offload-copy (OffloadConfig.zero_copy=False) reads it instead") from err
         if self.verify == "read" and (layer, e) not in self.verified:
             h = hashlib.sha256()
             for name in slots.buffers:
