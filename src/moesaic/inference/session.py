@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.errors import ConfigError
+from moesaic.inference.decode_plan import DecodePlan
 from moesaic.inference.kv_cache import CacheView, StaticKVCache
 from moesaic.inference.sampling import SamplingParams, sample_rows
 
@@ -91,6 +92,8 @@ class DecodeSession:
         self._shared_gen: torch.Generator | None = None
         fn = step_fn or default_step_fn(model)
         self.step_fn: StepFn = torch.compile(fn, dynamic=True) if compile else fn
+        #: batch-1 decode steps of the default step function without the module calls (eager only)
+        self.plan = DecodePlan.build(model) if step_fn is None and not compile else None
         self._prefill_fn = fn  # prefill shapes vary with every prompt: compiling them buys nothing
 
     # ------------------------------------------------------------------ bookkeeping
@@ -240,7 +243,14 @@ class DecodeSession:
         mask = self.mask_RC[:n, :L + 1] if padded else None
         ids_R1 = torch.tensor(feed, dtype=torch.long, device=self.device)
         pos_R1 = torch.tensor(pos, dtype=torch.long, device=self.device)
-        logits_RV = self.step_fn(ids_R1, mask, pos_R1, self.cache.view(slice(0, n), 0, L))
+        view = self.cache.view(slice(0, n), 0, L)
+        plan = self.plan if n == 1 and mask is None else None
+        if plan is not None and not plan.applies():
+            plan = None
+        elif plan is not None and not plan.current():  # a module or weight was replaced since the plan was made
+            plan = self.plan = DecodePlan.build(self.model)
+        logits_RV = (plan.step(ids_R1, pos_R1, pos[0][0], view) if plan is not None
+                     else self.step_fn(ids_R1, mask, pos_R1, view))
         self.cursor = L + 1
         for r in live:
             r.length += 1

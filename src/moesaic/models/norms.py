@@ -15,11 +15,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        low = dtype in (torch.float16, torch.bfloat16)
-        h = x.to(torch.float32) if low else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (h.to(dtype) if low else h)  # fp32/fp64: no cast (one op less per call)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """:class:`RMSNorm`'s computation (a function, so a decode step can run it without the module call)."""
+    dtype = x.dtype
+    low = dtype in (torch.float16, torch.bfloat16)
+    h = x.to(torch.float32) if low else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h.to(dtype) if low else h)  # fp32/fp64: no cast (one op less per call)

@@ -32,8 +32,9 @@ from moesaic.core.types import DispatchPlan, RoutingDecision
 from moesaic.moe.dense_ffn import DenseFFN
 from moesaic.moe.dispatch.base import DispatcherConfig
 from moesaic.moe.dispatch.sort import SortDispatcher
-from moesaic.moe.experts.backends.active import token_experts
+from moesaic.moe.experts.backends.active import ExpertViews, token_experts
 from moesaic.moe.experts.base import Experts, ExpertsConfig
+from moesaic.moe.experts.kernels import StackedFFN
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.recompute import recomputing
 from moesaic.moe.routing.base import ROUTERS, RouterConfig, check_finite
@@ -177,41 +178,58 @@ class MoELayer(nn.Module):
         as the general path on the same values, so the output is bitwise equal, without its per-call Python
         (Router.forward's mask handling; the decision, its statistics and the plan are built only if
         :attr:`last_stats` or :attr:`aux_losses` is read). Plain FFN experts on the CPU run the active backend's
-        :func:`token_experts` on the chosen experts directly; other experts get ``sort_plan``'s plan."""
+        :func:`token_experts` on the chosen experts directly (:meth:`_one_token_ffn`); other experts get
+        ``sort_plan``'s plan."""
         parts = self._one_token_parts()
         assert parts is not None
         router, experts = parts
         x_TD = x.reshape(1, self.d_model)
-        ffn = experts.one_token_ffn(x_TD, router.top_k) if isinstance(experts, FFNExperts) else None
+        if isinstance(experts, FFNExperts):
+            ffn = experts.one_token_ffn(x_TD, router.top_k)
+            if ffn is not None:
+                return self._one_token_ffn(x_TD, router, ffn, experts.one_token_views(ffn)).reshape(x.shape)
+        check_finite(x_TD, router.layer_name)
+        chosen = router.choose(x_TD)
+        ids_N, w_N = chosen[2].reshape(-1), chosen[3].reshape(-1)
+        plan = self._token_plan(ids_N, w_N)
+        y_TD: Tensor = experts(x_TD, plan)
+        if self.shared_experts is not None:
+            y_TD = self._add_shared(x_TD, y_TD, None)
+        self._record(router, chosen, plan)
+        return y_TD.reshape(x.shape)
+
+    def _one_token_ffn(self, x_TD: Tensor, router: TopKRouter, ffn: StackedFFN, views: ExpertViews) -> Tensor:
+        """:meth:`_one_token` for plain FFN experts (``ffn`` from their ``one_token_ffn``, ``views`` from their
+        ``one_token_views``): ``y_TD`` of the one token ``x_TD`` ``[1, D]``. The decode plan
+        (:mod:`moesaic.inference.decode_plan`) calls it directly after checking what :meth:`forward` checks."""
         # A NaN or inf in the input makes every logit non-finite and every softmax weight NaN: with the weights
         # read on the host anyway, the input check runs only then (same error, two ops and a sync fewer).
-        late_check = ffn is not None and router.cfg.score_func == "softmax"
+        late_check = router.cfg.score_func == "softmax"
         if not late_check:
             check_finite(x_TD, router.layer_name)
         chosen = router.choose(x_TD)
-        ids_N, w_N = chosen[2].reshape(-1), chosen[3].reshape(-1)
-
-        def plan() -> DispatchPlan:
-            return DispatchPlan(torch.zeros(ids_N.shape[0], dtype=torch.long, device=x.device),
-                                w_N[torch.argsort(ids_N, stable=True)],
-                                torch.bincount(ids_N, minlength=self.num_experts), 1)
-
-        if ffn is not None:  # top-k ids are distinct; the plan's order is increasing expert id
-            ids, ws = ids_N.tolist(), w_N.tolist()
-            if late_check and not all(map(math.isfinite, ws)):
-                check_finite(x_TD, router.layer_name)
-            order = sorted(range(len(ids)), key=ids.__getitem__)
-            y_TD = token_experts(x_TD, ffn, [ids[i] for i in order], [ws[i] for i in order])
-            last_plan: DispatchPlan | Callable[[], DispatchPlan] = plan
-        else:
-            last_plan = plan()
-            y_TD = experts(x_TD, last_plan)
+        ids, ws = chosen[2].tolist()[0], chosen[3].tolist()[0]
+        if late_check and not all(map(math.isfinite, ws)):
+            check_finite(x_TD, router.layer_name)
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # top-k ids are distinct; the plan's order is by id
+        y_TD = token_experts(x_TD, ffn, [ids[i] for i in order], [ws[i] for i in order], views)
         if self.shared_experts is not None:
             y_TD = self._add_shared(x_TD, y_TD, None)
-        # a plain attribute: set without nn.Module.__setattr__'s parameter/module bookkeeping (per-token cost)
-        object.__setattr__(self, "_last", LastForward(lambda: router.decision(*chosen, count_now=False), last_plan,
+        self._record(router, chosen, lambda: self._token_plan(chosen[2].reshape(-1), chosen[3].reshape(-1)))
+        return y_TD
+
+    def _token_plan(self, ids_N: Tensor, w_N: Tensor) -> DispatchPlan:
+        """``sort_plan``'s plan of one token's distinct choices."""
+        return DispatchPlan(torch.zeros(ids_N.shape[0], dtype=torch.long, device=ids_N.device),
+                            w_N[torch.argsort(ids_N, stable=True)], torch.bincount(ids_N, minlength=self.num_experts),
+                            1)
+
+    def _record(self, router: TopKRouter, chosen: tuple[Tensor, Tensor, Tensor, Tensor],
+                plan: DispatchPlan | Callable[[], DispatchPlan]) -> None:
+        """Keep a one-token forward's choice; its decision and statistics are built only when read. A plain
+        attribute, set without nn.Module.__setattr__'s parameter/module bookkeeping (a per-token cost)."""
+        object.__setattr__(self, "_last", LastForward(lambda: router.decision(*chosen, count_now=False), plan,
                                                       router.loss_coefs))
-        return y_TD.reshape(x.shape)
 
     def _flatten(self, x: Tensor, mask: Tensor | None, ctx: dict[str, Any]
                  ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:

@@ -18,6 +18,7 @@ from moesaic.core.activations import Activation
 from moesaic.core.config import require, rule
 from moesaic.core.types import DispatchPlan
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
+from moesaic.moe.experts.backends.active import ExpertViews, expert_views
 from moesaic.moe.experts.base import EXPERTS, Experts, ExpertsConfig
 from moesaic.moe.experts.kernels import StackedFFN
 
@@ -85,6 +86,17 @@ class FFNExperts(Experts):
                 or x_TD.dtype != self.w_up_EHD.dtype or torch.is_autocast_enabled("cpu")):
             return None
         return self.ffn()
+
+    def one_token_views(self, ffn: StackedFFN) -> ExpertViews:
+        """:func:`~moesaic.moe.experts.backends.active.expert_views` of ``ffn`` (this module's :meth:`one_token_ffn`),
+        made once and made again when a weight tensor, its storage or its layout changes."""
+        up, down = ffn.w_up_EHD, ffn.w_down_EDF
+        key = (up.data_ptr(), down.data_ptr(), up.shape, down.shape, up.stride(), down.stride(), up.dtype, down.dtype)
+        got = self.__dict__.get("_views")
+        if got is None or got[0] is not up or got[1] is not down or got[2] != key:
+            got = self.__dict__["_views"] = (up, down, key, expert_views(ffn))
+        views: ExpertViews = got[3]
+        return views
 
     def forward(self, x_TD: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
         """``y_TD`` for the plan; ``backend`` overrides the configured one for this call."""

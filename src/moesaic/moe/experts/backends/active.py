@@ -50,15 +50,28 @@ def one_token(x_1D: Tensor, plan: DispatchPlan, ffn: StackedFFN, counts: list[in
     return token_experts(x_1D, ffn, experts, plan.weight_N.tolist())
 
 
-def token_experts(x_1D: Tensor, ffn: StackedFFN, experts: list[int], weights: list[float]) -> Tensor:
+def token_experts(x_1D: Tensor, ffn: StackedFFN, experts: list[int], weights: list[float],
+                  views: ExpertViews | None = None) -> Tensor:
     """``sum_i weights[i] * FFN_{experts[i]}(x_1D)`` for one token, ``experts`` in increasing order and distinct:
     each expert runs on the token itself and its weighted output is added in that order, the order in which
-    :meth:`DispatchPlan.combine` adds the rows of a plan, so the result is bitwise ``plan.combine(rows(...))``."""
+    :meth:`DispatchPlan.combine` adds the rows of a plan, so the result is bitwise ``plan.combine(rows(...))``.
+    ``views``: :func:`expert_views` of ``ffn`` (the same weights, without one indexing op per expert)."""
+    up_E, down_E = views if views is not None else (ffn.w_up_EHD, ffn.w_down_EDF)
     y_1D = x_1D.new_zeros(1, ffn.w_down_EDF.shape[1])
     for e, w in zip(experts, weights, strict=True):
-        y_e = F.linear(glu_or_act(F.linear(x_1D, ffn.w_up_EHD[e]), ffn.activation, ffn.gated), ffn.w_down_EDF[e])
+        y_e = F.linear(glu_or_act(F.linear(x_1D, up_E[e]), ffn.activation, ffn.gated), down_E[e])
         y_1D.add_(y_e * w)
     return y_1D
+
+
+#: Each expert's up and down projection: ``(w_up_EHD.unbind(0), w_down_EDF.unbind(0))``.
+ExpertViews = tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
+
+
+def expert_views(ffn: StackedFFN) -> ExpertViews:
+    """The stacked weights split into per-expert views (no copy): ``views[0][e]`` is ``ffn.w_up_EHD[e]``. A decode
+    step indexes these tuples instead of calling ``w[e]`` (one op) twice per chosen expert."""
+    return ffn.w_up_EHD.detach().unbind(0), ffn.w_down_EDF.detach().unbind(0)
 
 
 @BACKENDS.register("active")
