@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
-import time
 
 import torch
 
@@ -25,6 +22,7 @@ def main() -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     import moesaic
+    from moesaic.bench.measure import time_interleaved
     from moesaic.inference import decode_plan
     from moesaic.interop.hf import from_hf
 
@@ -54,17 +52,10 @@ def main() -> None:
 
     fns = {"plan_off": plan_off, "plan_on": lambda: moesaic.generate(ms, ids, N),
            "transformers": lambda: hf.generate(ids, max_new_tokens=N, do_sample=False, min_new_tokens=N)}
-    t: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         same = torch.equal(plan_off(), moesaic.generate(ms, ids, N))
-        order = list(fns)
-        for r in range(args.repeats):
-            random.Random(r).shuffle(order)
-            for k in order:
-                s = time.perf_counter()
-                fns[k]()
-                t[k].append(time.perf_counter() - s)
-    tps = {k: round(N / statistics.median(v), 1) for k, v in t.items()}
+        med = time_interleaved(fns, args.repeats)  # wall clock, shuffled per round, medians
+    tps = {k: round(N / v, 1) for k, v in med.items()}
     print(json.dumps({"shape": args.shape, "threads": args.threads, "same_tokens": same, "tok_s": tps,
                       "plan_on_over_off": round(tps["plan_on"] / tps["plan_off"], 3),
                       "plan_on_over_transformers": round(tps["plan_on"] / tps["transformers"], 3)}))
