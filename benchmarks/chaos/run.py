@@ -305,6 +305,9 @@ def main() -> int:
         lines += [table(rs), ""]
     Path(a.report).write_text("\n".join(lines))
     print(f"wrote {a.report}: {sum(r['ok'] for r in rows)}/{len(rows)} passed", flush=True)
+    for r in rows:  # CI keeps stdout, not the report: name every failed case there
+        if not r["ok"]:
+            print(f"FAILED: {r['case']}\n  expected: {r['expect']}\n  got: {r['got'][:600]}", flush=True)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
