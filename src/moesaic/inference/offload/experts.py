@@ -11,7 +11,8 @@ taken from cache slots instead of the stacked parameters:
   ``w_up_SHD``/``w_down_SDF``, with every expert keeping its rows (same row counts per matmul);
 * backends that compute grouped rows (``active``, ``loop``, ``grouped_mm``, ``bmm``): the chunk's rows
   are reordered into slot order, computed, put back in expert order, and one ``plan.combine`` scatters
-  all rows, so every token sums its experts in the resident order;
+  all rows, so every token sums its experts in the resident order (``bmm`` pads every slot to the plan's
+  largest row count, as the resident experts are padded: a matmul's result depends on its row count);
 * ``fused`` (weighted scatter inside the kernel): one call per expert, summed in expert order, which is the
   order its scatter-add accumulates in.
 
@@ -30,6 +31,7 @@ from moesaic.core.errors import ConfigError
 from moesaic.core.types import DispatchPlan
 from moesaic.inference.offload.cache import ExpertCache
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
+from moesaic.moe.experts.backends.bmm import BmmBackend
 from moesaic.moe.experts.base import Experts, ExpertsConfig
 from moesaic.moe.experts.grouped_glu import grouped_glu
 from moesaic.moe.experts.kernels import StackedFFN
@@ -100,7 +102,9 @@ class OffloadedExperts(Experts):
                 for i in order:
                     counts_S[slots[i]] = counts[chunk[i]]
                 x_nD = torch.cat([x_ND[start[chunk[i]]:start[chunk[i] + 1]] for i in order])
-                y_nD = be.rows(x_nD, torch.tensor(counts_S, device=plan.counts_E.device), ffn)
+                counts_S_t = torch.tensor(counts_S, device=plan.counts_E.device)
+                y_nD = (BmmBackend.padded_rows(x_nD, counts_S_t, ffn, max(counts)) if name == "bmm"
+                        else be.rows(x_nD, counts_S_t, ffn))
             finally:
                 self.cache.release(chunk)
             pos = 0

@@ -16,10 +16,16 @@ class BmmBackend(Backend):
 
     @classmethod
     def rows(cls, x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor:
+        return cls.padded_rows(x_ND, counts_E, ffn, int(counts_E.max()) if x_ND.shape[0] else 0)
+
+    @classmethod
+    def padded_rows(cls, x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN, C: int) -> Tensor:
+        """:meth:`rows` with every expert padded to ``C >= max(counts_E)`` rows. A row's result depends on the
+        row count of its matmul (BLAS picks another kernel for 1 row than for 2: MKL on AMD EPYC differs in
+        the last bit), so a caller computing a subset of the experts (offloaded experts) passes the plan's C."""
         w_up_EHD, w_down_EDF = ffn.w_up_EHD, ffn.w_down_EDF
         E, N, D = w_up_EHD.shape[0], x_ND.shape[0], x_ND.shape[1]
         with torch.no_grad():
-            C = int(counts_E.max()) if N else 0
             start_E = torch.cumsum(counts_E, 0) - counts_E
             expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
             slot_N = expert_N * C + torch.arange(N, device=x_ND.device) - start_E[expert_N]
