@@ -50,11 +50,11 @@ def _model(shape: str, vocab: int) -> tuple[Any, torch.nn.Module]:
 
 def run(args: argparse.Namespace) -> int:
     import moesaic
-    from moesaic.bench.measure import time_interleaved
+    from moesaic.bench.measure import cpu_model, time_interleaved
 
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}  allocator {os.environ.get('LD_PRELOAD') or 'glibc malloc'}  "
-          f"torch {torch.__version__}  load average {os.getloadavg()[0]:.2f}")
+          f"torch {torch.__version__}  load average {os.getloadavg()[0]:.2f}  CPU {cpu_model()}")
     torch.manual_seed(0)
     V, P, N = 4096, args.prompt_len, args.new_tokens
     ids = torch.randint(0, V, (1, P))

@@ -22,6 +22,7 @@ i.e. the activation memory.
 from __future__ import annotations
 
 import os
+import platform
 import random
 import statistics
 import time
@@ -59,6 +60,18 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; BLAS kernels, and so speed ratios, differ between CPU vendors)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def run_header(clock: str = "wall", extra: str = "") -> str:
     """One line: torch threads, C allocator, clock (``cpu`` labelled as process CPU time), load average."""
     from moesaic.core.allocator import allocator_description
@@ -66,7 +79,7 @@ def run_header(clock: str = "wall", extra: str = "") -> str:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     what = "wall clock" if clock == "wall" else "PROCESS CPU TIME (--clock cpu: not wall-clock latency)"
     return (f"# threads={torch.get_num_threads()} of {os.cpu_count()} cores; allocator: {allocator_description()}; "
-            f"clock: {what}; load average: {load}" + (f"; {extra}" if extra else ""))
+            f"clock: {what}; load average: {load}; CPU: {cpu_model()}" + (f"; {extra}" if extra else ""))
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:

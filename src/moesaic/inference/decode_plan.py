@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
+from moesaic.core.split_linear import split_linear
 from moesaic.inference.kv_cache import CacheView
 from moesaic.models.attention import MultiHeadAttention, repeat_kv
 from moesaic.models.norms import RMSNorm, rms_norm
@@ -98,16 +99,16 @@ class _Block:
         if self.inline_attention():  # MultiHeadAttention.forward, S = 1, no mask
             H, Hkv, d = self.heads
             wq, bq, wk, bk, wv, bv, wo, bo = self.weights
-            q_BSHd = F.linear(x_BSD, wq, bq).view(1, 1, H, d)  # type: ignore[arg-type]
-            k_BSHd = F.linear(x_BSD, wk, bk).view(1, 1, Hkv, d)  # type: ignore[arg-type]
-            v_BHSd = F.linear(x_BSD, wv, bv).view(1, 1, Hkv, d).transpose(1, 2)  # type: ignore[arg-type]
+            q_BSHd = split_linear(x_BSD, wq, bq).view(1, 1, H, d)  # type: ignore[arg-type]
+            k_BSHd = split_linear(x_BSD, wk, bk).view(1, 1, Hkv, d)  # type: ignore[arg-type]
+            v_BHSd = split_linear(x_BSD, wv, bv).view(1, 1, Hkv, d).transpose(1, 2)  # type: ignore[arg-type]
             cos, ssin = rope.rotation(a.rotary_emb, q_BSHd.dtype)
             q_BHSd = rotate(q_BSHd, cos, ssin).transpose(1, 2)
             k_BHSd = rotate(k_BSHd, cos, ssin).transpose(1, 2)
             k_BHSd, v_BHSd = view.update(a.layer_idx, k_BHSd, v_BHSd)
             o_BHSd = F.scaled_dot_product_attention(q_BHSd, repeat_kv(k_BHSd, H // Hkv), repeat_kv(v_BHSd, H // Hkv),
                                                     attn_mask=None, is_causal=False)
-            a_BSD = F.linear(o_BHSd.transpose(1, 2).reshape(1, 1, H * d), wo, bo)  # type: ignore[arg-type]
+            a_BSD = split_linear(o_BHSd.transpose(1, 2).reshape(1, 1, H * d), wo, bo)  # type: ignore[arg-type]
         else:
             a_BSD = a(x_BSD, pos_11, None, view, rope=rope) if getattr(a, "accepts_rope", False) else \
                 a(x_BSD, pos_11, None, view)
@@ -186,7 +187,7 @@ class DecodePlan:
             h_BSD = b.forward(h_BSD, ids_11, pos_11, view, rope)
         view.advance(1)
         h_BSD = self._norm(body.norm, h_BSD)
-        return F.linear(h_BSD[:, -1], self.head._parameters["weight"], self.head._parameters["bias"])  # type: ignore[arg-type]
+        return split_linear(h_BSD[:, -1], self.head._parameters["weight"], self.head._parameters["bias"])  # type: ignore[arg-type]
 
     @staticmethod
     def _norm(n: nn.Module, h: Tensor) -> Tensor:

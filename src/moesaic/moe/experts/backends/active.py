@@ -16,9 +16,9 @@ grouped_mm is 10-20 % faster and keeps them). docs/benchmarks.md, "Decode: the w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from moesaic.core.split_linear import split_linear
 from moesaic.core.types import DispatchPlan
 from moesaic.moe.experts.backends import BACKENDS, Backend
 from moesaic.moe.experts.backends.grouped_mm import GroupedMMBackend
@@ -37,8 +37,8 @@ def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            h_nF = glu_or_act(F.linear(x_ND[start:start + n], ffn.w_up_EHD[e]), ffn.activation, ffn.gated)
-            outs.append(F.linear(h_nF, ffn.w_down_EDF[e]))
+            h_nF = glu_or_act(split_linear(x_ND[start:start + n], ffn.w_up_EHD[e]), ffn.activation, ffn.gated)
+            outs.append(split_linear(h_nF, ffn.w_down_EDF[e]))
             start += n
     return torch.cat(outs, 0)
 
@@ -59,7 +59,7 @@ def token_experts(x_1D: Tensor, ffn: StackedFFN, experts: list[int], weights: li
     up_E, down_E = views if views is not None else (ffn.w_up_EHD, ffn.w_down_EDF)
     y_1D = x_1D.new_zeros(1, ffn.w_down_EDF.shape[1])
     for e, w in zip(experts, weights, strict=True):
-        y_e = F.linear(glu_or_act(F.linear(x_1D, up_E[e]), ffn.activation, ffn.gated), down_E[e])
+        y_e = split_linear(glu_or_act(split_linear(x_1D, up_E[e]), ffn.activation, ffn.gated), down_E[e])
         y_1D.add_(y_e * w)
     return y_1D
 
