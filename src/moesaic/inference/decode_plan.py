@@ -15,6 +15,9 @@ path, ``tests/inference/test_decode_plan.py``):
 * MoE layers whose one-token path applies (:meth:`MoELayer._one_token_ffn`: a top-k router, the sort
   dispatcher, plain FFN experts on the CPU): the router's choice, the chosen experts, the lazy statistics.
 
+The matrix-vector products (projections, LM head, experts) go through
+:func:`~moesaic.core.split_linear.split_linear`, bitwise ``F.linear`` on every core.
+
 Every step first checks, in one pass over the recorded modules (about 10 us), what the module path would decide
 differently: a module replaced (LoRA or quantized projections, offloaded experts, a dropped layer), a forward
 hook or pre-hook on a module the module path calls (globally registered ones included), a patched or compiled
