@@ -59,3 +59,29 @@ def test_parts_divide_the_output_rows(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert sl._parts(512) == 16 and sl._parts(1000) == 10 and sl._parts(40) == 2 and sl._parts(31) == 1
     assert sl._parts(17) == 1  # 17 rows: parts of fewer than MIN_PART rows are not worth a thread
+
+
+def test_linear_call_keeps_hooks_wrappers_and_autograd(two_threads):
+    lin = torch.nn.Linear(32, 64, bias=False)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        assert torch.equal(sl.linear_call(lin, x), F.linear(x, lin.weight))
+        seen = []
+        h = lin.register_forward_hook(lambda m, a, out: seen.append(out.shape) or out * 2)
+        assert torch.equal(sl.linear_call(lin, x), 2 * F.linear(x, lin.weight)) and seen == [(1, 64)]
+        h.remove()
+        g = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append("global"))
+        sl.linear_call(lin, x)
+        g.remove()
+        assert seen[-1] == "global"
+
+        class Wrapped(torch.nn.Linear):  # e.g. a LoRA or quantized projection: its own forward runs
+            def forward(self, x):
+                return super().forward(x) + 1
+
+        w = Wrapped(32, 64)
+        assert torch.equal(sl.linear_call(w, x), F.linear(x, w.weight, w.bias) + 1)
+    y = sl.linear_call(lin, x.requires_grad_())
+    y.sum().backward()
+    assert y.grad_fn is not None
+    torch.testing.assert_close(x.grad, lin.weight.detach().sum(0, keepdim=True))

@@ -13,15 +13,16 @@ result is bitwise ``F.linear``'s wherever we measured (one row, no bias, float32
 differs (a bias added inside gemm, parts of unaligned size) it is not, so the first call of each (dtype, shape,
 rows, parts, bias) compares both on a random input and uses the split only when they are bitwise equal: the
 decode plan (docs/inference.md) relies on equality with the module path, which calls ``F.linear``. The
-split runs only on the CPU, without autograd, with 2 or more threads and at most :data:`MAX_ROWS` rows;
-elsewhere this is ``F.linear``.
+split runs only on the CPU, without autograd, autocast or ``torch.compile``, with 2 or more threads and at most
+:data:`MAX_ROWS` rows; elsewhere this is ``F.linear``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 #: Rows up to which the split pays (measured 1.3-2x up to 32 rows at 2 threads, 1.06-1.12x at 64).
 MAX_ROWS = 32
@@ -64,10 +65,34 @@ def split_linear(x: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
     n_out, n_in = w_OI.shape
     M = x.numel() // n_in if n_in else 0
     if (0 < M <= MAX_ROWS and x.device.type == "cpu" and w_OI.is_contiguous() and x.dtype == w_OI.dtype
-            and not torch.is_grad_enabled() and x.shape[-1] == n_in and (b_O is None or b_O.dtype == x.dtype)):
+            and not torch.is_grad_enabled() and x.shape[-1] == n_in and (b_O is None or b_O.dtype == x.dtype)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         c = _parts(n_out)
         if c > 1:
             x_MI = x.reshape(M, n_in)
             if _bitwise(x_MI, w_OI, b_O, c):
                 return _split(x_MI, w_OI, b_O, c).view(*x.shape[:-1], n_out)
     return F.linear(x, w_OI, b_O)
+
+
+def plain(m: nn.Module) -> bool:
+    """Whether calling ``m`` is exactly ``m.forward(...)`` of its class: no hooks, no compiled or patched forward."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or m._compiled_call_impl is not None or "forward" in m.__dict__)
+
+
+def global_hooks() -> bool:
+    """Whether a module hook is registered for every module (``nn.modules.module.register_module_forward_hook``...)."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+
+
+def linear_call(m: nn.Module, x: Tensor) -> Tensor:
+    """``m(x)``; for a plain ``nn.Linear`` (:func:`plain`, no global hooks) without autograd on the CPU, its
+    :func:`split_linear` (bitwise the same). Wrapped or hooked projections (LoRA, quantized, a forward hook) are
+    called as modules."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or type(m) is not nn.Linear or not plain(m)
+            or global_hooks()):
+        out: Tensor = m(x)
+        return out
+    return split_linear(x, m.weight, m.bias)

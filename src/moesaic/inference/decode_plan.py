@@ -35,9 +35,8 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
 
-from moesaic.core.split_linear import split_linear
+from moesaic.core.split_linear import global_hooks, plain, split_linear
 from moesaic.inference.kv_cache import CacheView
 from moesaic.models.attention import MultiHeadAttention, repeat_kv
 from moesaic.models.norms import RMSNorm, rms_norm
@@ -50,17 +49,6 @@ from moesaic.moe.layer import MoELayer
 #: on first use, keyed by position and device): a later step at that position (the next request) reads them instead of
 #: computing them again, about a dozen small ops per step. At most the body's ``max_seq_len`` positions.
 _ROPE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, torch.device], RotaryAngles]] = weakref.WeakKeyDictionary()
-
-
-def _plain(m: nn.Module) -> bool:
-    """Whether calling ``m`` is exactly ``m.forward(...)`` of its class: no hooks, no compiled or patched forward."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or m._compiled_call_impl is not None or "forward" in m.__dict__)
-
-
-def _global_hooks() -> bool:
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 class _Block:
@@ -91,13 +79,13 @@ class _Block:
 
     def inline_attention(self) -> bool:
         a = self.attn
-        return bool(self.projs) and not (a.cfg.qk_norm or a.cfg.sliding_window is not None) and _plain(a) \
-            and all(_plain(p) for p in self.projs)
+        return bool(self.projs) and not (a.cfg.qk_norm or a.cfg.sliding_window is not None) and plain(a) \
+            and all(plain(p) for p in self.projs)
 
     def forward(self, h_BSD: Tensor, ids_11: Tensor, pos_11: Tensor, view: CacheView, rope: RotaryAngles) -> Tensor:
         """:meth:`TransformerLayer.forward` for one token of one row without a padding mask."""
         n1, n2, a, m = self.norm1, self.norm2, self.attn, self.mlp
-        inline_norms = self.inline_norms and _plain(n1) and _plain(n2)
+        inline_norms = self.inline_norms and plain(n1) and plain(n2)
         x_BSD = rms_norm(h_BSD, n1._parameters["weight"], n1.eps) if inline_norms else n1(h_BSD)  # type: ignore[arg-type]
         if self.inline_attention():  # MultiHeadAttention.forward, S = 1, no mask
             H, Hkv, d = self.heads
@@ -120,7 +108,7 @@ class _Block:
         moe = self.moe
         y_BSD: Tensor | None = None
         if (moe is not None and moe.__dict__.get("_parts") is self.parts is not None and not moe.training
-                and not moe._routing_hooks and _plain(moe)):  # MoELayer.forward would take its one-token path
+                and not moe._routing_hooks and plain(moe)):  # MoELayer.forward would take its one-token path
             router, experts = self.parts[0], self.experts
             assert experts is not None
             x_TD = x_BSD.reshape(1, moe.d_model)
@@ -170,8 +158,8 @@ class DecodePlan:
 
     def applies(self) -> bool:
         """Whether this step may skip the calls of body, blocks, embedding and head (checked every step)."""
-        return not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or _global_hooks()
-                    or torch._C._get_tracing_state() is not None or not all(_plain(m) for m in self.calls))
+        return not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or global_hooks()
+                    or torch._C._get_tracing_state() is not None or not all(plain(m) for m in self.calls))
 
     def step(self, ids_11: Tensor, pos_11: Tensor, position: int, view: CacheView) -> Tensor:
         """Logits ``[1, V]`` of the next token after ``ids_11`` at position ``pos_11`` (``[1, 1]`` each, ``position``
@@ -194,7 +182,7 @@ class DecodePlan:
 
     @staticmethod
     def _norm(n: nn.Module, h: Tensor) -> Tensor:
-        if type(n) is RMSNorm and _plain(n):
+        if type(n) is RMSNorm and plain(n):
             return rms_norm(h, n._parameters["weight"], n.eps)  # type: ignore[arg-type]
         out: Tensor = n(h)
         return out

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.core.errors import ConfigError
+from moesaic.core.split_linear import linear_call
 from moesaic.inference.decode_plan import DecodePlan
 from moesaic.inference.kv_cache import CacheView, StaticKVCache
 from moesaic.inference.sampling import SamplingParams, sample_rows
@@ -58,8 +59,7 @@ def default_step_fn(model: nn.Module) -> StepFn:
     if isinstance(body, nn.Module) and isinstance(head, nn.Module):
         def step(ids: Tensor, mask: Tensor | None, pos: Tensor, view: CacheView) -> Tensor:
             h_RSD = body(ids, mask, pos, view)
-            out: Tensor = head(h_RSD[:, -1])
-            return out
+            return linear_call(head, h_RSD[:, -1])
         return step
 
     def step_any(ids: Tensor, mask: Tensor | None, pos: Tensor, view: CacheView) -> Tensor:

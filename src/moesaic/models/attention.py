@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moesaic.core.config import ComponentConfig, require, rule
 from moesaic.core.registry import Registry
+from moesaic.core.split_linear import linear_call
 from moesaic.models.cache import KVCache
 from moesaic.models.masks import sliding_window_mask
 from moesaic.models.norms import RMSNorm
@@ -105,11 +106,11 @@ class MultiHeadAttention(nn.Module):
         """``rope``: the angles of ``position_ids_BS`` shared by the layers of one forward (else computed here)."""
         B, S, _ = x_BSD.shape
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        q, k = linear_call(self.q_proj, x_BSD), linear_call(self.k_proj, x_BSD)
         if self.cfg.qk_norm and self.cfg.qk_norm_scope == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BSHd, k_BSHd = q.view(B, S, H, d), k.view(B, S, Hkv, d)
-        v_BHSd = self.v_proj(x_BSD).view(B, S, Hkv, d).transpose(1, 2)
+        v_BHSd = linear_call(self.v_proj, x_BSD).view(B, S, Hkv, d).transpose(1, 2)
         if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":
             q_BSHd, k_BSHd = self.q_norm(q_BSHd), self.k_norm(k_BSHd)
         cos, ssin = (rope or RotaryAngles(position_ids_BS)).rotation(self.rotary_emb, q_BSHd.dtype)
@@ -124,4 +125,4 @@ class MultiHeadAttention(nn.Module):
                                             x_BSD.device)
         is_causal = self.causal and mask_B1QK is None and k_BHSd.shape[2] == S and S > 1
         o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1QK, is_causal=is_causal)
-        return self.o_proj(o_BHSd.transpose(1, 2).reshape(B, S, H * d))
+        return linear_call(self.o_proj, o_BHSd.transpose(1, 2).reshape(B, S, H * d))
