@@ -4,7 +4,7 @@ A decode step at batch 1 is a chain of matrix-vector products whose cost is read
 CPU ``F.linear`` of one row (the BLAS gemv, and gemm for a few rows) runs on one thread: with torch 2.13's
 MKL on the 2-core AMD EPYC of our benchmarks, a ``[1024, 512]`` weight streams at 10 GB/s at 1 and at 2
 threads, while the two cores read memory at 34 GB/s (``torch.sum``). ``torch.bmm`` over ``c`` views of the
-weight, ``W.view(c, O / c, I)``, hands each part to a thread: 1.6-1.9x faster for one row at 2 threads, 1.3-2x
+weight, ``W.view(c, O / c, I)``, hands each part to a thread: 1.4-1.9x faster for one row at 2 threads, 1.1-2.3x
 for 2 to 32 rows, and nothing from 64 rows on, where gemm has its own threads (docs/benchmarks.md, "Decode:
 matrix-vector products on every core").
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
-#: Rows up to which the split pays (measured 1.3-2x up to 32 rows at 2 threads, 1.06-1.12x at 64).
+#: Rows up to which the split pays (measured 1.1-2.3x up to 32 rows at 2 threads, 0.99-1.12x at 64).
 MAX_ROWS = 32
 #: Fewest output rows per part.
 MIN_PART = 16
