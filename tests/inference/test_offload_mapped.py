@@ -126,3 +126,56 @@ def test_page_cache_bytes_counts_what_was_read(tmp_path):
     assert store.page_cache_bytes() >= total - len(_files(d)) * mapped.PAGE  # a partial last page may round down
     store.drop_page_cache()
     assert 0 <= store.page_cache_bytes() <= total + len(_files(d)) * mapped.PAGE
+
+
+def large_expert_lm(seed: int = 0) -> DecoderLM:
+    """One MoE layer whose experts are larger than a huge page and not a multiple of one: w_up [6144, 256]
+    (6 MiB) and w_down [256, 3072] (3 MiB, so its slots are padded to 4 MiB)."""
+    torch.manual_seed(seed)
+    cfg = DecoderLMConfig(vocab_size=40, d_model=256, num_layers=1, d_ff=64, max_seq_len=32,
+                          moe=MoEConfig(d_ff=3072, num_experts=4, top_k=2))
+    cfg.attention.num_heads = 2
+    return DecoderLM(cfg).eval()
+
+
+def test_large_experts_are_huge_page_aligned_in_the_file_and_in_the_slots(tmp_path):
+    """Tensors of at least 2 MiB start on a 2 MiB boundary of the store file; each slot of a mapped cache
+    starts on one too (a strided buffer where an expert is not a whole number of huge pages), so the slot's
+    address and the expert's file offset agree modulo 2 MiB (the kernel can then map the page cache's
+    2 MiB folios with one entry each); decoding stays bit-identical for every slot an expert lands in."""
+    want_tokens, want_logits = decode(large_expert_lm())
+    d = save_expert_store(expert_modules(large_expert_lm()), tmp_path / "store")
+    (f,) = _files(d)
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    big = [k for k, v in header.items() if k != "__metadata__" and not k.startswith("__pad__")]
+    assert len(big) == 8 and (8 + n) % mapped.HUGE == 0
+    assert all((8 + n + header[k]["data_offsets"][0]) % mapped.HUGE == 0 for k in big)
+    with safe_open(str(f), "pt") as sf:
+        assert sf.get_tensor("3.w_down_EDF").shape == (256, 3072)
+    store = DiskStore(d)
+    layer = "model.layers.0.mlp"
+    file = store.files[layer]
+    for cap, prefetch in ((2, "none"), (3, "pregate")):
+        m = large_expert_lm()
+        h = offload_experts_(m, store, OffloadConfig(cache_experts=cap, prefetch=prefetch))
+        try:
+            tokens, logits = decode(m)
+            cache = h.layers[layer].cache
+            slots = cache.slots
+            assert isinstance(slots, mapped.MappedSlots)
+            w_down = cache.buffers["w_down_EDF"]
+            assert w_down.shape == (cap, 256, 3072) and w_down.stride()[0] == (4 << 20) // 4
+            assert all(w_down[s].is_contiguous() for s in range(cap))
+            for name in ("w_up_EHD", "w_down_EDF"):
+                assert slots.base[name] % mapped.HUGE == 0 and slots.stride[name] % mapped.HUGE == 0
+                for s, e in enumerate(cache.expert_at):
+                    if e is not None:  # the slot maps the expert's file range: same bytes, congruent address
+                        a, b = file.ranges[f"{e}.{name}"]
+                        assert (slots.base[name] + s * slots.stride[name] - a) % mapped.HUGE == 0
+                        assert bytes(slots.slot_memory(s, name)) == raw[a:b]
+        finally:
+            h.close()
+        assert tokens == want_tokens and torch.equal(logits, want_logits), (cap, prefetch)
+    store.close()

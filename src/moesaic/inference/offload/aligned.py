@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moesaic.inference.offload.mapped import PAGE
+from moesaic.inference.offload.mapped import HUGE, PAGE
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
           "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32}
@@ -29,19 +29,25 @@ NAMES = {v: k for k, v in DTYPES.items()}
 PAD_PREFIX = "__pad__."
 
 
-def _layout(tensors: dict[str, Tensor], align: int) -> tuple[list[tuple[str, Tensor | int]], dict[str, object]]:
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _layout(tensors: dict[str, Tensor], align: int,
+            large: int) -> tuple[list[tuple[str, Tensor | int]], dict[str, object]]:
     """The write order (tensors and padding byte counts) and the header entries, offsets from the data."""
     order: list[tuple[str, Tensor | int]] = []
     header: dict[str, object] = {}
     pos = 0
     for name, t in tensors.items():
-        if pos % align:
-            gap = align - pos % align
+        a = large if _nbytes(t) >= large else align
+        if pos % a:
+            gap = a - pos % a
             pad = f"{PAD_PREFIX}{len(order)}"
             header[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [pos, pos + gap]}
             order.append((pad, gap))
             pos += gap
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(t)
         header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
         order.append((name, t))
         pos += nbytes
@@ -49,14 +55,16 @@ def _layout(tensors: dict[str, Tensor], align: int) -> tuple[list[tuple[str, Ten
 
 
 def write_aligned(path: str | os.PathLike[str], tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
-                  align: int = PAGE) -> None:
+                  align: int = PAGE, large: int = HUGE) -> None:
     """Write ``tensors`` (in this order, CPU, contiguous or not) as a safetensors file at ``path`` with every
-    tensor at an ``align``-byte aligned file offset (module docstring), then fsync it."""
-    order, header = _layout(tensors, align)
+    tensor at an ``align``-byte aligned file offset, and tensors of at least ``large`` bytes at a ``large``-byte
+    aligned one (module docstring), then fsync it."""
+    order, header = _layout(tensors, align, large)
     if metadata:
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header, separators=(",", ":")).encode()
-    n = len(text) + (-(8 + len(text)) % align)  # pad so that 8 + N is a multiple of align
+    start = large if any(_nbytes(t) >= large for t in tensors.values()) else align
+    n = len(text) + (-(8 + len(text)) % start)  # pad so that the data (at 8 + N) starts on a boundary
     with open(Path(path), "wb") as f:
         f.write(n.to_bytes(8, "little"))
         f.write(text + b" " * (n - len(text)))

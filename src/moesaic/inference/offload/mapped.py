@@ -14,6 +14,16 @@ the results are the same bits as from copied slots.
   to read the range ahead (``MADV_WILLNEED``) and to map its pages now (``MADV_POPULATE_READ``, Linux 5.14+;
   elsewhere the first compute faults them in). Remapping a slot unmaps the previous expert's pages from
   the process; they stay in the kernel's page cache until memory pressure evicts them.
+* **Huge-page mappings.** Each region starts on a 2 MiB boundary and, for experts of at least 2 MiB, each
+  slot's stride is rounded up to a multiple of 2 MiB (the buffer is then a strided view: every slot is
+  contiguous, the gap between slots is never touched). A store written by this version puts every expert
+  tensor at a 2 MiB-aligned file offset (:func:`moesaic.inference.offload.aligned.write_aligned`), so a
+  slot's address and its file offset agree modulo 2 MiB, and where the page cache holds the file in 2 MiB
+  folios (large folios: ext4 since Linux 6.16, XFS, tmpfs) the kernel maps each 2 MiB with one page-table
+  entry instead of 512 (``FilePmdMapped`` in /proc/self/smaps). The slots ask for such folios on a cold
+  read (``MADV_HUGEPAGE``). Measured on a 6.18 kernel, ext4: mapping and populating a 22 MiB expert tensor
+  from the page cache takes 0.15 ms aligned against 1.35 ms with 4 KiB entries. Where the kernel or file
+  system cannot, the same mapping falls back to 4 KiB entries with the same bytes.
 * The regions are unmapped when the last tensor viewing them is freed (a finalizer on the buffer object
   that the tensors keep alive), never under a live tensor.
 * :func:`page_cache_bytes` reports how much of a file the page cache holds (``mincore``), so benchmarks can
@@ -37,9 +47,10 @@ import torch
 from torch import Tensor
 
 PAGE = mmap.PAGESIZE
+HUGE = 2 << 20  # the PMD size of x86-64 and of arm64 with 4 KiB pages: slot and file alignment (module docstring)
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux values (x86-64 and arm64)
-_MADV_WILLNEED, _MADV_POPULATE_READ = 3, 22
+_MADV_WILLNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ = 3, 14, 22
 _FAILED = ctypes.c_void_p(-1).value
 
 
@@ -89,13 +100,15 @@ class MappedSlots:
     """``capacity`` slots per stacked tensor in reserved address ranges (see the module docstring).
 
     ``shapes``: tensor name -> per-expert shape (each expert's bytes must be a whole number of pages);
-    ``buffers``: name -> ``[capacity, *shape]`` tensor over the region."""
+    ``buffers``: name -> ``[capacity, *shape]`` tensor over the region (slot ``s`` at ``base + s * stride``;
+    contiguous when the stride is the expert's size)."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, capacity: int):
         assert _LIBC is not None, "mapped slots need Linux (check supported() first)"
         size = torch.empty((), dtype=dtype).element_size()
         self.capacity = capacity
         self.slot_bytes: dict[str, int] = {}
+        self.stride: dict[str, int] = {}
         self.base: dict[str, int] = {}
         self.buffers: dict[str, Tensor] = {}
         for name, shape in shapes.items():
@@ -105,27 +118,42 @@ class MappedSlots:
             nbytes = numel * size
             if nbytes % PAGE:
                 raise ValueError(f"{name}: {nbytes} bytes per expert is not a whole number of pages")
-            total = nbytes * capacity
-            addr = _check(_LIBC.mmap(None, total, _PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                                     -1, 0), f"reserving {total} bytes of slots for {name}")
-            raw = (ctypes.c_char * total).from_address(addr)
-            weakref.finalize(raw, _unmap, addr, total)  # when the last tensor over it is gone
-            self.buffers[name] = torch.frombuffer(raw, dtype=dtype, count=numel * capacity).view(capacity, *shape)
-            self.slot_bytes[name], self.base[name] = nbytes, addr
+            stride = -(-nbytes // HUGE) * HUGE if nbytes >= HUGE else nbytes
+            total = stride * capacity + HUGE  # room to start on a 2 MiB boundary
+            start = _check(_LIBC.mmap(None, total, _PROT_RW,
+                                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0),
+                           f"reserving {total} bytes of slots for {name}")
+            addr = -(-start // HUGE) * HUGE
+            span = stride * (capacity - 1) + nbytes
+            raw = (ctypes.c_char * span).from_address(addr)
+            weakref.finalize(raw, _unmap, start, total)  # when the last tensor over it is gone
+            flat = torch.frombuffer(raw, dtype=dtype, count=span // size)
+            inner = [1] * len(shape)
+            for i in range(len(shape) - 2, -1, -1):
+                inner[i] = inner[i + 1] * shape[i + 1]
+            self.buffers[name] = flat.as_strided((capacity, *shape), (stride // size, *inner))
+            self.slot_bytes[name], self.stride[name], self.base[name] = nbytes, stride, addr
 
     def map(self, slot: int, fd: int, offsets: dict[str, int], populate: bool = True) -> int:
         """Map each tensor's file range (``offsets``: name -> page-aligned file offset) into ``slot``, start
-        the kernel's read of it, and (``populate``) fault its pages in now; the bytes mapped."""
+        the kernel's read of it, and (``populate``) fault its pages in now; the bytes mapped. Tensors of at
+        least 2 MiB are always populated: with huge-page entries that costs microseconds from the page cache,
+        and from the disk it is the read itself (in 2 MiB folios, which ``MADV_WILLNEED``'s readahead would
+        not give)."""
         assert _LIBC is not None
         global _POPULATE_OK
         n = 0
         for name, off in offsets.items():
             nbytes = self.slot_bytes[name]
-            addr = self.base[name] + slot * nbytes
+            addr = self.base[name] + slot * self.stride[name]
             _check(_LIBC.mmap(addr, nbytes, _PROT_RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd, off),
                    f"mapping {name} of slot {slot}")
-            _LIBC.madvise(addr, nbytes, _MADV_WILLNEED)
-            if populate and _POPULATE_OK and _LIBC.madvise(addr, nbytes, _MADV_POPULATE_READ) != 0:
+            huge = nbytes >= HUGE
+            if huge:  # a cold fault reads 2 MiB folios (readahead of WILLNEED would fill 4 KiB ones)
+                _LIBC.madvise(addr, nbytes, _MADV_HUGEPAGE)
+            else:
+                _LIBC.madvise(addr, nbytes, _MADV_WILLNEED)
+            if (populate or huge) and _POPULATE_OK and _LIBC.madvise(addr, nbytes, _MADV_POPULATE_READ) != 0:
                 _POPULATE_OK = ctypes.get_errno() != 22  # EINVAL: an older kernel; pages fault in on use
             n += nbytes
         return n
@@ -133,7 +161,8 @@ class MappedSlots:
     def slot_memory(self, slot: int, name: str) -> memoryview:
         """The bytes of one tensor of a slot (for hashing what was mapped)."""
         nbytes = self.slot_bytes[name]
-        return memoryview((ctypes.c_char * nbytes).from_address(self.base[name] + slot * nbytes)).cast("B")
+        addr = self.base[name] + slot * self.stride[name]
+        return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
 
 
 def page_cache_bytes(fd: int, size: int) -> int:
