@@ -222,9 +222,10 @@ class DiskStore(ExpertStore):
 
     def load_slot(self, layer: str, e: int, slots: Any, slot: int, ahead: bool = False) -> int:
         """Map expert e's pages into a mapped slot (verified on first use like a read), or copy into a slot.
-        A mapping ahead of need (prefetch) starts the kernel's read of the pages and leaves faulting them in
-        to the forward that uses them: a wrong prediction then costs no page-table work, and the prefetch
-        thread takes almost no CPU from the compute threads."""
+        A mapping ahead of need (prefetch) of tensors under 2 MiB starts the kernel's read of the pages and
+        leaves faulting them in to the forward that uses them (a wrong prediction then costs no page-table
+        work); tensors of 2 MiB or more are populated in either case, since their huge-page entries cost
+        microseconds (:mod:`.mapped`)."""
         if not isinstance(slots, mapped.MappedSlots):
             return super().load_slot(layer, e, slots, slot, ahead)
         f = self._file_for(layer, e)
