@@ -81,12 +81,16 @@ def quantize_groups(w_EOI: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return q.reshape(E, Out, In), scale_EOG
 
 
-def dequantize_groups(q_EOI: Tensor, scale_EOG: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``q * scale`` per group, ``[E, O, I]`` in ``dtype``."""
+def dequantize_groups(q_EOI: Tensor, scale_EOG: Tensor, dtype: torch.dtype = torch.float32,
+                      out: Tensor | None = None) -> Tensor:
+    """``q * scale`` per group, ``[E, O, I]`` in ``dtype``, in one pass (the int8 codes are converted inside the
+    multiplication, exactly); into ``out`` (contiguous ``[E, O, I]`` of ``dtype``) when given."""
     E, Out, In = q_EOI.shape
     G = scale_EOG.shape[-1]
-    w = q_EOI.reshape(E, Out, G, In // G).to(dtype) * scale_EOG[..., None].to(dtype)
-    return w.reshape(E, Out, In)
+    if out is None:
+        out = torch.empty(E, Out, In, dtype=dtype, device=q_EOI.device)
+    torch.mul(q_EOI.reshape(E, Out, G, In // G), scale_EOG[..., None].to(dtype), out=out.view(E, Out, G, In // G))
+    return out
 
 
 def quantize_groups_int4(w_EOI: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,18 +145,30 @@ class QuantizedExperts(Experts):
     def stacked_names(self) -> list[str]:
         return ["w_up_EHD", "w_down_EDF"]
 
-    def _weight(self, proj: str, e: int) -> Tensor:
-        """Expert e's dequantized ``[O, I]`` weight of ``proj`` (zeros if pruned)."""
+    def _shape(self, proj: str) -> tuple[int, int]:
+        return (2 * self.d_ff if self.gated else self.d_ff, self.d_model) if proj == "up" else \
+            (self.d_model, self.d_ff)
+
+    def _weight(self, proj: str, e: int, out: Tensor | None = None) -> Tensor:
+        """Expert e's dequantized ``[O, I]`` weight of ``proj`` (zeros if pruned), into ``out`` when given."""
         b, i = self.bits_E[e], self.slot_E[e]
         if b == 8:
             return dequantize_groups(self.get_buffer(f"q8_{proj}")[i:i + 1], self.get_buffer(f"s8_{proj}")[i:i + 1],
-                                     self.dtype)[0]
+                                     self.dtype, None if out is None else out[None])[0]
         if b == 4:
             p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1] for p in ("p4", "s4", "m4"))
-            return dequantize_groups_int4(p4, s4, m4, self.dtype)[0]
-        Out, In = (2 * self.d_ff if self.gated else self.d_ff, self.d_model) if proj == "up" else \
-            (self.d_model, self.d_ff)
-        return torch.zeros(Out, In, dtype=self.dtype, device=next(iter(self.buffers())).device)
+            w = dequantize_groups_int4(p4, s4, m4, self.dtype)[0]
+        else:
+            w = torch.zeros(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
+        return w if out is None else out.copy_(w)
+
+    def _stack(self, proj: str, active: list[int]) -> Tensor:
+        """``[A, O, I]``: the active experts' dequantized weights, each written once into its row."""
+        w_AOI = torch.empty(len(active), *self._shape(proj), dtype=self.dtype,
+                            device=next(iter(self.buffers())).device)
+        for j, e in enumerate(active):
+            self._weight(proj, e, w_AOI[j])
+        return w_AOI
 
     def expert_state(self, e: int) -> dict[str, Tensor]:
         """Expert e's dequantized tensors (zeros for a pruned expert)."""
@@ -185,8 +201,7 @@ class QuantizedExperts(Experts):
         else:
             active = plan.counts_E.nonzero().flatten().tolist()
             self.pruned_rows += sum(int(plan.counts_E[e]) for e in active if self.bits_E[e] == 0)
-        w_up_AHD = torch.stack([self._weight("up", e) for e in active])
-        w_down_ADF = torch.stack([self._weight("down", e) for e in active])
+        w_up_AHD, w_down_ADF = self._stack("up", active), self._stack("down", active)
         sub = plan
         if plan.slots is None:
             sub = dataclasses.replace(plan, counts_E=plan.counts_E[torch.tensor(active, device=plan.counts_E.device,

@@ -82,10 +82,11 @@ class TernaryExperts(QuantizedExperts):
         codes = self.get_buffer(f"c3_{proj}")[int(o[e]):int(o[e + 1])]
         return self.code.decode_values(codes, Out * In).reshape(Out, In)
 
-    def _weight(self, proj: str, e: int) -> Tensor:
-        """Expert e's dequantized ``[O, I]`` weight of ``proj``: decoded on use."""
-        return dequantize_ternary(self.ternary_values(proj, e)[None], self.get_buffer(f"s3_{proj}")[e:e + 1],
-                                  self.dtype)[0]
+    def _weight(self, proj: str, e: int, out: Tensor | None = None) -> Tensor:
+        """Expert e's dequantized ``[O, I]`` weight of ``proj``: decoded on use (into ``out`` when given)."""
+        w = dequantize_ternary(self.ternary_values(proj, e)[None], self.get_buffer(f"s3_{proj}")[e:e + 1],
+                               self.dtype)[0]
+        return w if out is None else out.copy_(w)
 
     def load_expert_state(self, e: int, state: dict[str, Tensor]) -> None:
         """Ternarize one expert's tensors and code them with the layer's dictionary."""
