@@ -102,3 +102,46 @@ def test_usage_plan_and_expert_usage():
     counts = expert_usage(m, [{"input_ids": ids}])
     assert set(counts) == {"model.layers.0.mlp", "model.layers.1.mlp"}
     assert all(int(c.sum()) == 2 * 12 * 2 for c in counts.values())  # tokens x k
+
+
+def _decode_one(model) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and logits of one prompt decoded alone (batch-1 decode steps: one token per forward)."""
+    from moesaic.inference import DecodeSession, SamplingParams
+
+    sess = DecodeSession(model, 1, keep_logits=True)
+    sess.add_batch([[5, 9, 2, 7, 1, 3]], [SamplingParams(max_new_tokens=8)])
+    evs: list = []
+    sess.run(evs.append)
+    return [e.token_id for e in evs], torch.stack([e.logits for e in evs])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "plan"])
+def test_one_token_decode_dequantizes_in_the_matmul_bit_identically(mode, monkeypatch):
+    """A batch-1 decode step dequantizes each active expert block by block inside its matmuls (several blocks
+    per weight here: the block size is shrunk to the tiny model) and gives the fp32 model's tokens and logits
+    with the dequantized weights, bit for bit; the blockwise path is the one that ran."""
+    from moesaic.inference import quant_blockwise
+
+    monkeypatch.setattr(quant_blockwise, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(quant_blockwise, "ROW_MULTIPLE", 8)
+    calls = []
+    real = quant_blockwise.blockwise_linear
+    monkeypatch.setattr(quant_blockwise, "blockwise_linear", lambda *a: calls.append(a[1]) or real(*a))
+    q = demo_lm()
+    cfg = {"int8": QuantConfig(group_size=8), "int4": QuantConfig(bits=4, group_size=8),
+           "plan": QuantConfig(group_size=8, plan=True, hot_fraction=0.5)}[mode]
+    usage = {f"model.layers.{i}.mlp": torch.tensor([9, 0, 5, 1, 7, 0, 2, 3]) for i in range(2)} if mode == "plan" \
+        else None
+    qx = quantize_experts_(q, cfg, usage)
+    ex0 = next(iter(qx.values()))
+    H, D = 2 * ex0.d_ff, ex0.d_model
+    assert quant_blockwise.block_rows(D, torch.float32) < H  # more than one block per up projection
+    ref = demo_lm()
+    with torch.no_grad():
+        for ex, layer in zip(qx.values(), [b.mlp for b in ref.model.layers], strict=True):
+            for e in range(ex.num_experts):
+                layer.experts.load_expert_state(e, ex.expert_state(e))
+    want, got = _decode_one(ref), _decode_one(q)
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
+    assert quant_blockwise.bitwise(torch.float32, H, D, quant_blockwise.block_rows(D, torch.float32))
+    assert calls and set(calls) == {H, D}  # both projections of the decode steps ran blockwise

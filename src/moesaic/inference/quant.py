@@ -26,6 +26,7 @@ codes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +34,10 @@ from torch import Tensor, nn
 from moesaic.core.config import Section, require, rule, validate_tree
 from moesaic.core.errors import ConfigError
 from moesaic.core.types import DispatchPlan
+from moesaic.inference import quant_blockwise
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
 from moesaic.moe.experts.base import Experts
-from moesaic.moe.experts.kernels import StackedFFN
+from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.layer import MoELayer
 
@@ -122,7 +124,12 @@ class QuantizedExperts(Experts):
     """Stacked FFN experts stored per expert as group-wise int8, int4 or nothing (module docstring).
 
     ``bits_E[e]`` is expert e's form; the int8 experts' codes are stacked in ``q8_*`` / ``s8_*`` buffers and the
-    int4 experts' in ``p4_*`` / ``s4_*`` / ``m4_*``, ``slot_E[e]`` being e's row in its stack."""
+    int4 experts' in ``p4_*`` / ``s4_*`` / ``m4_*``, ``slot_E[e]`` being e's row in its stack. A batch-1 decode
+    step dequantizes inside the matmuls, block by block (:mod:`moesaic.inference.quant_blockwise`); other
+    calls dequantize the experts with rows, then run the fp32 backend."""
+
+    #: whether a decode token may take the blockwise path (subclasses that decode whole experts set False)
+    blockwise = True
 
     def __init__(self, ex: FFNExperts, group_size: int, bits_E: list[int] | None = None):
         super().__init__(ex.cfg, ex.d_model, ex.d_ff, ex.num_experts)
@@ -132,6 +139,7 @@ class QuantizedExperts(Experts):
         self.bits_E = list(bits_E) if bits_E is not None else [8] * ex.num_experts
         self.slot_E = [sum(1 for b in self.bits_E[:e] if b == self.bits_E[e]) for e in range(ex.num_experts)]
         self.pruned_rows = 0
+        self._scratch: Tensor | None = None  # the blockwise decode's dequantization buffer (not state)
         for name, proj in _PROJ.items():
             w = getattr(ex, name)
             for bits, parts in ((8, ("q8", "s8")), (4, ("p4", "s4", "m4"))):
@@ -161,6 +169,45 @@ class QuantizedExperts(Experts):
         else:
             w = torch.zeros(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
         return w if out is None else out.copy_(w)
+
+    def _rows_into(self, proj: str, e: int, a: int, b: int, out: Tensor) -> None:
+        """Rows ``a:b`` of expert e's dequantized weight of ``proj`` into ``out`` (the same values as
+        :meth:`_weight`: every group lies within one row)."""
+        bits, i = self.bits_E[e], self.slot_E[e]
+        if bits == 8:
+            dequantize_groups(self.get_buffer(f"q8_{proj}")[i:i + 1, a:b], self.get_buffer(f"s8_{proj}")[i:i + 1, a:b],
+                              self.dtype, out[None])
+        elif bits == 4:
+            p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1, a:b] for p in ("p4", "s4", "m4"))
+            out.copy_(dequantize_groups_int4(p4, s4, m4, self.dtype)[0])
+        else:
+            out.zero_()
+
+    def _one_token(self, x_1D: Tensor, plan: DispatchPlan, active: list[int]) -> Tensor | None:
+        """A batch-1 decode step with dequantization inside the matmuls (:mod:`.quant_blockwise`): the same
+        bits as the ``active`` backend's one-token path on the dequantized weights, or None where that path
+        would not run or the probe found the blocks not bitwise."""
+        counts = plan.counts_E.tolist()
+        H, D = self._shape("up")
+        if not (self.blockwise and x_1D.shape[0] == 1 and x_1D.device.type == "cpu" and not torch.is_grad_enabled()
+                and x_1D.dtype == self.dtype == compute_dtype(x_1D, x_1D) and plan.weight_N.dtype == x_1D.dtype
+                and max(counts) == 1):
+            return None
+        rows = {n: quant_blockwise.block_rows(n, self.dtype) for n in (D, self.d_ff)}
+        if not (quant_blockwise.bitwise(self.dtype, H, D, rows[D])
+                and quant_blockwise.bitwise(self.dtype, D, self.d_ff, rows[self.d_ff])):
+            return None
+        size = max(rows[n] * n for n in rows)
+        if self._scratch is None or self._scratch.numel() < size or self._scratch.dtype != self.dtype:
+            self._scratch = torch.empty(size, dtype=self.dtype)
+        buf = self._scratch
+        y_1D = x_1D.new_zeros(1, D)
+        for e, w in zip(active, plan.weight_N.tolist(), strict=True):  # token_experts' order and arithmetic
+            h = quant_blockwise.blockwise_linear(x_1D, H, functools.partial(self._rows_into, "up", e), buf)
+            act = glu_or_act(h, self.activation, self.gated)
+            y_e = quant_blockwise.blockwise_linear(act, D, functools.partial(self._rows_into, "down", e), buf)
+            y_1D.add_(y_e * w)
+        return y_1D
 
     def _stack(self, proj: str, active: list[int]) -> Tensor:
         """``[A, O, I]``: the active experts' dequantized weights, each written once into its row."""
@@ -201,6 +248,10 @@ class QuantizedExperts(Experts):
         else:
             active = plan.counts_E.nonzero().flatten().tolist()
             self.pruned_rows += sum(int(plan.counts_E[e]) for e in active if self.bits_E[e] == 0)
+        if name == "active" and plan.slots is None:
+            y_1D = self._one_token(x_TD, plan, active)
+            if y_1D is not None:
+                return y_1D
         w_up_AHD, w_down_ADF = self._stack("up", active), self._stack("down", active)
         sub = plan
         if plan.slots is None:

@@ -55,6 +55,8 @@ class TernaryExperts(QuantizedExperts):
     ``o3_p`` ``[E + 1]`` where expert e's codewords start, ``s3_p`` ``[E, O, G]`` scales; ``counts3`` the
     layer's symbol counts (zeros, +1s, -1s) from which :attr:`code` (the dictionary) is rebuilt."""
 
+    blockwise = False  # the dictionary code decodes whole experts
+
     def __init__(self, ex: FFNExperts, group_size: int, threshold: float = 0.7, code_bits: int = 16,
                  values: dict[str, tuple[Tensor, Tensor]] | None = None):
         super().__init__(ex, group_size, [2] * ex.num_experts)
