@@ -167,3 +167,29 @@ def test_route_by_pregate_changes_routing_exact_hints_and_restores():
     o.close()
     assert got[0] == routed[0] and torch.equal(got[1], routed[1])
     assert o.summary()["total"]["hint_precision"] == 1.0  # the hint is the routing
+
+
+def test_pregate_hint_of_one_token_is_the_next_routers_choice():
+    """A decode token's pre-gate hint (the lean path: the router's selection alone) names the experts the next
+    layer's router forward picks on the same input, as the general path does for several tokens."""
+    from moesaic.inference.offload.prefetch import Prefetcher
+
+    m = demo_lm()
+    h = offload_experts_(m, memory_store(m, "cpu"), OffloadConfig(cache_experts=4, prefetch="pregate"))
+    try:
+        pf = next(ex.prefetcher for ex in h.layers.values())
+        assert isinstance(pf, Prefetcher)
+        layer0, layer1 = (b.mlp for b in m.model.layers)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            x_TD = torch.randn(1, layer0.d_model, generator=g)
+            with torch.no_grad():
+                plan = layer0.dispatcher.plan(layer0.router(x_TD))
+                want = set(layer1.router(x_TD).expert_idx_N.tolist())
+                two = torch.cat([x_TD, torch.randn(1, layer0.d_model, generator=g)])
+                plan2 = layer0.dispatcher.plan(layer0.router(two))
+                want2 = set(layer1.router(two).expert_idx_N.tolist())
+            assert pf.hint(0, x_TD, plan) == (1, want)
+            assert pf.hint(0, two, plan2) == (1, want2)  # the general path
+    finally:
+        h.close()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moesaic.core.errors import ConfigError, MoesaicError
 from moesaic.core.types import DispatchPlan
+from moesaic.moe.routing.topk import TopKRouter
 
 if TYPE_CHECKING:
     from moesaic.inference.offload.experts import OffloadedExperts
@@ -58,6 +59,9 @@ class Prefetcher:
         if i + 1 >= n:
             return None
         router = self.routers[i + 1]
+        if type(router) is TopKRouter and plan.num_tokens == 1 and plan.slots is None and plan.num_rows:
+            with torch.no_grad():  # a decode token: the router's selection alone (no decision, no statistics)
+                return i + 1, set(router.choose(x_TD.reshape(1, -1))[2].reshape(-1).tolist())
         with torch.no_grad():
             valid_T = torch.zeros(plan.num_tokens, dtype=torch.bool, device=x_TD.device)
             valid_T[plan.token_idx_N] = True
