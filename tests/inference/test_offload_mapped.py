@@ -22,6 +22,7 @@ from moesaic.inference.offload import (
 )
 from moesaic.inference.offload.aligned import write_aligned
 from moesaic.models.decoder import DecoderLM, DecoderLMConfig
+from moesaic.moe.experts.base import ExpertsConfig
 from moesaic.moe.layer import MoEConfig
 from offload_fixtures import decode
 
@@ -128,12 +129,14 @@ def test_page_cache_bytes_counts_what_was_read(tmp_path):
     assert 0 <= store.page_cache_bytes() <= total + len(_files(d)) * mapped.PAGE
 
 
-def large_expert_lm(seed: int = 0) -> DecoderLM:
+def large_expert_lm(seed: int = 0, backend: str = "auto") -> DecoderLM:
     """One MoE layer whose experts are larger than a huge page and not a multiple of one: w_up [6144, 256]
     (6 MiB) and w_down [256, 3072] (3 MiB, so its slots are padded to 4 MiB)."""
     torch.manual_seed(seed)
+    experts = ExpertsConfig.for_kind("glu")
+    experts.backend = backend
     cfg = DecoderLMConfig(vocab_size=40, d_model=256, num_layers=1, d_ff=64, max_seq_len=32,
-                          moe=MoEConfig(d_ff=3072, num_experts=4, top_k=2))
+                          moe=MoEConfig(d_ff=3072, num_experts=4, top_k=2, experts=experts))
     cfg.attention.num_heads = 2
     return DecoderLM(cfg).eval()
 
@@ -179,3 +182,20 @@ def test_large_experts_are_huge_page_aligned_in_the_file_and_in_the_slots(tmp_pa
             h.close()
         assert tokens == want_tokens and torch.equal(logits, want_logits), (cap, prefetch)
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "bmm", "active", "fused"])
+def test_strided_slots_compute_every_backend_bit_identically(backend, tmp_path):
+    """Every experts backend computes on the strided slot buffers (slots of 4 MiB holding 3 MiB experts) and
+    gives the resident model's tokens and logits."""
+    want = decode(large_expert_lm(backend=backend))
+    m = large_expert_lm(backend=backend)
+    store = DiskStore(save_expert_store(expert_modules(m), tmp_path / "store"))
+    h = offload_experts_(m, store, OffloadConfig(cache_experts=3))
+    try:
+        got = decode(m)
+        assert h.layers["model.layers.0.mlp"].cache.buffers["w_down_EDF"].stride()[0] == (4 << 20) // 4
+    finally:
+        h.close()
+        store.close()
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
