@@ -21,6 +21,8 @@ def test_bench_offload_tiny(tmp_path, capsys):
     assert res[0]["telemetry"]["accesses"] == 2 * 2 * 3 and res[-1]["policy"] == "resident"  # 2 layers x k 2 x 3 steps
     by_slots = {r["slots"]: r for r in res[:-1]}
     assert by_slots["map"]["cache_bytes"] == 0 < by_slots["map"]["mapped_bytes"]
+    # experts of 16 KiB: nothing for 2 MiB entries (tests/inference/test_offload_mapped.py has large experts)
+    assert by_slots["map"]["huge_mapped_bytes"] == 0 == by_slots["copy"]["huge_mapped_bytes"]
     assert by_slots["copy"]["cache_bytes"] > 0 and by_slots["map"]["page_cache_bytes"] > 0
     assert (tmp_path / "w" / "store" / "manifest.json").is_file()
 

@@ -178,6 +178,8 @@ def test_large_experts_are_huge_page_aligned_in_the_file_and_in_the_slots(tmp_pa
                         a, b = file.ranges[f"{e}.{name}"]
                         assert (slots.base[name] + s * slots.stride[name] - a) % mapped.HUGE == 0
                         assert bytes(slots.slot_memory(s, name)) == raw[a:b]
+            # the part mapped with 2 MiB entries (0 where the file system keeps 4 KiB pages) is part of the map
+            assert 0 <= store.mapped_bytes("FilePmdMapped") <= store.mapped_bytes() > 0
         finally:
             h.close()
         assert tokens == want_tokens and torch.equal(logits, want_logits), (cap, prefetch)

@@ -9,7 +9,8 @@ fraction x E, at least k), policy and prefetch mode the offloaded model, with th
 dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``) just before the prompt. Reported: prefill seconds, decode
 tokens/s (batch 1, greedy) and its ratio to resident, decode-only hit rate, MiB read, hint precision,
 prefetch accuracy, resident expert memory (cache slots + the store's mapped pages) as a share of all
-experts, the process's ``RssAnon``, the store's bytes in the kernel's page cache at the end of the run
+experts (and, with ``--paired``, the share of the mapped pages that the kernel maps with 2 MiB entries),
+the process's ``RssAnon``, the store's bytes in the kernel's page cache at the end of the run
 (``mincore``: memory the kernel spends besides the process's own), and whether the tokens equal the resident
 run's. ``--slots map copy`` compares slots that map the store file's pages (zero copy, the default) with
 slots that hold copies. At 100 % every
@@ -148,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _huge(r: dict[str, Any]) -> str:
+    """The share of the store's mapped pages that the kernel maps with 2 MiB entries (docs/inference.md,
+    "Huge-page entries"): 0 % where the kernel or file system keeps 4 KiB pages, or for copying slots."""
+    return f"{100 * r['huge_mapped_bytes'] / r['mapped_bytes']:.0f} %" if r.get("mapped_bytes") else "-"
+
+
 def _paired(args: argparse.Namespace, base: Any, configs: list[dict[str, Any]]) -> int:
     """``--paired``: resident and offloaded runs interleaved in one worker; a table of medians over rounds."""
     import statistics
@@ -157,8 +164,8 @@ def _paired(args: argparse.Namespace, base: Any, configs: list[dict[str, Any]]) 
     tok_s = ", ".join(f"{r['tok_s']:.2f}" for r in resident.values())
     print(f"paired, {args.paired} rounds: resident decode tok/s {tok_s}", flush=True)
     print("| policy | prefetch | slots | resident (cache/layer) | tok/s (median) | vs resident, per round | median | "
-          "hit rate | MiB read | expert memory | page cache MiB | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "hit rate | MiB read | expert memory | 2 MiB-mapped | page cache MiB | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         mine = [r for r in runs if r["policy"] != "resident" and all(r[k] == cfg[k] for k in cfg)]
         ratios = [r["tok_s"] / resident[r["round"]]["tok_s"] for r in mine]
@@ -168,7 +175,8 @@ def _paired(args: argparse.Namespace, base: Any, configs: list[dict[str, Any]]) 
         print(f"| {cfg['policy']} | {cfg['prefetch']} | {cfg['slots']} | {cfg['fraction']} % ({cfg['cache']}) | "
               f"{statistics.median(r['tok_s'] for r in mine):.2f} | {', '.join(f'{x:.2f}' for x in ratios)} | "
               f"**{statistics.median(ratios):.2f}x** | {t['hit_rate']:.3f} | {t['bytes_read'] / 2**20:.0f} | "
-              f"{100 * mem:.1f} % | {last['page_cache_bytes'] / 2**20:.0f} | {'yes' if same else 'NO'} |")
+              f"{100 * mem:.1f} % | {_huge(last)} | {last['page_cache_bytes'] / 2**20:.0f} | "
+              f"{'yes' if same else 'NO'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0

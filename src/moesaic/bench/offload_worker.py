@@ -135,7 +135,8 @@ def _offloaded(model: torch.nn.Module, s: Spec, store: Any, cfg: dict[str, Any],
         h.close()
     out["telemetry"] = _minus(h.summary()["total"], out.pop("snap"))
     out.update(rss_anon_kib=status_kib("RssAnon"), rss_file_kib=status_kib("RssFile"),
-               cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(), store_bytes=store.nbytes(),
+               cache_bytes=h.cache_bytes(), mapped_bytes=store.mapped_bytes(),
+               huge_mapped_bytes=store.mapped_bytes("FilePmdMapped"), store_bytes=store.nbytes(),
                page_cache_bytes=store.page_cache_bytes())
     return out
 

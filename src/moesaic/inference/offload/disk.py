@@ -272,9 +272,11 @@ class DiskStore(ExpertStore):
         """Bytes of this store's files in the kernel's page cache now (``mincore``; not the process's memory)."""
         return sum(mapped.page_cache_bytes(f.fd, f.size) for f in self.files.values())
 
-    def mapped_bytes(self) -> int:
-        """Bytes of this store's files mapped into this process now (``Rss`` of the maps in /proc/self/smaps)."""
+    def mapped_bytes(self, field: str = "Rss") -> int:
+        """Bytes of this store's files mapped into this process now (``Rss`` of the maps in /proc/self/smaps);
+        ``field="FilePmdMapped"``: the part of them mapped with 2 MiB entries (:mod:`.mapped`)."""
         paths = {str(f.path.resolve()) for f in self.files.values()}
+        key = field + ":"
         total, current = 0, False
         try:
             with open("/proc/self/smaps") as fh:
@@ -282,7 +284,7 @@ class DiskStore(ExpertStore):
                     parts = line.split()
                     if parts and not parts[0].endswith(":"):  # a mapping's header line: range perms ... path
                         current = len(parts) >= 6 and parts[5] in paths
-                    elif current and line.startswith("Rss:"):
+                    elif current and line.startswith(key):
                         total += int(line.split()[1]) * 1024
         except OSError:
             return 0
