@@ -108,13 +108,18 @@ def quantize_groups_int4(w_EOI: Tensor, group_size: int) -> tuple[Tensor, Tensor
 
 
 def dequantize_groups_int4(p_EOP: Tensor, scale_EOG: Tensor, min_EOG: Tensor,
-                           dtype: torch.dtype = torch.float32) -> Tensor:
-    """``q * scale + min`` per group from packed codes, ``[E, O, 2P]`` in ``dtype``."""
+                           dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+    """``q * scale + min`` per group from packed codes, ``[E, O, 2P]`` in ``dtype`` (the codes converted inside
+    the multiplication, exactly); into ``out`` (contiguous ``[E, O, 2P]`` of ``dtype``) when given."""
     E, Out, P = p_EOP.shape
     G = scale_EOG.shape[-1]
-    q = torch.stack((p_EOP & 0xF, p_EOP >> 4), dim=-1).reshape(E, Out, G, 2 * P // G).to(dtype)
-    w = q * scale_EOG[..., None].to(dtype) + min_EOG[..., None].to(dtype)
-    return w.reshape(E, Out, 2 * P)
+    q = torch.stack((p_EOP & 0xF, p_EOP >> 4), dim=-1).reshape(E, Out, G, 2 * P // G)
+    if out is None:
+        out = torch.empty(E, Out, 2 * P, dtype=dtype, device=p_EOP.device)
+    w = out.view(E, Out, G, 2 * P // G)
+    torch.mul(q, scale_EOG[..., None].to(dtype), out=w)
+    w.add_(min_EOG[..., None].to(dtype))
+    return out
 
 
 _PROJ = {"w_up_EHD": "up", "w_down_EDF": "down"}
@@ -165,10 +170,10 @@ class QuantizedExperts(Experts):
                                      self.dtype, None if out is None else out[None])[0]
         if b == 4:
             p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1] for p in ("p4", "s4", "m4"))
-            w = dequantize_groups_int4(p4, s4, m4, self.dtype)[0]
-        else:
-            w = torch.zeros(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
-        return w if out is None else out.copy_(w)
+            return dequantize_groups_int4(p4, s4, m4, self.dtype, None if out is None else out[None])[0]
+        if out is None:
+            return torch.zeros(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
+        return out.zero_()
 
     def _rows_into(self, proj: str, e: int, a: int, b: int, out: Tensor) -> None:
         """Rows ``a:b`` of expert e's dequantized weight of ``proj`` into ``out`` (the same values as
@@ -179,7 +184,7 @@ class QuantizedExperts(Experts):
                               self.dtype, out[None])
         elif bits == 4:
             p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1, a:b] for p in ("p4", "s4", "m4"))
-            out.copy_(dequantize_groups_int4(p4, s4, m4, self.dtype)[0])
+            dequantize_groups_int4(p4, s4, m4, self.dtype, out[None])
         else:
             out.zero_()
 
