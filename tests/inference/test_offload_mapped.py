@@ -201,3 +201,22 @@ def test_strided_slots_compute_every_backend_bit_identically(backend, tmp_path):
         h.close()
         store.close()
     assert got[0] == want[0] and torch.equal(got[1], want[1])
+
+
+def test_huge_alignment_costs_at_most_a_quarter_of_the_data(tmp_path):
+    """A 2 MiB boundary is taken only where its gap is at most 1/4 of the tensor: tensors just over 2 MiB stay
+    page-aligned (the file does not nearly double), larger ones after them are put on a boundary."""
+    mib = 1 << 20
+    sizes = [2 * mib + 4096, 2 * mib + 4096, 16 * mib, 3 * mib]  # bytes
+    tensors = {f"t{i}": torch.zeros(n // 4) for i, n in enumerate(sizes)}
+    write_aligned(tmp_path / "x.safetensors", tensors)
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    start = {k: 8 + n + header[k]["data_offsets"][0] for k in tensors}
+    assert start["t0"] % mapped.HUGE == 0  # the data starts on a boundary
+    assert start["t1"] % mapped.HUGE != 0 and start["t1"] % mapped.PAGE == 0  # a 2 MiB - 4 KiB gap: not taken
+    assert start["t2"] % mapped.HUGE == 0  # a gap under 2 MiB for 16 MiB: taken
+    assert start["t3"] % mapped.HUGE == 0  # t2 ends on a boundary: no gap
+    data = 8 + n + sum(sizes)
+    assert len(raw) - data <= sum(sizes) // 4 + mapped.HUGE  # padding (the header's included) within the bound

@@ -8,8 +8,11 @@ offset is generally not a multiple of the page size and it cannot be mapped at a
 (:mod:`moesaic.inference.offload.mapped`). :func:`write_aligned` writes the same format with two
 differences that every reader accepts: the header JSON is padded with spaces so the data starts on a page
 boundary, and where a tensor would not start on one, a ``__pad__.<i>`` ``U8`` tensor fills the gap (the
-format forbids holes). The file loads with ``safetensors.safe_open`` like any other (tested); the padding
-tensors are ignored by the expert store.
+format forbids holes). Tensors of at least 2 MiB start on a 2 MiB boundary of the file (the data then starts
+on one) where the gap costs at most 1/4 of the tensor's bytes, so that a slot mapped at a 2 MiB-aligned
+address can use huge-page entries over the page cache (:mod:`moesaic.inference.offload.mapped`); a tensor for
+which the gap would cost more stays page-aligned. The file loads with ``safetensors.safe_open`` like any
+other (tested); the padding tensors are ignored by the expert store.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ NAMES = {v: k for k, v in DTYPES.items()}
 PAD_PREFIX = "__pad__."
 
 
+#: A tensor is put on a ``large`` boundary only if the gap costs at most 1/this of its bytes (so a file of
+#: tensors just over 2 MiB does not nearly double; such a tensor stays page-aligned and maps with 4 KiB entries).
+MAX_PAD_FRACTION = 4
+
+
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -40,7 +48,8 @@ def _layout(tensors: dict[str, Tensor], align: int,
     header: dict[str, object] = {}
     pos = 0
     for name, t in tensors.items():
-        a = large if _nbytes(t) >= large else align
+        n = _nbytes(t)
+        a = large if n >= large and -pos % large <= n // MAX_PAD_FRACTION else align
         if pos % a:
             gap = a - pos % a
             pad = f"{PAD_PREFIX}{len(order)}"
@@ -58,7 +67,7 @@ def write_aligned(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta
                   align: int = PAGE, large: int = HUGE) -> None:
     """Write ``tensors`` (in this order, CPU, contiguous or not) as a safetensors file at ``path`` with every
     tensor at an ``align``-byte aligned file offset, and tensors of at least ``large`` bytes at a ``large``-byte
-    aligned one (module docstring), then fsync it."""
+    aligned one where that gap is at most 1/:data:`MAX_PAD_FRACTION` of them (module docstring), then fsync it."""
     order, header = _layout(tensors, align, large)
     if metadata:
         header["__metadata__"] = dict(metadata)
