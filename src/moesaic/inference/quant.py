@@ -19,8 +19,9 @@ routing counts (:mod:`moesaic.inference.quant_plan`: hot experts int8, cold int4
 
 The forward dequantizes only the experts that have rows (at decode: k of E) into the weights' dtype and
 runs the same backend as the fp32 experts on them, so its output equals, bit for bit, fp32 experts holding
-the dequantized weights (tested); routing is untouched. Inference only (no parameters, no gradients to the
-codes).
+the dequantized weights (tested); routing is untouched. A batch-1 decode step on the CPU instead
+dequantizes inside the matmuls, a block of rows at a time (:mod:`moesaic.inference.quant_blockwise`), with
+the same bits. Inference only (no parameters, no gradients to the codes).
 """
 
 from __future__ import annotations
