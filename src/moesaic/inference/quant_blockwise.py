@@ -25,8 +25,10 @@ from torch.nn import functional as F
 
 from moesaic.core.split_linear import split_linear
 
-#: Bytes of dequantized weight per block (fits the L2 cache of current server cores).
-BLOCK_BYTES = 2 << 20
+#: Bytes of dequantized weight per block. Measured on the 4 GB benchmark model (2 threads, AMD EPYC, 32 MB
+#: L3), int8 / int4 decode tok/s: 1 MiB 19.2 / 10.3, 2 MiB 23.5 / 14.1, 4 MiB 27.7 / 15.4, 8 MiB 22.8 / 13.9.
+#: Smaller blocks pay more per-op overhead, larger ones leave the cache (docs/benchmarks.md).
+BLOCK_BYTES = 4 << 20
 #: Rows per block are a multiple of this (so :func:`split_linear` can split a block over the threads).
 ROW_MULTIPLE = 32
 #: (dtype, O, I, rows per block, threads) -> whether the blocks' products equal F.linear bitwise (probed once
