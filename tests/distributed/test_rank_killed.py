@@ -42,3 +42,25 @@ def test_a_killed_rank_is_one_line_and_nothing_is_published(tmp_path, monkeypatc
     monkeypatch.setattr(dl, "WORKER", ["-m", "moesaic"])
     assert main(["train", str(cfg), "--nproc", "2", "--out", str(out), "--resume"]) == 0
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def _failure(exitcode: int, timestamp: int):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    f = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="<N/A>")  # a signal death: no error file
+    f.timestamp = timestamp
+    return f
+
+
+def test_the_root_failure_is_the_killed_rank_not_the_peer_that_aborted():
+    """torchrun stamps a signal death with the second it noticed it, so a rank killed from outside and a peer
+    that aborted because its collective lost that rank often tie; the killed rank is the cause (the chaos run's
+    'rank 1 killed mid-save' once reported rank 0's SIGABRT). An earlier failure still comes first."""
+    import signal
+
+    kill, abort, term = -signal.SIGKILL, -signal.SIGABRT, -signal.SIGTERM
+    assert dl.first_failure({0: _failure(abort, 100), 1: _failure(kill, 100)}) == 1
+    assert dl.first_failure({0: _failure(kill, 100), 1: _failure(abort, 100), 2: _failure(term, 100)}) == 0
+    assert dl.first_failure({0: _failure(abort, 99), 1: _failure(kill, 100)}) == 0  # the abort was first
+    assert dl.first_failure({2: _failure(abort, 100), 1: _failure(term, 100)}) == 1  # only consequences: lowest
+    assert dl.first_failure({0: _failure(abort, 100), 3: _failure(1, 100)}) == 3  # an exit code is a cause

@@ -10,6 +10,7 @@ If a rank raises, the others are terminated and the exception is re-raised here.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,12 +54,31 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any) -> list[Any]:
 WORKER: list[str] = ["-m", "moesaic"]
 
 
+#: Deaths by which a rank's peers react to a lost rank (gloo aborts when a collective loses its peer) or by which
+#: torchrun stops the others: a rank that died so is the root cause only where nothing else failed as early.
+_CONSEQUENCES = (signal.SIGABRT, signal.SIGTERM)
+
+
+def first_failure(failures: dict[int, Any]) -> int:
+    """The rank whose failure caused the others, from ``ChildFailedError.failures`` (rank -> ProcessFailure).
+
+    torchrun's own choice (``get_first_failure``) is the smallest timestamp, but a rank that died by a signal
+    leaves no error file and gets the time torchrun noticed it, in whole seconds: a rank killed from outside
+    and a peer that aborted because the collective lost it are usually noticed in the same second, and the
+    tie then goes to the lower rank. Here, among the failures of the earliest second, one that is not an abort
+    or a stop (``SIGABRT``, ``SIGTERM``) comes first; then the lowest rank."""
+    first = min(f.timestamp for f in failures.values())
+    tied = sorted(r for r, f in failures.items() if f.timestamp == first)
+    causes = [r for r in tied if not (failures[r].exitcode < 0 and -failures[r].exitcode in _CONSEQUENCES)]
+    return (causes or tied)[0]
+
+
 def torchrun(nproc: int, moesaic_args: list[str]) -> int:
     """``torchrun --standalone --nproc-per-node N -m moesaic ARGS``, run in this process; its exit code.
 
     When a rank fails, torchrun stops the others (SIGTERM, then SIGKILL); its ``ChildFailedError`` (a
     traceback) becomes a one-line :class:`~moesaic.core.errors.RankFailedError` naming the first rank that
-    failed and how (an exit code, or the signal that killed it)."""
+    failed (:func:`first_failure`) and how (an exit code, or the signal that killed it)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -70,7 +90,8 @@ def torchrun(nproc: int, moesaic_args: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, f = e.get_first_failure()
+        rank = first_failure(e.failures)
+        f = e.failures[rank]
         how = (f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with {f.exitcode}")
         others = [r for r in e.failures if r != rank]
         raise RankFailedError(f"rank {rank} of {nproc} {how} (pid {f.pid}); torchrun stopped the other ranks"
