@@ -27,11 +27,11 @@ def demo_lm(num_experts: int = 8, backend: str = "auto", seed: int = 0) -> Decod
     return DecoderLM(cfg).eval()
 
 
-def decode(model) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and every step's logits of two prompts decoded together (left-padded prefill: the
-    ``fused`` backend; decode steps: ``active``)."""
-    sess = DecodeSession(model, 2, keep_logits=True)
-    sess.add_batch(PROMPTS, [SamplingParams(max_new_tokens=10)] * 2)
+def decode(model, prompts: list[list[int]] = PROMPTS) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and every step's logits of ``prompts`` decoded together (two by default: a left-padded
+    prefill, the ``fused`` backend; decode steps of two tokens, ``active``; one prompt: one-token steps)."""
+    sess = DecodeSession(model, len(prompts), keep_logits=True)
+    sess.add_batch(prompts, [SamplingParams(max_new_tokens=10)] * len(prompts))
     evs: list = []
     sess.run(evs.append)
     return [e.token_id for e in evs], torch.stack([e.logits for e in evs])

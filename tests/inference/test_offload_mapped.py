@@ -44,6 +44,13 @@ def resident():
     return decode(mappable_lm())
 
 
+def _header(path) -> tuple[bytes, int, dict]:
+    """A safetensors file's bytes, where its data starts, and its header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return raw, 8 + n, json.loads(raw[8:8 + n])
+
+
 def _files(store_dir):
     return [store_dir / x["file"] for x in json.loads((store_dir / "manifest.json").read_text())["layers"]]
 
@@ -58,11 +65,9 @@ def test_aligned_file_reads_with_safetensors_and_every_tensor_is_page_aligned(tm
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t)
         assert all(k.startswith("__pad__.") for k in set(f.keys()) - set(tensors))
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    assert (8 + n) % mapped.PAGE == 0
-    assert all((8 + n + header[k]["data_offsets"][0]) % mapped.PAGE == 0 for k in tensors)
+    _, data0, header = _header(tmp_path / "x.safetensors")
+    assert data0 % mapped.PAGE == 0
+    assert all((data0 + header[k]["data_offsets"][0]) % mapped.PAGE == 0 for k in tensors)
 
 
 @pytest.mark.parametrize("prefetch", ["none", "pregate", "prev"])
@@ -149,12 +154,10 @@ def test_large_experts_are_huge_page_aligned_in_the_file_and_in_the_slots(tmp_pa
     want_tokens, want_logits = decode(large_expert_lm())
     d = save_expert_store(expert_modules(large_expert_lm()), tmp_path / "store")
     (f,) = _files(d)
-    raw = f.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    raw, data0, header = _header(f)
     big = [k for k, v in header.items() if k != "__metadata__" and not k.startswith("__pad__")]
-    assert len(big) == 8 and (8 + n) % mapped.HUGE == 0
-    assert all((8 + n + header[k]["data_offsets"][0]) % mapped.HUGE == 0 for k in big)
+    assert len(big) == 8 and data0 % mapped.HUGE == 0
+    assert all((data0 + header[k]["data_offsets"][0]) % mapped.HUGE == 0 for k in big)
     with safe_open(str(f), "pt") as sf:
         assert sf.get_tensor("3.w_down_EDF").shape == (256, 3072)
     store = DiskStore(d)
@@ -210,13 +213,11 @@ def test_huge_alignment_costs_at_most_a_quarter_of_the_data(tmp_path):
     sizes = [2 * mib + 4096, 2 * mib + 4096, 16 * mib, 3 * mib]  # bytes
     tensors = {f"t{i}": torch.zeros(n // 4) for i, n in enumerate(sizes)}
     write_aligned(tmp_path / "x.safetensors", tensors)
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    start = {k: 8 + n + header[k]["data_offsets"][0] for k in tensors}
+    raw, data0, header = _header(tmp_path / "x.safetensors")
+    start = {k: data0 + header[k]["data_offsets"][0] for k in tensors}
     assert start["t0"] % mapped.HUGE == 0  # the data starts on a boundary
     assert start["t1"] % mapped.HUGE != 0 and start["t1"] % mapped.PAGE == 0  # a 2 MiB - 4 KiB gap: not taken
     assert start["t2"] % mapped.HUGE == 0  # a gap under 2 MiB for 16 MiB: taken
     assert start["t3"] % mapped.HUGE == 0  # t2 ends on a boundary: no gap
-    data = 8 + n + sum(sizes)
+    data = data0 + sum(sizes)
     assert len(raw) - data <= sum(sizes) // 4 + mapped.HUGE  # padding (the header's included) within the bound

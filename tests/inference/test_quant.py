@@ -15,7 +15,7 @@ from moesaic.inference.quant import (
     quantize_groups_int4,
 )
 from moesaic.inference.quant_plan import expert_usage, usage_plan
-from offload_fixtures import decode, demo_lm
+from offload_fixtures import PROMPTS, decode, demo_lm
 
 
 def test_codes_are_within_half_a_step():
@@ -104,17 +104,6 @@ def test_usage_plan_and_expert_usage():
     assert all(int(c.sum()) == 2 * 12 * 2 for c in counts.values())  # tokens x k
 
 
-def _decode_one(model) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and logits of one prompt decoded alone (batch-1 decode steps: one token per forward)."""
-    from moesaic.inference import DecodeSession, SamplingParams
-
-    sess = DecodeSession(model, 1, keep_logits=True)
-    sess.add_batch([[5, 9, 2, 7, 1, 3]], [SamplingParams(max_new_tokens=8)])
-    evs: list = []
-    sess.run(evs.append)
-    return [e.token_id for e in evs], torch.stack([e.logits for e in evs])
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4", "plan"])
 def test_one_token_decode_dequantizes_in_the_matmul_bit_identically(mode, monkeypatch):
     """A batch-1 decode step dequantizes each active expert block by block inside its matmuls (several blocks
@@ -141,7 +130,7 @@ def test_one_token_decode_dequantizes_in_the_matmul_bit_identically(mode, monkey
         for ex, layer in zip(qx.values(), [b.mlp for b in ref.model.layers], strict=True):
             for e in range(ex.num_experts):
                 layer.experts.load_expert_state(e, ex.expert_state(e))
-    want, got = _decode_one(ref), _decode_one(q)
+    want, got = decode(ref, [PROMPTS[0]]), decode(q, [PROMPTS[0]])
     assert got[0] == want[0] and torch.equal(got[1], want[1])
     assert quant_blockwise.bitwise(torch.float32, H, D, quant_blockwise.block_rows(D, torch.float32))
     assert calls and set(calls) == {H, D}  # both projections of the decode steps ran blockwise

@@ -37,8 +37,9 @@ from moesaic.core.errors import ConfigError
 from moesaic.core.types import DispatchPlan
 from moesaic.inference import quant_blockwise
 from moesaic.moe.experts.backends import BACKENDS, resolve_backend
+from moesaic.moe.experts.backends.active import one_token_counts
 from moesaic.moe.experts.base import Experts
-from moesaic.moe.experts.kernels import StackedFFN, compute_dtype, glu_or_act
+from moesaic.moe.experts.kernels import StackedFFN, glu_or_act
 from moesaic.moe.experts.stacked_ffn import FFNExperts
 from moesaic.moe.layer import MoELayer
 
@@ -165,20 +166,14 @@ class QuantizedExperts(Experts):
 
     def _weight(self, proj: str, e: int, out: Tensor | None = None) -> Tensor:
         """Expert e's dequantized ``[O, I]`` weight of ``proj`` (zeros if pruned), into ``out`` when given."""
-        b, i = self.bits_E[e], self.slot_E[e]
-        if b == 8:
-            return dequantize_groups(self.get_buffer(f"q8_{proj}")[i:i + 1], self.get_buffer(f"s8_{proj}")[i:i + 1],
-                                     self.dtype, None if out is None else out[None])[0]
-        if b == 4:
-            p4, s4, m4 = (self.get_buffer(f"{p}_{proj}")[i:i + 1] for p in ("p4", "s4", "m4"))
-            return dequantize_groups_int4(p4, s4, m4, self.dtype, None if out is None else out[None])[0]
         if out is None:
-            return torch.zeros(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
-        return out.zero_()
+            out = torch.empty(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
+        self._rows_into(proj, e, 0, out.shape[0], out)
+        return out
 
     def _rows_into(self, proj: str, e: int, a: int, b: int, out: Tensor) -> None:
-        """Rows ``a:b`` of expert e's dequantized weight of ``proj`` into ``out`` (the same values as
-        :meth:`_weight`: every group lies within one row)."""
+        """Rows ``a:b`` of expert e's dequantized weight of ``proj`` into ``out`` (every group lies within one
+        row, so a block of rows dequantizes to the same values as the whole weight)."""
         bits, i = self.bits_E[e], self.slot_E[e]
         if bits == 8:
             dequantize_groups(self.get_buffer(f"q8_{proj}")[i:i + 1, a:b], self.get_buffer(f"s8_{proj}")[i:i + 1, a:b],
@@ -193,18 +188,15 @@ class QuantizedExperts(Experts):
         """A batch-1 decode step with dequantization inside the matmuls (:mod:`.quant_blockwise`): the same
         bits as the ``active`` backend's one-token path on the dequantized weights, or None where that path
         would not run or the probe found the blocks not bitwise."""
-        counts = plan.counts_E.tolist()
-        H, D = self._shape("up")
-        if not (self.blockwise and x_1D.shape[0] == 1 and x_1D.device.type == "cpu" and not torch.is_grad_enabled()
-                and x_1D.dtype == self.dtype == compute_dtype(x_1D, x_1D) and plan.weight_N.dtype == x_1D.dtype
-                and max(counts) == 1):
+        if not self.blockwise or one_token_counts(x_1D, plan, self.dtype) is None:
             return None
+        H, D = self._shape("up")
         rows = {n: quant_blockwise.block_rows(n, self.dtype) for n in (D, self.d_ff)}
         if not (quant_blockwise.bitwise(self.dtype, H, D, rows[D])
                 and quant_blockwise.bitwise(self.dtype, D, self.d_ff, rows[self.d_ff])):
             return None
         size = max(rows[n] * n for n in rows)
-        if self._scratch is None or self._scratch.numel() < size or self._scratch.dtype != self.dtype:
+        if self._scratch is None or self._scratch.numel() < size:
             self._scratch = torch.empty(size, dtype=self.dtype)
         buf = self._scratch
         y_1D = x_1D.new_zeros(1, D)

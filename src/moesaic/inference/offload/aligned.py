@@ -56,10 +56,9 @@ def _layout(tensors: dict[str, Tensor], align: int,
             header[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [pos, pos + gap]}
             order.append((pad, gap))
             pos += gap
-        nbytes = _nbytes(t)
-        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
         order.append((name, t))
-        pos += nbytes
+        pos += n
     return order, header
 
 

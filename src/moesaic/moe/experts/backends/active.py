@@ -43,6 +43,19 @@ def per_active_expert(x_ND: Tensor, counts_E: Tensor, ffn: StackedFFN) -> Tensor
     return torch.cat(outs, 0)
 
 
+def one_token_counts(x_TD: Tensor, plan: DispatchPlan, weight_dtype: torch.dtype) -> list[int] | None:
+    """The plan's per-expert row counts where the one-token path (:func:`one_token`) applies: one token on the
+    CPU, no autograd, no Soft MoE slots, the input, the weights and the routing weights in one dtype (the
+    compute dtype, so no autocast cast), each chosen expert once; else None. Experts whose weights are not
+    plain tensors (quantized) use it to compute what this path computes."""
+    if (x_TD.shape[0] == 1 and plan.slots is None and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+            and x_TD.dtype == weight_dtype == compute_dtype(x_TD) and plan.weight_N.dtype == x_TD.dtype):
+        counts = plan.counts_E.tolist()
+        if 0 < max(counts) == 1:  # each expert once (a repeated expert would run a 2-row matmul)
+            return counts
+    return None
+
+
 def one_token(x_1D: Tensor, plan: DispatchPlan, ffn: StackedFFN, counts: list[int] | None = None) -> Tensor:
     """``y_1D`` for a plan over one token that sends it to each expert at most once (a batch-1 decode step),
     without gather and combine: :func:`token_experts` on the plan's experts and weights."""
@@ -80,12 +93,9 @@ class ActiveBackend(Backend):
 
     @classmethod
     def run(cls, x_TD: Tensor, plan: DispatchPlan, ffn: StackedFFN) -> Tensor:
-        if (x_TD.shape[0] == 1 and plan.slots is None and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
-                and x_TD.dtype == ffn.w_up_EHD.dtype == compute_dtype(x_TD, ffn.w_up_EHD)
-                and plan.weight_N.dtype == x_TD.dtype):
-            counts = plan.counts_E.tolist()
-            if 0 < max(counts) == 1:  # each expert once (a repeated expert would run a 2-row matmul)
-                return one_token(x_TD, plan, ffn, counts)
+        counts = one_token_counts(x_TD, plan, ffn.w_up_EHD.dtype)
+        if counts is not None:
+            return one_token(x_TD, plan, ffn, counts)
         return super().run(x_TD, plan, ffn)
 
     @classmethod
