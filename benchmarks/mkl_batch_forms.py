@@ -31,6 +31,7 @@ import torch
 
 import moesaic  # noqa: F401 - the allocator settings a user's script gets
 from moesaic.bench.measure import run_header
+from moesaic.moe.experts.grouped_glu import _mm_rows
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -71,13 +72,8 @@ def batch_rows(fn: Callable[..., None], a: torch.Tensor, w: torch.Tensor, counts
 
 
 def loop_rows(a: torch.Tensor, w: torch.Tensor, counts: list[int], transpose: bool) -> torch.Tensor:
-    out = a.new_empty(a.shape[0], w.shape[1] if transpose else w.shape[2])
-    s = 0
-    for e, n in enumerate(counts):
-        if n:
-            torch.mm(a[s:s + n], w[e].t() if transpose else w[e], out=out[s:s + n])
-        s += n
-    return out
+    """The fused backend's own CPU loop of ``torch.mm`` into one output (host counts, no grouped_mm)."""
+    return _mm_rows(a, w, (counts, None), transpose)
 
 
 def median_ms(fn: Callable[[], object], n: int) -> float:
