@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from moesaic.bench.measure import run_header
+from moesaic.bench.measure import run_header, time_interleaved
 from moesaic.examples.demo import dense_twin
 from moesaic.train.run_config import load_run_config
 
@@ -57,10 +55,9 @@ def main() -> None:
             layer.dispatcher.plan(layer.router(x))
 
     k, F = layer.top_k, layer.cfg.expert_d_ff
-    shared_width = dense_ffn.down_proj.in_features - k * F  # the twin's width minus the routed active width
     gemm = {  # forward + backward GEMM FLOPs (3 x the forward's), gated FFNs
         "dense twin FFN": 3 * 2 * T * D * dense_ffn.down_proj.in_features * 3,
-        "shared experts": 3 * 2 * T * D * shared_width * 3,
+        "shared experts": 3 * 2 * T * D * layer.shared_experts.down_proj.in_features * 3,
         "routed experts (fixed plan)": 3 * 2 * T * k * D * F * 3,
     }
     parts: dict[str, Callable[[], None]] = {
@@ -71,18 +68,10 @@ def main() -> None:
         "router fwd+bwd": fwd_bwd(lambda xi: layer.router(xi).weight_N, x),
         "router + plan, no_grad": plan_only,
     }
-    for run in parts.values():
-        for _ in range(5):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(args.repeats):
-        for name, run in parts.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+    times = time_interleaved(parts, args.repeats, warmup=5)
     print(f"{args.config}: T={T} tokens, d_model={D}, threads={args.threads}")
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1e3
+    for name, s in times.items():
+        ms = s * 1e3
         rate = f"  ({gemm[name] / ms / 1e6:.0f} GFLOP/s of GEMM work)" if name in gemm else ""
         print(f"{name:30s} {ms:7.2f} ms{rate}")
 

@@ -14,6 +14,10 @@ Per cell, interleaved in one process, wall clock, fwd + bwd with ``y.sum().backw
 * ``peer, our weights``: the same block with our router and expert weights copied in (same routing as ours);
 * ``limit``: one dense SwiGLU FFN over the T*k routed rows (zero routing and dispatch cost).
 
+The peer on our weights and the limit are those of ``moesaic bench layer`` (:func:`moesaic.bench.impls.peer_impls`,
+:func:`~moesaic.bench.impls.floor_impls`), timed with its :func:`~moesaic.bench.measure.time_interleaved`
+(shuffled order per round, one warm-up), gradients cleared before each call.
+
 Also printed: the largest expert's share of the rows over the mean (routing imbalance) for each, and whether
 the uninitialised block holds non-finite or zero-only parameters.
 
@@ -24,18 +28,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 import moesaic
-from moesaic.bench.impls import _copy_into_hf
-from moesaic.bench.measure import run_header
+from moesaic.bench.impls import Impl, floor_impls, peer_impls
+from moesaic.bench.measure import run_header, time_interleaved
 
 D, FF = 512, 1024
+PEER = "transformers Mixtral grouped_mm"
+
+
+def fwd_bwd(impl: Impl, x_TD: torch.Tensor) -> None:
+    """One timed call: forward, ``y.sum().backward()`` (as the reference script), gradients cleared first."""
+    for p in impl.params:
+        p.grad = None
+    impl.run(x_TD.detach().requires_grad_()).sum().backward()
+
+
+def imbalance(router_weight_ED: torch.Tensor, x_TD: torch.Tensor, k: int) -> float:
+    """The busiest expert's row count over the mean, for top-k of ``x W^T``."""
+    E = router_weight_ED.shape[0]
+    with torch.no_grad():
+        counts = torch.bincount((x_TD @ router_weight_ED.t()).topk(k, dim=-1).indices.flatten(), minlength=E)
+    return float(counts.max() / counts.float().mean())
 
 
 def cell(T: int, E: int, k: int, repeats: int) -> str:
@@ -47,48 +64,21 @@ def cell(T: int, E: int, k: int, repeats: int) -> str:
     cfg = MixtralConfig(hidden_size=D, intermediate_size=FF, num_local_experts=E, num_experts_per_tok=k,
                         router_jitter_noise=0.0)
     cfg._experts_implementation = "grouped_mm"
-    peer_ref = MixtralSparseMoeBlock(cfg)  # exactly as the reference script: no post_init
-    nonfinite = any(not bool(torch.isfinite(p).all()) for p in peer_ref.parameters())
-    zero_experts = bool((peer_ref.experts.gate_up_proj == 0).all())
-    peer_same = MixtralSparseMoeBlock(cfg)
-    _copy_into_hf(peer_same, ours)
-    x = torch.randn(T, D)
-    xk = torch.randn(T * k, D)
-    w1 = (torch.randn(2 * FF, D) * 0.02).requires_grad_()
-    w2 = (torch.randn(D, FF) * 0.02).requires_grad_()
-
-    def imbalance(logits_TE: torch.Tensor) -> float:
-        counts = torch.bincount(logits_TE.topk(k, dim=-1).indices.flatten(), minlength=E).float()
-        return float(counts.max() / counts.mean())
-
-    with torch.no_grad():
-        imb = {"ours": imbalance(x @ ours.router.weight.t()), "peer, as the reference builds it":
-               imbalance(x @ peer_ref.gate.weight.t()), "peer, our weights": imbalance(x @ peer_same.gate.weight.t())}
-
-    def block(m: torch.nn.Module, unsqueeze: bool) -> Callable[[], None]:
-        def run() -> None:
-            xi = (x.clone().unsqueeze(0) if unsqueeze else x.clone()).requires_grad_()
-            y = m(xi)
-            y = y[0] if isinstance(y, tuple) else y
-            y.sum().backward()
-        return run
-
-    def limit() -> None:
-        xi = xk.clone().requires_grad_()
-        g, u = F.linear(xi, w1).chunk(2, dim=-1)
-        F.linear(F.silu(g) * u, w2).sum().backward()
-
-    fns = {"ours": block(ours, False), "peer, as the reference builds it": block(peer_ref, True),
-           "peer, our weights": block(peer_same, True), "limit": limit}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    bare = MixtralSparseMoeBlock(cfg)  # exactly as the reference script: no post_init
+    (same,), _ = peer_impls(D, FF, E, k, {"mixtral": ours}, wanted=lambda name: name == PEER)  # our weights
+    limit = floor_impls(D, FF, E, k, T)[0]
+    impls = {"ours": Impl("ours", "mixtral", ours, list(ours.parameters())),
+             "peer, as the reference builds it": Impl("bare", "mixtral", lambda x: bare(x.unsqueeze(0)).squeeze(0),
+                                                      list(bare.parameters())),
+             "peer, our weights": same, "limit": limit}
+    x_TD = torch.randn(T, D)
+    imb = {"ours": imbalance(ours.router.weight, x_TD, k),
+           "peer, as the reference builds it": imbalance(bare.gate.weight, x_TD, k),
+           "peer, our weights": imbalance(ours.router.weight, x_TD, k)}  # the same router weights, copied
+    nonfinite = any(not bool(torch.isfinite(p).all()) for p in bare.parameters())
+    zero_experts = bool((bare.experts.gate_up_proj == 0).all())
+    s = time_interleaved({name: partial(fwd_bwd, i, x_TD) for name, i in impls.items()}, repeats)
+    ms = {name: 1e3 * v for name, v in s.items()}
     parts = [f"{name} {ms[name]:.0f} ms" + (f" (imbalance {imb[name]:.2f})" if name in imb else "") for name in ms]
     ratios = (f"peer(reference build)/ours {ms['peer, as the reference builds it'] / ms['ours']:.2f}, "
               f"peer(our weights)/ours {ms['peer, our weights'] / ms['ours']:.2f}, "

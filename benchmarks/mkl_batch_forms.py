@@ -4,7 +4,8 @@ PyTorch's CPU build has no batched matmul for groups of unequal size (``torch._g
 over ``mm``). PyTorch's x86 wheels link MKL statically and export ``cblas_sgemm_batch`` from
 ``libtorch_cpu``, so it can be reached with :mod:`ctypes` (no extra package, no compiler). This script times
 the four row forms of an expert FFN's forward and backward (``up fwd`` x W_up^T, ``down fwd`` a W_down^T,
-``down dx`` g W_down, ``up dx`` g_h W_up) both ways, interleaved in one process, wall clock, medians, and
+``down dx`` g W_down, ``up dx`` g_h W_up) both ways, interleaved call by call in one process
+(:func:`moesaic.bench.measure.time_interleaved`), wall clock, medians, and
 checks whether the two give the same bits, including for experts with only a few rows (decoding,
 offloaded prefill).
 
@@ -14,7 +15,7 @@ about 256 rows per expert at 2 threads, slower from 512, equal at 1 thread, and 
 against resident decoding, so moesaic does not use it; this probe stays to re-check on other hosts.
 
 Usage: ``python benchmarks/mkl_batch_forms.py [--threads N] [--d-model 512] [--d-ff 1024]
-[--shapes T:E:k,...] [--repeats 9]``
+[--shapes T:E:k,...] [--repeats 15]``
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ import argparse
 import ctypes
 import functools
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import moesaic  # noqa: F401 - the allocator settings a user's script gets
-from moesaic.bench.measure import run_header
+from moesaic.bench.measure import run_header, time_interleaved
 from moesaic.moe.experts.grouped_glu import _mm_rows
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -76,23 +75,13 @@ def loop_rows(a: torch.Tensor, w: torch.Tensor, counts: list[int], transpose: bo
     return _mm_rows(a, w, (counts, None), transpose)
 
 
-def median_ms(fn: Callable[[], object], n: int) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--shapes", default="2048:8:2,2048:32:2,2048:64:8,1024:64:8,8192:8:2")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(run_header("wall", "median ms per form, loop of torch.mm / one MKL batch"))
@@ -115,8 +104,8 @@ def main() -> None:
             f_loop = functools.partial(loop_rows, inp, w, counts, tr)
             f_batch = functools.partial(batch_rows, fn, inp, w, counts, tr)
             same &= torch.equal(f_loop(), f_batch())
-            pairs = [(median_ms(f_loop, args.repeats), median_ms(f_batch, args.repeats)) for _ in range(2)]
-            lo, ba = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+            t = time_interleaved({"loop": f_loop, "batch": f_batch}, args.repeats)
+            lo, ba = 1e3 * t["loop"], 1e3 * t["batch"]
             tot_loop, tot_batch = tot_loop + lo, tot_batch + ba
             cells.append(f"{name} {lo:.1f}/{ba:.1f}")
         print(f"T={T} E={E} k={k} D={D} F={Fd} rows/expert={N // E}: " + "  ".join(cells)
