@@ -160,6 +160,11 @@ class QuantizedExperts(Experts):
     def stacked_names(self) -> list[str]:
         return ["w_up_EHD", "w_down_EDF"]
 
+    @property
+    def _device(self) -> torch.device:
+        """Where the codes live (the buffers; this module has no parameters)."""
+        return next(iter(self.buffers())).device
+
     def _shape(self, proj: str) -> tuple[int, int]:
         return (2 * self.d_ff if self.gated else self.d_ff, self.d_model) if proj == "up" else \
             (self.d_model, self.d_ff)
@@ -167,7 +172,7 @@ class QuantizedExperts(Experts):
     def _weight(self, proj: str, e: int, out: Tensor | None = None) -> Tensor:
         """Expert e's dequantized ``[O, I]`` weight of ``proj`` (zeros if pruned), into ``out`` when given."""
         if out is None:
-            out = torch.empty(*self._shape(proj), dtype=self.dtype, device=next(iter(self.buffers())).device)
+            out = torch.empty(*self._shape(proj), dtype=self.dtype, device=self._device)
         self._rows_into(proj, e, 0, out.shape[0], out)
         return out
 
@@ -209,8 +214,7 @@ class QuantizedExperts(Experts):
 
     def _stack(self, proj: str, active: list[int]) -> Tensor:
         """``[A, O, I]``: the active experts' dequantized weights, each written once into its row."""
-        w_AOI = torch.empty(len(active), *self._shape(proj), dtype=self.dtype,
-                            device=next(iter(self.buffers())).device)
+        w_AOI = torch.empty(len(active), *self._shape(proj), dtype=self.dtype, device=self._device)
         for j, e in enumerate(active):
             self._weight(proj, e, w_AOI[j])
         return w_AOI
